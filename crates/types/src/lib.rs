@@ -1,0 +1,11 @@
+//! Typed IDs, validated names and resource limits shared by every hearth crate.
+//!
+//! Everything a user can type into the API passes through a parser here, so the
+//! rules (what an ID looks like, what a template name may contain, how big a sandbox
+//! may be) live in one place. This crate does no I/O.
+
+mod ids;
+mod limits;
+
+pub use ids::{ApiKeyId, HostId, IdError, SandboxId, TeamId, TemplateName};
+pub use limits::{LimitError, SandboxLimits, SandboxShape};
