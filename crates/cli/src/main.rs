@@ -1,1 +1,201 @@
-fn main() {}
+//! `hearth`: one binary for the whole platform.
+//!
+//! `hearth up` runs the control plane, a host agent and SQLite in one process for a
+//! single machine; `hearth server` and `hearth agent` run them apart; every other
+//! command is a client of the REST API.
+
+mod bench;
+mod client;
+mod cmd;
+mod config;
+mod output;
+mod serve;
+
+use std::collections::BTreeMap;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Self-hosted microVM sandboxes: create a sandbox, run code in it, move files, destroy it.",
+    after_help = "Start everything on this machine with `hearth up`, then e.g.:\n  \
+        hearth sandbox create\n  hearth exec sb-… -- uname -r\n  hearth cp ./file sb-…:/tmp/file\n  hearth sandbox rm sb-…"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Control plane URL (default: the one `hearth up` stored, else http://127.0.0.1:7420).
+    #[arg(long, global = true, env = "HEARTH_URL")]
+    url: Option<String>,
+    /// API key (default: the admin key `hearth up` stored in ~/.config/hearth/credentials.json).
+    #[arg(long, global = true, env = "HEARTH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run control plane + host agent + SQLite on this machine (single-host mode).
+    Up(serve::UpArgs),
+    /// Run only the control plane (REST API, database, reconciler).
+    Server(serve::ServerArgs),
+    /// Run only the host agent (VMs, disks, networks of this host).
+    Agent(serve::AgentArgs),
+    /// Create, list, inspect and destroy sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// Run a command in a sandbox, stream its output, exit with its exit code.
+    Exec(ExecArgs),
+    /// Copy a file into or out of a sandbox: `hearth cp ./a sb-…:/tmp/a` or `hearth cp sb-…:/etc/os-release .`
+    Cp(CpArgs),
+    /// Templates you can create sandboxes from.
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Benchmarks that print numbers (and write them under bench/results/).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Boot a new sandbox and print it once its guest agent answers.
+    Create(CreateArgs),
+    /// List your team's sandboxes.
+    #[command(alias = "ls")]
+    List,
+    /// Show one sandbox.
+    Get { id: String },
+    /// Destroy sandboxes (their VM, disk and network are released).
+    #[command(alias = "delete")]
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// List templates visible to your team.
+    #[command(alias = "ls")]
+    List,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Template to boot from.
+    #[arg(long, short, default_value = "minimal")]
+    pub template: String,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    #[arg(long)]
+    pub memory_mb: Option<u32>,
+    #[arg(long)]
+    pub disk_size_mb: Option<u32>,
+    /// Seconds until the sandbox is destroyed automatically.
+    #[arg(long)]
+    pub timeout_s: Option<u32>,
+    /// Environment variable for every command, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Free-form label, KEY=VALUE (repeatable).
+    #[arg(long = "metadata", short = 'm', value_parser = parse_kv)]
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// Sandbox ID.
+    pub id: String,
+    /// Environment variable, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the sandbox.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// User to run as (root or user).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Kill the command after this many seconds (exit code 124 is reported).
+    #[arg(long)]
+    pub timeout_s: Option<u32>,
+    /// Allocate a terminal (interactive programs).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// Command and arguments.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct CpArgs {
+    /// Source: a local path or SANDBOX:/path.
+    pub src: String,
+    /// Destination: a local path or SANDBOX:/path.
+    pub dst: String,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty key in {s:?}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub fn kv_map(v: &[(String, String)]) -> BTreeMap<String, String> {
+    v.iter().cloned().collect()
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(run(cli));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
+    let g = cli.global;
+    let result = match cli.command {
+        Command::Up(a) => serve::up(a).await.map(|_| 0),
+        Command::Server(a) => serve::server(a).await.map(|_| 0),
+        Command::Agent(a) => serve::agent(a).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::Create(a)) => cmd::sandbox_create(&g, a).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::List) => cmd::sandbox_list(&g).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::Get { id }) => cmd::sandbox_get(&g, &id).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::Rm { ids }) => cmd::sandbox_rm(&g, &ids).await.map(|_| 0),
+        Command::Template(TemplateCmd::List) => cmd::template_list(&g).await.map(|_| 0),
+        Command::Exec(a) => cmd::exec(&g, a).await,
+        Command::Cp(a) => cmd::cp(&g, a).await.map(|_| 0),
+        Command::Bench(b) => bench::run(&g, b).await.map(|_| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+pub fn client(g: &Global) -> anyhow::Result<client::Client> {
+    client::Client::new(config::resolve(g.url.clone(), g.api_key.clone())?)
+}
+

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Build hearth's guest kernel and the `minimal` template.
+#
+# Usage: scripts/build-images.sh [IMAGES_DIR]
+#   IMAGES_DIR defaults to ${HEARTH_IMAGES_DIR:-/var/lib/hearth/images}.
+#
+# Runs as root. Idempotent: every step is skipped when its outputs are up to date, so a
+# second run costs a cargo no-op build and a few checksums.
+#
+# Output (see docs/contracts.md):
+#   kernel/vmlinux, kernel/release
+#   templates/minimal/rootfs.ext4, templates/minimal/template.json
+#
+# REQUIRED_PACKAGES="busybox-static e2fsprogs lz4 python3 file binutils apt dpkg"
+# (plus a Rust toolchain with the x86_64-unknown-linux-gnu target, and protobuf-compiler
+# for the workspace build)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+IMAGES_DIR="${1:-${HEARTH_IMAGES_DIR:-/var/lib/hearth/images}}"
+CACHE="$IMAGES_DIR/.cache"
+KDIR="$IMAGES_DIR/kernel"
+TEMPLATE=minimal
+TDIR="$IMAGES_DIR/templates/$TEMPLATE"
+ROOTFS_SIZE_MB="${HEARTH_MINIMAL_SIZE_MB:-64}"
+MODULES=(virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net)
+# Bump when the layout of the minimal rootfs changes so existing images get rebuilt.
+ROOTFS_LAYOUT_VERSION=1
+
+T0=$(date +%s%N)
+log() {
+    local ms=$(( ($(date +%s%N) - T0) / 1000000 ))
+    printf '[build-images %d.%03ds] %s\n' $((ms / 1000)) $((ms % 1000)) "$*"
+}
+die() { printf '[build-images] error: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root"
+for tool in apt-cache apt-get dpkg-deb lz4 mkfs.ext4 python3 file sha256sum cargo; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+BUSYBOX="$(command -v busybox || true)"
+[[ -x /bin/busybox ]] && BUSYBOX=/bin/busybox
+[[ -n $BUSYBOX ]] || die "busybox missing (install busybox-static)"
+file -L "$BUSYBOX" | grep -q 'statically linked' || die "$BUSYBOX is not static (install busybox-static)"
+
+mkdir -p "$CACHE" "$KDIR" "$TDIR"
+
+# ---------------------------------------------------------------- kernel
+PKG="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+    | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+[[ -n $PKG ]] || die "cannot resolve the package behind linux-image-cloud-amd64 (apt-get update?)"
+RELEASE="${PKG#linux-image-}"
+log "kernel package $PKG (release $RELEASE)"
+KROOT="$CACHE/$PKG"
+
+if [[ ! -d $KROOT/lib/modules/$RELEASE ]]; then
+    log "downloading $PKG"
+    rm -rf "$CACHE/dl" && mkdir -p "$CACHE/dl"
+    (cd "$CACHE/dl" && apt-get -o APT::Sandbox::User=root download -q "$PKG" >/dev/null)
+    deb="$(ls "$CACHE"/dl/*.deb | head -n1)"
+    rm -rf "$KROOT.tmp" && mkdir -p "$KROOT.tmp"
+    dpkg-deb -x "$deb" "$KROOT.tmp"
+    rm -rf "$KROOT" && mv "$KROOT.tmp" "$KROOT"
+    rm -rf "$CACHE/dl"
+else
+    log "kernel package cached"
+fi
+
+if [[ -s $KDIR/vmlinux && "$(cat "$KDIR/release" 2>/dev/null)" == "$RELEASE" ]]; then
+    log "kernel/vmlinux up to date"
+else
+    BZ="$KROOT/boot/vmlinuz-$RELEASE"
+    [[ -f $BZ ]] || die "no $BZ in package"
+    log "extracting ELF vmlinux from $BZ"
+    # The protected-mode code starts at (setup_sects+1)*512; the compressed payload
+    # (an LZ4 legacy-frame stream followed by a 4-byte size) sits at payload_offset
+    # (u32 at 0x248) relative to it, payload_length (u32 at 0x24c) long.
+    python3 - "$BZ" "$CACHE/payload.lz4" <<'PY'
+import struct, sys
+data = open(sys.argv[1], 'rb').read()
+if data[0x202:0x206] != b'HdrS':
+    sys.exit('not a bzImage (no HdrS magic)')
+setup_sects = data[0x1f1] or 4
+pm = (setup_sects + 1) * 512
+off, length = struct.unpack_from('<II', data, 0x248)
+payload = data[pm + off: pm + off + length]
+if payload[:4] != b'\x02\x21\x4c\x18':
+    sys.exit('payload is not an LZ4 legacy frame (magic %s)' % payload[:4].hex())
+# Drop the trailing little-endian uncompressed size the kernel build appends.
+open(sys.argv[2], 'wb').write(payload[:-4])
+PY
+    rm -f "$KDIR/vmlinux.tmp"
+    lz4 -d -q -f "$CACHE/payload.lz4" "$KDIR/vmlinux.tmp" || [[ -s $KDIR/vmlinux.tmp ]] \
+        || die "lz4 decompression failed"
+    rm -f "$CACHE/payload.lz4"
+    [[ "$(head -c4 "$KDIR/vmlinux.tmp" | od -An -tx1 | tr -d ' ')" == "7f454c46" ]] \
+        || die "decompressed kernel is not ELF"
+    file "$KDIR/vmlinux.tmp" | grep -q 'ELF 64-bit' || die "decompressed kernel is not ELF64"
+    mv "$KDIR/vmlinux.tmp" "$KDIR/vmlinux"
+    echo "$RELEASE" > "$KDIR/release.tmp" && mv "$KDIR/release.tmp" "$KDIR/release"
+    log "kernel/vmlinux written ($(stat -c %s "$KDIR/vmlinux") bytes)"
+fi
+
+# ---------------------------------------------------------------- guest agent
+log "building hearth-guest (static)"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+(cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build -q --release -p hearth-guest --target x86_64-unknown-linux-gnu) \
+    || die "cargo build of hearth-guest failed"
+AGENT="$TARGET_DIR/x86_64-unknown-linux-gnu/release/hearth-guest"
+[[ -x $AGENT ]] || die "built agent not found at $AGENT"
+file "$AGENT" | grep -Eq 'statically linked|static-pie linked' || die "$AGENT is not statically linked"
+AGENT_SHA="$(sha256sum "$AGENT" | cut -d' ' -f1)"
+log "hearth-guest $(stat -c %s "$AGENT") bytes, sha256 $AGENT_SHA"
+
+# ---------------------------------------------------------------- minimal template
+SCRIPT_SHA="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+STAMP="agent=$AGENT_SHA kernel=$RELEASE layout=$ROOTFS_LAYOUT_VERSION busybox=$(sha256sum "$BUSYBOX" | cut -c1-16) size=$ROOTFS_SIZE_MB script=$SCRIPT_SHA"
+if [[ -s $TDIR/rootfs.ext4 && -s $TDIR/template.json && "$(cat "$TDIR/.stamp" 2>/dev/null)" == "$STAMP" ]]; then
+    log "templates/$TEMPLATE up to date"
+else
+    log "building templates/$TEMPLATE rootfs (${ROOTFS_SIZE_MB} MiB)"
+    STAGE="$CACHE/stage-$TEMPLATE"
+    rm -rf "$STAGE" && mkdir -p "$STAGE"
+    (
+        cd "$STAGE"
+        mkdir -p bin sbin usr/bin usr/sbin etc proc sys dev run tmp root home/user \
+            lib/modules/hearth var/tmp mnt
+        chmod 1777 tmp var/tmp
+        chmod 0700 root
+        install -m 0755 "$BUSYBOX" bin/busybox
+        # Equivalent of `busybox --install -s`, done in the staging dir.
+        "$BUSYBOX" --list-full | while read -r applet; do
+            [[ -e $applet || -L $applet ]] && continue
+            mkdir -p "$(dirname "$applet")"
+            ln -s /bin/busybox "$applet"
+        done
+        install -m 0755 "$AGENT" usr/bin/hearth-guest
+        chown 1000:1000 home/user
+        cat > etc/passwd <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+user:x:1000:1000:user:/home/user:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+        cat > etc/group <<'EOF'
+root:x:0:
+user:x:1000:
+nogroup:x:65534:
+EOF
+        printf 'root::0:0:99999:7:::\nuser::0:0:99999:7:::\n' > etc/shadow
+        chmod 0600 etc/shadow
+        echo hearth > etc/hostname
+        printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\thearth\n' > etc/hosts
+        printf 'hosts: files dns\n' > etc/nsswitch.conf
+        : > etc/resolv.conf
+    )
+    # Virtio modules, flat, plus their load order. Missing ones are built in.
+    MODSRC="$KROOT/lib/modules/$RELEASE"
+    : > "$STAGE/lib/modules/hearth/load-order"
+    for m in "${MODULES[@]}"; do
+        f="$(find "$MODSRC" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)"
+        if [[ -z $f ]]; then
+            log "module $m not found (built in?), skipped"
+            continue
+        fi
+        case "$f" in
+            *.ko) cp "$f" "$STAGE/lib/modules/hearth/$m.ko" ;;
+            *.ko.xz) xz -dc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
+            *.ko.zst) zstd -qdc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
+        esac
+        echo "$m.ko" >> "$STAGE/lib/modules/hearth/load-order"
+    done
+    log "modules: $(tr '\n' ' ' < "$STAGE/lib/modules/hearth/load-order")"
+
+    TMPIMG="$TDIR/rootfs.ext4.tmp"
+    rm -f "$TMPIMG"
+    truncate -s "${ROOTFS_SIZE_MB}M" "$TMPIMG"
+    mkfs.ext4 -q -F -L hearth-root -m 0 -E root_owner=0:0 -d "$STAGE" "$TMPIMG" \
+        || die "mkfs.ext4 failed"
+    mv "$TMPIMG" "$TDIR/rootfs.ext4"
+    SIZE="$(stat -c %s "$TDIR/rootfs.ext4")"
+    cat > "$TDIR/template.json.tmp" <<EOF
+{"name":"$TEMPLATE","kernel_release":"$RELEASE","size_bytes":$SIZE,"built_at":"$(date -u +%Y-%m-%dT%H:%M:%SZ)","guest_agent_sha256":"$AGENT_SHA"}
+EOF
+    mv "$TDIR/template.json.tmp" "$TDIR/template.json"
+    echo "$STAMP" > "$TDIR/.stamp"
+    rm -rf "$STAGE"
+    log "templates/$TEMPLATE/rootfs.ext4 written ($SIZE bytes)"
+fi
+
+log "done: $IMAGES_DIR"
