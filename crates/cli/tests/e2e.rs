@@ -61,8 +61,11 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     let r = stack.exec(a_id, json!({"cmd": ["sleep", "30"], "timeout_s": 2}));
     assert_eq!(r["timed_out"], true, "{r}");
     assert!(t.elapsed().as_secs() < 20, "timeout not enforced: {:?}", t.elapsed());
-    let r = stack.sh(a_id, "ps | grep -c 'sleep 30' || true");
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), "1", "sleep survived its timeout: {r}");
+    let r = stack.sh(
+        a_id,
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -cx 'sleep 30 ' || true",
+    );
+    assert_eq!(r["stdout"].as_str().unwrap().trim(), "0", "sleep survived its timeout: {r}");
 
     // 10 MB file round trip, byte-exact.
     let mut data = vec![0u8; 10 * 1024 * 1024];

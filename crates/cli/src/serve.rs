@@ -1,0 +1,177 @@
+//! `hearth up`, `hearth server`, `hearth agent`: the long-running processes.
+//!
+//! This module only turns flags into the configs of `hearth_agent` and
+//! `hearth_control`, starts them, prints the first-start API key, and waits for
+//! SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::config::{store_credentials, Credentials};
+
+#[derive(Args, Clone)]
+pub struct AgentOpts {
+    /// Directory with kernel/ and templates/ (built by scripts/build-images.sh).
+    #[arg(long, env = "HEARTH_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// Directory for per-sandbox state (disks, sockets, console logs).
+    #[arg(long, env = "HEARTH_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Accelerator: auto (KVM if a boot probe of the guest kernel passes, else TCG), kvm or tcg.
+    #[arg(long, env = "HEARTH_ACCEL", default_value = "auto")]
+    pub accel: String,
+    /// Destroy every sandbox of this agent when it is asked to stop (default: leave them
+    /// running, so that the next start re-adopts them).
+    #[arg(long)]
+    pub destroy_on_shutdown: bool,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+    /// Address of the host agent's RPC and proxy port (loopback by default: it has no auth of its own yet).
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    pub agent_listen: SocketAddr,
+    /// Data directory (database; images/ and run/ below it unless set apart).
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value = "/var/lib/hearth")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub agent: AgentOpts,
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+    /// Data directory (holds hearth.db unless --database-url is given).
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value = "/var/lib/hearth")]
+    pub data_dir: PathBuf,
+    /// Database URL (default: sqlite in the data directory).
+    #[arg(long, env = "HEARTH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Host agent URL (repeatable).
+    #[arg(long = "agent-url", default_value = "http://127.0.0.1:7421")]
+    pub agent_urls: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address of the agent's RPC and proxy port.
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    pub listen: SocketAddr,
+    /// Data directory (images/ and run/ below it unless set apart).
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value = "/var/lib/hearth")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub agent: AgentOpts,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn agent_config(
+    listen: SocketAddr,
+    data_dir: &std::path::Path,
+    o: &AgentOpts,
+) -> Result<hearth_agent::AgentConfig> {
+    let accel: hearth_agent::Accel = o
+        .accel
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    let mut cfg = hearth_agent::AgentConfig::new(
+        listen,
+        o.images_dir.clone().unwrap_or_else(|| data_dir.join("images")),
+        o.run_dir.clone().unwrap_or_else(|| data_dir.join("run")),
+    );
+    cfg.accel = accel;
+    Ok(cfg)
+}
+
+async fn start_control(
+    listen: SocketAddr,
+    data_dir: &std::path::Path,
+    database_url: Option<String>,
+    agent_urls: Vec<String>,
+) -> Result<hearth_control::RunningControl> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let database_url = database_url.unwrap_or_else(|| {
+        format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display())
+    });
+    let mut cfg = hearth_control::ControlConfig::new(listen, database_url);
+    cfg.agent_urls = agent_urls;
+    let control = hearth_control::start(cfg).await?;
+    if let Some(key) = control.bootstrap_key() {
+        let url = format!("http://{}", control.local_addr());
+        let path = store_credentials(&Credentials {
+            url: url.clone(),
+            api_key: key.to_string(),
+        })?;
+        println!("Admin API key (shown once, stored in {}): {key}", path.display());
+    }
+    tracing::info!(addr = %control.local_addr(), "control plane listening");
+    Ok(control)
+}
+
+pub async fn up(a: UpArgs) -> Result<()> {
+    init_tracing();
+    let cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent)?;
+    let agent = hearth_agent::Agent::start(cfg).await?;
+    let agent_url = format!("http://{}", agent.local_addr());
+    let control = start_control(a.listen, &a.data_dir, None, vec![agent_url]).await?;
+    println!(
+        "hearth is up: API http://{} (host agent {})",
+        control.local_addr(),
+        agent.local_addr()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down (sandboxes keep running and are re-adopted at the next start)");
+    control.shutdown().await;
+    if a.agent.destroy_on_shutdown {
+        agent.destroy_all().await;
+    }
+    agent.shutdown().await;
+    Ok(())
+}
+
+pub async fn server(a: ServerArgs) -> Result<()> {
+    init_tracing();
+    let control = start_control(a.listen, &a.data_dir, a.database_url, a.agent_urls).await?;
+    shutdown_signal().await;
+    control.shutdown().await;
+    Ok(())
+}
+
+pub async fn agent(a: AgentArgs) -> Result<()> {
+    init_tracing();
+    let cfg = agent_config(a.listen, &a.data_dir, &a.agent)?;
+    let agent = hearth_agent::Agent::start(cfg).await?;
+    tracing::info!(addr = %agent.local_addr(), "host agent listening");
+    shutdown_signal().await;
+    if a.agent.destroy_on_shutdown {
+        agent.destroy_all().await;
+    }
+    agent.shutdown().await;
+    Ok(())
+}
