@@ -1,0 +1,334 @@
+//! The `filesystem.Filesystem` Connect service: stat, list, mkdir, move, remove.
+//!
+//! Paths are resolved against the calling user's home directory. Watching is not
+//! implemented yet (`Unimplemented`).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use connectrpc::{
+    ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult,
+    ServiceStream,
+};
+use hearth_proto::filesystem::{
+    CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FileType, Filesystem,
+    GetWatcherEventsRequest, GetWatcherEventsResponse, ListDirRequest, ListDirResponse,
+    MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, RemoveRequest, RemoveResponse,
+    RemoveWatcherRequest, RemoveWatcherResponse, StatRequest, StatResponse, WatchDirRequest,
+    WatchDirResponse,
+};
+
+use crate::state::{resolve_path, user_from_basic_auth, AgentState};
+use crate::users::{self, User, UserError};
+
+/// Errors of the filesystem service and the /files endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} already exists")]
+    AlreadyExists { path: PathBuf },
+    #[error("{message}")]
+    InvalidArgument { message: String },
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+impl FsError {
+    pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        FsError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The Connect code for this error.
+    pub fn code(&self) -> ErrorCode {
+        use std::io::ErrorKind as K;
+        match self {
+            FsError::Io { source, .. } => match source.kind() {
+                K::NotFound => ErrorCode::NotFound,
+                K::PermissionDenied => ErrorCode::PermissionDenied,
+                K::AlreadyExists => ErrorCode::AlreadyExists,
+                K::InvalidInput | K::NotADirectory | K::IsADirectory | K::DirectoryNotEmpty => {
+                    ErrorCode::InvalidArgument
+                }
+                _ => ErrorCode::Internal,
+            },
+            FsError::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            FsError::InvalidArgument { .. } | FsError::User(_) => ErrorCode::InvalidArgument,
+        }
+    }
+
+    /// Message with the source chain.
+    pub fn message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg
+    }
+}
+
+impl From<FsError> for ConnectError {
+    fn from(e: FsError) -> Self {
+        ConnectError::new(e.code(), e.message())
+    }
+}
+
+/// `ls -l` style permission string, as Go's `FileMode.String()` prints it.
+pub fn permissions_string(mode: u32, ft: std::fs::FileType) -> String {
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'L'
+    } else {
+        '-'
+    };
+    let mut s = String::with_capacity(10);
+    s.push(kind);
+    for shift in [6u32, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+/// Builds an [`EntryInfo`] for a path (without following a final symlink).
+pub fn entry_info(path: &Path) -> Result<EntryInfo, FsError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| FsError::io("stat", path, e))?;
+    let ft = meta.file_type();
+    let (kind, symlink_target) = if ft.is_symlink() {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .ok();
+        // E2B reports the type of what the link points to.
+        let kind = match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => FileType::FILE_TYPE_DIRECTORY,
+            _ => FileType::FILE_TYPE_FILE,
+        };
+        (kind, target)
+    } else if ft.is_dir() {
+        (FileType::FILE_TYPE_DIRECTORY, None)
+    } else {
+        (FileType::FILE_TYPE_FILE, None)
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    Ok(EntryInfo {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into()),
+        r#type: kind.into(),
+        path: path.display().to_string(),
+        size: i64::try_from(meta.len()).unwrap_or(i64::MAX),
+        mode,
+        permissions: permissions_string(mode, ft),
+        owner: users::user_name(meta.uid()),
+        group: users::group_name(meta.gid()),
+        modified_time: buffa::MessageField::some(
+            meta.modified()
+                .map(buffa_types::google::protobuf::Timestamp::from)
+                .unwrap_or_default(),
+        ),
+        symlink_target,
+        ..Default::default()
+    })
+}
+
+/// Creates `dir` and its missing parents, owned by `user`.
+pub fn create_dirs_for(user: &User, dir: &Path) -> Result<(), FsError> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    std::fs::create_dir_all(dir).map_err(|e| FsError::io("mkdir", dir, e))?;
+    for d in missing.iter().rev() {
+        chown(user, d);
+    }
+    Ok(())
+}
+
+/// Gives `path` to `user` (best effort: only root can).
+pub fn chown(user: &User, path: &Path) {
+    let _ = std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid));
+}
+
+fn list(dir: &Path, depth: u32, out: &mut Vec<EntryInfo>) -> Result<(), FsError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| FsError::io("list", dir, e))?;
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        let Ok(info) = entry_info(&p) else { continue };
+        let is_real_dir = std::fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        out.push(info);
+        if depth > 1 && is_real_dir {
+            list(&p, depth - 1, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Implementation of `filesystem.Filesystem`.
+pub struct FilesystemService {
+    pub state: AgentState,
+}
+
+impl FilesystemService {
+    fn user(&self, ctx: &RequestContext) -> Result<User, FsError> {
+        let name = user_from_basic_auth(
+            ctx.headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        );
+        Ok(self.state.user(name.as_deref())?)
+    }
+}
+
+fn unimplemented_watch() -> ConnectError {
+    ConnectError::new(
+        ErrorCode::Unimplemented,
+        "watching directories is not implemented by this guest agent yet",
+    )
+}
+
+impl Filesystem for FilesystemService {
+    async fn stat(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, StatRequest>,
+    ) -> ServiceResult<StatResponse> {
+        let user = self.user(&ctx)?;
+        let path = resolve_path(&user, request.path);
+        Response::ok(StatResponse {
+            entry: buffa::MessageField::some(entry_info(&path)?),
+            ..Default::default()
+        })
+    }
+
+    async fn make_dir(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, MakeDirRequest>,
+    ) -> ServiceResult<MakeDirResponse> {
+        let user = self.user(&ctx)?;
+        let path = resolve_path(&user, request.path);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(FsError::AlreadyExists { path }.into());
+        }
+        create_dirs_for(&user, &path)?;
+        Response::ok(MakeDirResponse {
+            entry: buffa::MessageField::some(entry_info(&path)?),
+            ..Default::default()
+        })
+    }
+
+    async fn r#move(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, MoveRequest>,
+    ) -> ServiceResult<MoveResponse> {
+        let user = self.user(&ctx)?;
+        let src = resolve_path(&user, request.source);
+        let dst = resolve_path(&user, request.destination);
+        std::fs::symlink_metadata(&src).map_err(|e| FsError::io("move", &src, e))?;
+        if let Some(parent) = dst.parent() {
+            create_dirs_for(&user, parent)?;
+        }
+        std::fs::rename(&src, &dst).map_err(|e| FsError::io("move", &src, e))?;
+        Response::ok(MoveResponse {
+            entry: buffa::MessageField::some(entry_info(&dst)?),
+            ..Default::default()
+        })
+    }
+
+    async fn list_dir(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, ListDirRequest>,
+    ) -> ServiceResult<ListDirResponse> {
+        let user = self.user(&ctx)?;
+        let path = resolve_path(&user, request.path);
+        let depth = request.depth.max(1);
+        let meta = std::fs::metadata(&path).map_err(|e| FsError::io("list", &path, e))?;
+        if !meta.is_dir() {
+            return Err(FsError::InvalidArgument {
+                message: format!("{} is not a directory", path.display()),
+            }
+            .into());
+        }
+        let mut entries = Vec::new();
+        list(&path, depth, &mut entries)?;
+        Response::ok(ListDirResponse {
+            entries,
+            ..Default::default()
+        })
+    }
+
+    async fn remove(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, RemoveRequest>,
+    ) -> ServiceResult<RemoveResponse> {
+        let user = self.user(&ctx)?;
+        let path = resolve_path(&user, request.path);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| FsError::io("remove", &path, e))?;
+        let res = if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        res.map_err(|e| FsError::io("remove", &path, e))?;
+        Response::ok(RemoveResponse::default())
+    }
+
+    async fn watch_dir(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, WatchDirRequest>,
+    ) -> ServiceResult<ServiceStream<WatchDirResponse>> {
+        Err(unimplemented_watch())
+    }
+
+    async fn create_watcher(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, CreateWatcherRequest>,
+    ) -> ServiceResult<CreateWatcherResponse> {
+        Err(unimplemented_watch())
+    }
+
+    async fn get_watcher_events(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, GetWatcherEventsRequest>,
+    ) -> ServiceResult<GetWatcherEventsResponse> {
+        Err(unimplemented_watch())
+    }
+
+    async fn remove_watcher(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, RemoveWatcherRequest>,
+    ) -> ServiceResult<RemoveWatcherResponse> {
+        Err(unimplemented_watch())
+    }
+}

@@ -1,0 +1,28 @@
+//! hearth's guest agent: PID 1 inside every VM and an E2B-envd-compatible server
+//! (Connect services `process.Process` and `filesystem.Filesystem` plus envd's HTTP
+//! endpoints) on port 49983.
+#![allow(refining_impl_trait_internal, refining_impl_trait_reachable)]
+
+pub mod cmdline;
+pub mod files_http;
+pub mod fs;
+pub mod init;
+pub mod net;
+pub mod process;
+pub mod reaper;
+pub mod state;
+pub mod users;
+
+/// Console line printed once the server listens.
+pub const READY_MARKER: &str = "HEARTH_GUEST_READY";
+/// Console line printed by `hearth.probe=1` boots before powering off.
+pub const PROBE_MARKER: &str = "HEARTH_PROBE_OK";
+
+/// Serves the agent on an already bound listener until the future is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: state::AgentState,
+) -> std::io::Result<()> {
+    reaper::start();
+    axum::serve(listener, files_http::app(state)).await
+}

@@ -1,0 +1,78 @@
+//! Looks up users and groups in /etc/passwd and /etc/group (no NSS: the guest is static).
+
+use std::path::PathBuf;
+
+/// A local account a request runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub shell: String,
+}
+
+/// Failure to resolve a user name.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("unknown user {name:?}")]
+    Unknown { name: String },
+}
+
+fn passwd_entries() -> Vec<User> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 7 {
+                return None;
+            }
+            Some(User {
+                name: f[0].to_owned(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                home: PathBuf::from(f[5]),
+                shell: f[6].to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Resolves a user by name; `root` always resolves, even without /etc/passwd.
+pub fn lookup(name: &str) -> Result<User, UserError> {
+    if let Some(u) = passwd_entries().into_iter().find(|u| u.name == name) {
+        return Ok(u);
+    }
+    if name == "root" {
+        return Ok(User {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: PathBuf::from("/root"),
+            shell: "/bin/sh".into(),
+        });
+    }
+    Err(UserError::Unknown {
+        name: name.to_owned(),
+    })
+}
+
+/// Name of the user with this uid, or the number as text.
+pub fn user_name(uid: u32) -> String {
+    passwd_entries()
+        .into_iter()
+        .find(|u| u.uid == uid)
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// Name of the group with this gid, or the number as text.
+pub fn group_name(gid: u32) -> String {
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    text.lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 3 && f[2].parse::<u32>().ok() == Some(gid)).then(|| f[0].to_owned())
+        })
+        .unwrap_or_else(|| gid.to_string())
+}
