@@ -1,0 +1,245 @@
+//! Sandbox rows. Every read a team makes is scoped by its team ID in SQL.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use hearth_types::{HostId, SandboxId, TeamId};
+use sqlx::Row;
+
+use crate::keys::{ms_to_time, parse_team};
+use crate::{now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
+
+const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
+    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at";
+
+impl Db {
+    pub async fn insert_sandbox(&self, s: &NewSandbox) -> Result<()> {
+        let env = serde_json::to_string(&s.env).map_err(|e| DbError::Corrupt {
+            column: "sandboxes.env_json",
+            source: Box::new(e),
+        })?;
+        let metadata = serde_json::to_string(&s.metadata).map_err(|e| DbError::Corrupt {
+            column: "sandboxes.metadata_json",
+            source: Box::new(e),
+        })?;
+        let now = now_ms();
+        sqlx::query(&format!(
+            "INSERT INTO sandboxes ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14)"
+        ))
+        .bind(s.id.as_str())
+        .bind(s.team_id.to_string())
+        .bind(s.template.as_str())
+        .bind(s.state.as_str())
+        .bind(i64::from(s.vcpus))
+        .bind(i64::from(s.memory_mb))
+        .bind(i64::from(s.disk_size_mb))
+        .bind(i64::from(s.timeout_s))
+        .bind(env)
+        .bind(metadata)
+        .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(s.created_at.timestamp_millis())
+        .bind(s.expires_at.timestamp_millis())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => DbError::AlreadyExists {
+                what: format!("sandbox {}", s.id),
+            },
+            _ => DbError::Query(e),
+        })?;
+        Ok(())
+    }
+
+    /// The sandbox `id` if it belongs to `team`. Another team's sandbox is `None`,
+    /// exactly like a missing one.
+    pub async fn get_sandbox(&self, team: TeamId, id: &SandboxId) -> Result<Option<SandboxRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE id = $1 AND team_id = $2"
+        ))
+        .bind(id.as_str())
+        .bind(team.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(sandbox_from_row).transpose()
+    }
+
+    /// A sandbox by ID regardless of team (background tasks only, never a request path).
+    pub async fn get_sandbox_unscoped(&self, id: &SandboxId) -> Result<Option<SandboxRow>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(sandbox_from_row).transpose()
+    }
+
+    /// All sandboxes of `team`, newest first.
+    pub async fn list_sandboxes(&self, team: TeamId) -> Result<Vec<SandboxRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE team_id = $1 ORDER BY created_at DESC, id"
+        ))
+        .bind(team.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Every sandbox in one of `states`, any team (reconciler, scheduler).
+    pub async fn list_sandboxes_in_states(
+        &self,
+        states: &[SandboxState],
+    ) -> Result<Vec<SandboxRow>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=states.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE state IN ({}) ORDER BY created_at, id",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for s in states {
+            q = q.bind(s.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Every `running` sandbox of every team (the reconciler's view of intent).
+    pub async fn list_running_sandboxes(&self) -> Result<Vec<SandboxRow>> {
+        self.list_sandboxes_in_states(&[SandboxState::Running])
+            .await
+    }
+
+    /// Active sandboxes (pending, starting, running, paused) per host: the scheduler's load.
+    pub async fn count_active_by_host(&self) -> Result<HashMap<HostId, u64>> {
+        let rows = sqlx::query(
+            "SELECT host_id, COUNT(*) AS n FROM sandboxes \
+             WHERE host_id IS NOT NULL AND state IN ('pending', 'starting', 'running', 'paused') \
+             GROUP BY host_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in &rows {
+            let host: HostId = r
+                .try_get::<&str, _>("host_id")?
+                .parse()
+                .map_err(DbError::corrupt("sandboxes.host_id"))?;
+            out.insert(host, r.try_get::<i64, _>("n")?.max(0) as u64);
+        }
+        Ok(out)
+    }
+
+    /// Move sandbox `id` to `to`, recording `error` (cleared when `None`). With `from`,
+    /// only when its current state is one of those (a compare-and-set guard). Returns
+    /// whether a row changed.
+    pub async fn update_sandbox_state(
+        &self,
+        id: &SandboxId,
+        from: Option<&[SandboxState]>,
+        to: SandboxState,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let mut sql = String::from(
+            "UPDATE sandboxes SET state = $1, error = $2, updated_at = $3 WHERE id = $4",
+        );
+        if let Some(from) = from {
+            if from.is_empty() {
+                return Ok(false);
+            }
+            let ph: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 5)).collect();
+            sql.push_str(&format!(" AND state IN ({})", ph.join(", ")));
+        }
+        let mut q = sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(error)
+            .bind(now_ms())
+            .bind(id.as_str());
+        for s in from.unwrap_or_default() {
+            q = q.bind(s.as_str());
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() > 0)
+    }
+
+    /// Mark a sandbox `stopped` unless it already is stopped or in error.
+    pub async fn mark_sandbox_stopped(&self, id: &SandboxId) -> Result<bool> {
+        self.update_sandbox_state(
+            id,
+            Some(&[
+                SandboxState::Pending,
+                SandboxState::Starting,
+                SandboxState::Running,
+                SandboxState::Paused,
+            ]),
+            SandboxState::Stopped,
+            None,
+        )
+        .await
+    }
+
+    /// Delete the row of a sandbox of `team`. Returns whether it existed.
+    pub async fn delete_sandbox(&self, team: TeamId, id: &SandboxId) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sandboxes WHERE id = $1 AND team_id = $2")
+            .bind(id.as_str())
+            .bind(team.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+fn u32_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<u32> {
+    let v: i64 = r.try_get(column)?;
+    u32::try_from(v).map_err(|e| DbError::Corrupt {
+        column,
+        source: Box::new(e),
+    })
+}
+
+fn json_map(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<BTreeMap<String, String>> {
+    let s: &str = r.try_get(column)?;
+    serde_json::from_str(s).map_err(|e| DbError::Corrupt {
+        column,
+        source: Box::new(e),
+    })
+}
+
+fn time_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<DateTime<Utc>> {
+    Ok(ms_to_time(r.try_get(column)?))
+}
+
+fn sandbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SandboxRow> {
+    let state: &str = r.try_get("state")?;
+    Ok(SandboxRow {
+        id: r
+            .try_get::<&str, _>("id")?
+            .parse()
+            .map_err(DbError::corrupt("sandboxes.id"))?,
+        team_id: parse_team("sandboxes.team_id", r.try_get("team_id")?)?,
+        template: r
+            .try_get::<&str, _>("template")?
+            .parse()
+            .map_err(DbError::corrupt("sandboxes.template"))?,
+        state: state.parse().map_err(|e| DbError::Corrupt {
+            column: "sandboxes.state",
+            source: Box::new(e),
+        })?,
+        vcpus: u32_col(r, "vcpus")?,
+        memory_mb: u32_col(r, "memory_mb")?,
+        disk_size_mb: u32_col(r, "disk_size_mb")?,
+        timeout_s: u32_col(r, "timeout_s")?,
+        env: json_map(r, "env_json")?,
+        metadata: json_map(r, "metadata_json")?,
+        host_id: r
+            .try_get::<Option<&str>, _>("host_id")?
+            .map(str::parse)
+            .transpose()
+            .map_err(DbError::corrupt("sandboxes.host_id"))?,
+        created_at: time_col(r, "created_at")?,
+        expires_at: time_col(r, "expires_at")?,
+        error: r.try_get("error")?,
+        updated_at: time_col(r, "updated_at")?,
+    })
+}

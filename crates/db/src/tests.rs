@@ -1,0 +1,216 @@
+use std::collections::BTreeMap;
+
+use chrono::{Duration, Utc};
+use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
+
+use crate::{Db, NewSandbox, SandboxState};
+
+fn new_sandbox(team: TeamId, host: Option<HostId>) -> NewSandbox {
+    let now = Utc::now();
+    NewSandbox {
+        id: SandboxId::generate(),
+        team_id: team,
+        template: "minimal".parse().unwrap(),
+        state: SandboxState::Starting,
+        vcpus: 1,
+        memory_mb: 256,
+        disk_size_mb: 1024,
+        timeout_s: 300,
+        env: BTreeMap::from([("A".into(), "1".into())]),
+        metadata: BTreeMap::from([("owner".into(), "me".into())]),
+        host_id: host,
+        created_at: now,
+        expires_at: now + Duration::seconds(300),
+    }
+}
+
+#[tokio::test]
+async fn migrations_apply_to_a_file_database_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("hearth.db").display()
+    );
+    let db = Db::connect(&url).await.unwrap();
+    let team = db.create_team("t").await.unwrap();
+    db.close().await;
+    // Reopening runs the (already applied) migrations again without error and keeps data.
+    let db = Db::connect(&url).await.unwrap();
+    assert_eq!(db.list_teams().await.unwrap(), vec![team]);
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn unsupported_url_is_rejected() {
+    let err = Db::connect("mysql://u:secret@h/db").await.unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+}
+
+#[tokio::test]
+async fn api_keys_are_stored_hashed_and_authenticate() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap();
+    let (key_id, plaintext) = db.create_api_key(team.id, "admin", true).await.unwrap();
+    assert!(plaintext.starts_with("hk_"));
+    assert_eq!(plaintext.len(), 3 + 32);
+    assert!(plaintext[3..].chars().all(|c| c.is_ascii_alphanumeric()));
+
+    let stored: Vec<String> = sqlx::query_scalar("SELECT secret_sha256 FROM api_keys")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_ne!(stored[0], plaintext);
+    assert!(!stored[0].contains(&plaintext[3..]));
+    assert_eq!(stored[0].len(), 64);
+
+    let p = db
+        .authenticate(&plaintext)
+        .await
+        .unwrap()
+        .expect("key valid");
+    assert_eq!(p.team_id, team.id);
+    assert_eq!(p.key_id, key_id);
+    assert!(p.is_admin);
+    let used: Option<i64> = sqlx::query_scalar("SELECT last_used_at FROM api_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(used.is_some());
+
+    assert!(db.authenticate("hk_wrong").await.unwrap().is_none());
+    assert!(db.authenticate(&stored[0]).await.unwrap().is_none());
+    assert_eq!(db.count_api_keys().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn teams_do_not_see_each_others_sandboxes() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let a = db.create_team("a").await.unwrap().id;
+    let b = db.create_team("b").await.unwrap().id;
+    let sa = new_sandbox(a, None);
+    db.insert_sandbox(&sa).await.unwrap();
+
+    let got = db
+        .get_sandbox(a, &sa.id)
+        .await
+        .unwrap()
+        .expect("own sandbox");
+    assert_eq!(got.id, sa.id);
+    assert_eq!(got.env, sa.env);
+    assert_eq!(got.metadata, sa.metadata);
+    assert_eq!(got.state, SandboxState::Starting);
+    assert_eq!(
+        got.expires_at.timestamp_millis(),
+        sa.expires_at.timestamp_millis()
+    );
+
+    assert!(db.get_sandbox(b, &sa.id).await.unwrap().is_none());
+    assert!(db.list_sandboxes(b).await.unwrap().is_empty());
+    assert_eq!(db.list_sandboxes(a).await.unwrap().len(), 1);
+    assert!(!db.delete_sandbox(b, &sa.id).await.unwrap());
+    assert!(db.get_sandbox(a, &sa.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn state_updates_honour_the_from_guard() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let host = HostId::generate();
+    db.upsert_host(&host, "http://127.0.0.1:1", "qemu", "tcg")
+        .await
+        .unwrap();
+    let s = new_sandbox(team, Some(host.clone()));
+    db.insert_sandbox(&s).await.unwrap();
+
+    assert!(db
+        .update_sandbox_state(
+            &s.id,
+            Some(&[SandboxState::Starting]),
+            SandboxState::Running,
+            None
+        )
+        .await
+        .unwrap());
+    // Guard no longer matches: nothing changes.
+    assert!(!db
+        .update_sandbox_state(
+            &s.id,
+            Some(&[SandboxState::Starting]),
+            SandboxState::Error,
+            Some("x")
+        )
+        .await
+        .unwrap());
+    assert_eq!(db.list_running_sandboxes().await.unwrap().len(), 1);
+    assert_eq!(
+        db.count_active_by_host().await.unwrap().get(&host),
+        Some(&1)
+    );
+
+    assert!(db.mark_sandbox_stopped(&s.id).await.unwrap());
+    assert!(!db.mark_sandbox_stopped(&s.id).await.unwrap(), "idempotent");
+    let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert_eq!(row.state, SandboxState::Stopped);
+    assert!(db.list_running_sandboxes().await.unwrap().is_empty());
+
+    assert!(db
+        .update_sandbox_state(&s.id, None, SandboxState::Error, Some("boom"))
+        .await
+        .unwrap());
+    let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert_eq!(row.error.as_deref(), Some("boom"));
+}
+
+#[tokio::test]
+async fn duplicate_sandbox_id_is_reported() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let s = new_sandbox(team, None);
+    db.insert_sandbox(&s).await.unwrap();
+    let err = db.insert_sandbox(&s).await.unwrap_err();
+    assert!(matches!(err, crate::DbError::AlreadyExists { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn templates_are_team_scoped_plus_platform() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let a = db.create_team("a").await.unwrap().id;
+    let b = db.create_team("b").await.unwrap().id;
+    let minimal: TemplateName = "minimal".parse().unwrap();
+    let mine: TemplateName = "mine".parse().unwrap();
+    db.upsert_template(TeamId::PLATFORM, &minimal, 10)
+        .await
+        .unwrap();
+    db.upsert_template(TeamId::PLATFORM, &minimal, 20)
+        .await
+        .unwrap();
+    db.upsert_template(a, &mine, 5).await.unwrap();
+
+    let la = db.list_templates(a).await.unwrap();
+    assert_eq!(la.len(), 2);
+    let lb = db.list_templates(b).await.unwrap();
+    assert_eq!(lb.len(), 1);
+    assert_eq!(lb[0].name, minimal);
+    assert_eq!(lb[0].size_bytes, 20);
+    assert!(lb[0].team_id.is_platform());
+    assert!(db.get_template(b, &mine).await.unwrap().is_none());
+    assert!(db.get_template(a, &mine).await.unwrap().is_some());
+    assert!(db.get_template(b, &minimal).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn hosts_upsert() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let h = HostId::generate();
+    db.upsert_host(&h, "http://a", "qemu", "tcg").await.unwrap();
+    db.upsert_host(&h, "http://b", "qemu", "kvm").await.unwrap();
+    let hosts = db.list_hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].url, "http://b");
+    assert_eq!(hosts[0].accel, "kvm");
+}
