@@ -220,7 +220,9 @@ async fn upload(
                     .await
                     .map_err(|e| FsError::io("write", &path, e))?;
             }
-            f.flush().await.map_err(|e| FsError::io("write", &path, e))?;
+            f.flush()
+                .await
+                .map_err(|e| FsError::io("write", &path, e))?;
             written.push(entry_ref(&path));
         }
         if written.is_empty() {
@@ -236,12 +238,15 @@ async fn upload(
         let mut f = open_for_write(&user, &path).await?;
         let mut body = request.into_body().into_data_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let chunk =
+                chunk.map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
             f.write_all(&chunk)
                 .await
                 .map_err(|e| FsError::io("write", &path, e))?;
         }
-        f.flush().await.map_err(|e| FsError::io("write", &path, e))?;
+        f.flush()
+            .await
+            .map_err(|e| FsError::io("write", &path, e))?;
         written.push(entry_ref(&path));
     }
     Ok(Json(written))
@@ -274,7 +279,8 @@ async fn init(
         d.access_token = Some(t);
     }
     if let Some(u) = req.default_user.filter(|u| !u.is_empty()) {
-        crate::users::lookup(&u).map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        crate::users::lookup(&u)
+            .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         d.user = u;
     }
     if let Some(w) = req.default_workdir.filter(|w| !w.is_empty()) {

@@ -7,8 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use connectrpc::{
-    ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult,
-    ServiceStream,
+    ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream,
 };
 use hearth_proto::filesystem::{
     CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FileType, Filesystem,

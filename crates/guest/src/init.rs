@@ -51,7 +51,13 @@ pub fn mount_filesystems() -> Result<(), InitError> {
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_one("proc", "/proc", "proc", nosuid_noexec, None)?;
     mount_one("sysfs", "/sys", "sysfs", nosuid_noexec, None)?;
-    mount_one("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_one(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount_one(
         "devpts",
         "/dev/pts",
@@ -109,14 +115,8 @@ pub fn load_modules(dir: &Path) -> usize {
             }
         };
         // SAFETY: finit_module reads the fd and a NUL-terminated string valid for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                params.as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc == 0 {
             loaded += 1;
         } else {

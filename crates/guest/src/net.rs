@@ -21,10 +21,7 @@ pub enum NetError {
     NoInterface { name: String },
 }
 
-async fn link_index(
-    handle: &mut rtnetlink::Handle,
-    name: &str,
-) -> Result<Option<u32>, NetError> {
+async fn link_index(handle: &mut rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetError> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(Some(msg)) => Ok(Some(msg.header.index)),

@@ -26,8 +26,8 @@ use hearth_proto::process::{
     process_event, process_input, process_selector, stream_input_request, CloseStdinRequest,
     CloseStdinResponse, ConnectRequest, ConnectResponse, ListRequest, ListResponse, Process,
     ProcessConfig, ProcessEvent, ProcessInfo, ProcessInput, ProcessSelector, SendInputRequest,
-    SendInputResponse, SendSignalRequest, SendSignalResponse, Signal, StartRequest,
-    StartResponse, StreamInputRequest, StreamInputResponse, UpdateRequest, UpdateResponse,
+    SendInputResponse, SendSignalRequest, SendSignalResponse, Signal, StartRequest, StartResponse,
+    StreamInputRequest, StreamInputResponse, UpdateRequest, UpdateResponse,
 };
 use nix::sys::signal::{kill, killpg, Signal as NixSignal};
 use nix::unistd::Pid;
@@ -73,9 +73,7 @@ impl From<ProcessError> for ConnectError {
             ProcessError::InvalidArgument { .. } | ProcessError::User(_) => {
                 ErrorCode::InvalidArgument
             }
-            ProcessError::Spawn { source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+            ProcessError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorCode::NotFound
             }
             ProcessError::Spawn { source, .. }
@@ -109,10 +107,7 @@ struct ProcessEntry {
 
 impl ProcessEntry {
     fn input(&self) -> Option<Arc<File>> {
-        self.input
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn write_input(&self, data: Vec<u8>) -> Result<(), ProcessError> {
@@ -319,7 +314,10 @@ pub fn start(
     let defaults = state.defaults();
     let cwd = match config.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => resolve_path(&user, c),
-        None => defaults.workdir.clone().unwrap_or_else(|| user.home.clone()),
+        None => defaults
+            .workdir
+            .clone()
+            .unwrap_or_else(|| user.home.clone()),
     };
     let cwd = if cwd.is_dir() {
         cwd
@@ -440,10 +438,18 @@ pub fn start(
         input = Some(m.clone());
     } else {
         if let Some(out) = child.stdout.take() {
-            spawn_reader(File::from(OwnedFd::from(out)), Stream::Stdout, out_tx.clone());
+            spawn_reader(
+                File::from(OwnedFd::from(out)),
+                Stream::Stdout,
+                out_tx.clone(),
+            );
         }
         if let Some(err) = child.stderr.take() {
-            spawn_reader(File::from(OwnedFd::from(err)), Stream::Stderr, out_tx.clone());
+            spawn_reader(
+                File::from(OwnedFd::from(err)),
+                Stream::Stderr,
+                out_tx.clone(),
+            );
         }
         if let Some(stdin) = child.stdin.take() {
             input = Some(Arc::new(File::from(OwnedFd::from(stdin))));
@@ -744,11 +750,7 @@ impl Process for ProcessService {
             // A PTY has no EOF of its own: send the terminal's EOF character.
             entry.write_input(vec![0x04]).await?;
         } else {
-            entry
-                .input
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            entry.input.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         Response::ok(CloseStdinResponse::default())
     }

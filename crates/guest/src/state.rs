@@ -73,7 +73,9 @@ pub fn resolve_path(user: &User, path: &str) -> PathBuf {
 pub fn user_from_basic_auth(value: Option<&str>) -> Option<String> {
     use base64::Engine as _;
     let v = value?.trim();
-    let encoded = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?;
+    let encoded = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
     let raw = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
