@@ -1,1 +1,387 @@
-//! placeholder
+//! `hearth_agent`: the host agent. It owns the VMs, disks and networks of one
+//! host and serves the control plane over Connect RPC (`hearth.agent.v1.HostAgent`)
+//! plus a streaming reverse proxy to every guest agent.
+//!
+//! Layout (calls only go downwards):
+//! * [`service`] (RPC edge) and [`proxy`] (guest HTTP) ->
+//! * [`sandbox`] (one actor per sandbox), [`reaper`], [`recovery`] ->
+//! * [`registry`] (what runs), [`state`] (versioned `state.json`) ->
+//! * [`vmm`], [`disk`], [`net`] (host side effects behind narrow traits).
+//!
+//! Its in-memory registry is the truth about what runs; `state.json` files let a
+//! restarted agent re-adopt its VMs (graceful shutdown leaves them running).
+
+pub mod disk;
+pub mod net;
+pub mod proxy;
+mod reaper;
+pub mod recovery;
+mod registry;
+pub mod sandbox;
+pub mod service;
+pub mod state;
+pub mod vmm;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use connectrpc::Router as ConnectRouter;
+use hearth_types::{HostId, SandboxId, SandboxLimits, TemplateName};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::{info, warn};
+
+pub use disk::DiskKind;
+pub use recovery::RecoveryReport;
+pub use vmm::Accel;
+
+/// Default images directory (`$HEARTH_IMAGES_DIR`).
+pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/hearth/images";
+/// Default run directory (`$HEARTH_RUN_DIR`).
+pub const DEFAULT_RUN_DIR: &str = "/var/lib/hearth/run";
+/// Default listen address of `hearth agent`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// Everything the agent needs to start. Build with [`AgentConfig::new`] or
+/// [`AgentConfig::from_env`] and adjust the public fields.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub images_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// Host-wide slot claims, shared by every agent on the host.
+    pub slots_dir: PathBuf,
+    pub accel: Accel,
+    pub host_id: HostId,
+    pub disk: DiskKind,
+    pub qemu_binary: PathBuf,
+    /// Guest kernel; `None` = `<images_dir>/kernel/vmlinux`.
+    pub kernel: Option<PathBuf>,
+    pub limits: SandboxLimits,
+    pub max_sandboxes: usize,
+    /// How long a create waits for the guest agent's `/health`.
+    pub boot_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults from docs/contracts.md; listens on [`DEFAULT_LISTEN`].
+    pub fn new(host_id: HostId) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            images_dir: DEFAULT_IMAGES_DIR.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            slots_dir: net::slots::DEFAULT_SLOTS_DIR.into(),
+            accel: Accel::Auto,
+            host_id,
+            disk: DiskKind::Qcow2,
+            qemu_binary: "qemu-system-x86_64".into(),
+            kernel: None,
+            limits: SandboxLimits::default(),
+            max_sandboxes: 64,
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// [`AgentConfig::new`] with `HEARTH_IMAGES_DIR` and `HEARTH_RUN_DIR` applied.
+    pub fn from_env(host_id: HostId) -> Self {
+        let mut c = Self::new(host_id);
+        if let Some(v) = std::env::var_os("HEARTH_IMAGES_DIR") {
+            c.images_dir = v.into();
+        }
+        if let Some(v) = std::env::var_os("HEARTH_RUN_DIR") {
+            c.run_dir = v.into();
+        }
+        c
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("could not create {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `e` and its sources, joined with ": ".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// Tasks that `abort()` must stop (actors, reaper, server).
+#[derive(Debug, Default)]
+pub(crate) struct Tasks(Mutex<Vec<AbortHandle>>);
+
+impl Tasks {
+    pub fn track(&self, h: AbortHandle) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|h| !h.is_finished());
+        v.push(h);
+    }
+    fn abort_all(&self) {
+        let v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in v {
+            h.abort();
+        }
+    }
+}
+
+pub(crate) type HttpClient = Client<HttpConnector, axum::body::Body>;
+
+/// State shared by the service, the proxy, the actors and the background tasks.
+pub(crate) struct Ctx {
+    pub config: AgentConfig,
+    pub vmm: Arc<dyn vmm::Vmm>,
+    pub accel_reason: String,
+    pub disks: Arc<dyn disk::DiskProvisioner>,
+    pub net: Arc<dyn net::NetworkProvider>,
+    pub slots: net::slots::Slots,
+    pub registry: registry::Registry,
+    pub tasks: Tasks,
+    pub http: HttpClient,
+}
+
+impl Ctx {
+    pub fn kernel_path(&self) -> PathBuf {
+        self.config
+            .kernel
+            .clone()
+            .unwrap_or_else(|| self.config.images_dir.join("kernel/vmlinux"))
+    }
+    pub fn template_rootfs(&self, name: &TemplateName) -> PathBuf {
+        self.config
+            .images_dir
+            .join("templates")
+            .join(name.as_str())
+            .join("rootfs.ext4")
+    }
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.config.run_dir.join("sandboxes")
+    }
+    pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.sandboxes_dir().join(id.as_str())
+    }
+    /// Templates present on this host (those with a root disk), sorted.
+    pub fn templates(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.config.images_dir.join("templates")) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| {
+                n.parse::<TemplateName>()
+                    .map(|t| self.template_rootfs(&t).is_file())
+                    .unwrap_or(false)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Entry point.
+pub struct Agent;
+
+impl Agent {
+    /// Probe the accelerator, recover what a previous run left, start the reaper
+    /// and serve on `config.listen`.
+    pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+        for dir in [&config.run_dir, &config.run_dir.join("sandboxes")] {
+            std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let kernel = config
+            .kernel
+            .clone()
+            .unwrap_or_else(|| config.images_dir.join("kernel/vmlinux"));
+        let probe_rootfs = first_template_rootfs(&config);
+        let (accel, accel_reason) = vmm::qemu::resolve_accel(
+            config.accel,
+            &config.qemu_binary,
+            &kernel,
+            probe_rootfs.as_deref(),
+            &config.run_dir,
+        )
+        .await;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        // No idle pooling: a guest address is reused by the next sandbox in the
+        // same slot, and a pooled connection to a dead guest would hang.
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
+        let ctx = Arc::new(Ctx {
+            vmm: Arc::new(vmm::qemu::QemuVmm::new(config.qemu_binary.clone(), accel)),
+            accel_reason,
+            disks: disk::provisioner(config.disk),
+            net: Arc::new(net::NetnsProvider),
+            slots: net::slots::Slots::new(config.slots_dir.clone()),
+            registry: registry::Registry::default(),
+            tasks: Tasks::default(),
+            http,
+            config,
+        });
+        let recovery = recovery::recover(&ctx).await;
+
+        let listener = tokio::net::TcpListener::bind(ctx.config.listen)
+            .await
+            .map_err(|source| AgentError::Bind {
+                addr: ctx.config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+            addr: ctx.config.listen,
+            source,
+        })?;
+        let app = router(ctx.clone());
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let res = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = res {
+                warn!(error = %e, "agent HTTP server failed");
+            }
+        });
+        let reaper = tokio::spawn(reaper::run(ctx.clone()));
+        ctx.tasks.track(reaper.abort_handle());
+        info!(
+            %local_addr,
+            host_id = %ctx.config.host_id,
+            vmm = ctx.vmm.kind(),
+            accel = ctx.vmm.accel().as_str(),
+            reason = %ctx.accel_reason,
+            "host agent serving"
+        );
+        Ok(RunningAgent {
+            ctx,
+            local_addr,
+            server,
+            stop: Some(stop_tx),
+            recovery,
+        })
+    }
+}
+
+fn first_template_rootfs(config: &AgentConfig) -> Option<PathBuf> {
+    let mut names: Vec<_> = std::fs::read_dir(config.images_dir.join("templates"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("rootfs.ext4"))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+/// The agent's HTTP surface: the guest proxy routes plus the Connect service.
+pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
+    let service = Arc::new(service::AgentService { ctx: ctx.clone() });
+    let connect = ConnectRouter::new().add_service(service);
+    axum::Router::new()
+        .route(
+            "/sandboxes/{id}/envd/{*rest}",
+            axum::routing::any(proxy::handle),
+        )
+        .with_state(ctx)
+        .fallback_service(connect.into_axum_service())
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    ctx: Arc<Ctx>,
+    local_addr: SocketAddr,
+    server: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    recovery: RecoveryReport,
+}
+
+impl RunningAgent {
+    /// The address the agent listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What start-up recovery adopted and cleaned.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// `"kvm"` or `"tcg"`, and why.
+    pub fn accel(&self) -> (&'static str, &str) {
+        (self.ctx.vmm.accel().as_str(), &self.ctx.accel_reason)
+    }
+
+    /// IDs of the sandboxes this agent runs.
+    pub fn sandbox_ids(&self) -> Vec<SandboxId> {
+        self.ctx
+            .registry
+            .all()
+            .iter()
+            .map(|h| h.snapshot().spec.sandbox_id)
+            .collect()
+    }
+
+    /// Destroy every sandbox (VMs, networks, disks, run directories).
+    pub async fn destroy_all(&self) {
+        let all = self.ctx.registry.all();
+        futures::future::join_all(all.iter().map(|h| h.destroy("destroy_all"))).await;
+    }
+
+    /// Graceful stop: stop serving (in-flight requests get a few seconds), stop
+    /// the reaper and the actors. VMs keep running and are re-adopted by the next
+    /// start on the same run directory.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+        self.ctx.tasks.abort_all();
+        info!("host agent stopped; VMs left running for the next start");
+    }
+
+    /// Simulated crash (tests): drop every task at once, no cleanup, no goodbye.
+    pub fn abort(self) {
+        self.server.abort();
+        self.ctx.tasks.abort_all();
+    }
+
+    /// Wait until the server stops on its own (it normally runs until shutdown).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}

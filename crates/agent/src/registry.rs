@@ -1,0 +1,96 @@
+//! The in-memory map `SandboxId -> actor handle`: the truth about what runs on
+//! this host. Owns insertion (with the duplicate check) and removal; it never
+//! touches a VM, disk or network itself.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use hearth_types::SandboxId;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::state::SandboxRecord;
+
+/// A request to a sandbox actor.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Stop the VM and release everything; the reply fires once all is gone.
+    Destroy {
+        reason: String,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// How to reach one sandbox actor and read its latest record.
+#[derive(Debug, Clone)]
+pub(crate) struct SandboxHandle {
+    pub tx: mpsc::Sender<Command>,
+    pub record: watch::Receiver<SandboxRecord>,
+}
+
+impl SandboxHandle {
+    pub fn snapshot(&self) -> SandboxRecord {
+        self.record.borrow().clone()
+    }
+
+    /// Ask the actor to destroy the sandbox and wait until it has.
+    pub async fn destroy(&self, reason: &str) {
+        let (done, wait) = oneshot::channel();
+        let cmd = Command::Destroy {
+            reason: reason.to_owned(),
+            done,
+        };
+        if self.tx.send(cmd).await.is_ok() {
+            // A dropped sender means the actor finished (or was aborted) anyway.
+            let _ = wait.await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox {id} already exists on this host")]
+pub struct AlreadyExists {
+    pub id: SandboxId,
+}
+
+/// The live sandboxes of this host.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    map: Mutex<HashMap<SandboxId, SandboxHandle>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, SandboxHandle>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (single insert/remove calls), so poisoning is ignored.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, id: SandboxId, handle: SandboxHandle) -> Result<(), AlreadyExists> {
+        let mut map = self.lock();
+        if map.contains_key(&id) {
+            return Err(AlreadyExists { id });
+        }
+        map.insert(id, handle);
+        Ok(())
+    }
+
+    pub fn get(&self, id: &SandboxId) -> Option<SandboxHandle> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Remove `id` if it still maps to the actor behind `tx`.
+    pub fn remove(&self, id: &SandboxId, tx: &mpsc::Sender<Command>) {
+        let mut map = self.lock();
+        if map.get(id).is_some_and(|h| h.tx.same_channel(tx)) {
+            map.remove(id);
+        }
+    }
+
+    pub fn all(&self) -> Vec<SandboxHandle> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}

@@ -1,0 +1,465 @@
+//! One actor per sandbox: a tokio task that owns the sandbox's VM, disk, network
+//! slot and run directory, and receives requests over a channel so lifecycle steps
+//! never interleave. Cleanup runs inside the actor, never in a request future, so
+//! a cancelled RPC cannot leave resources behind.
+//!
+//! ```text
+//!            create                 guest /health = 204
+//!   (none) ---------> Starting ---------------------------> Running
+//!                        |  boot failure / destroy               |  destroy, reaper
+//!                        v                                       v
+//!                  (cleaned up, gone)     Error <---- VM died  Stopping --> Stopped (gone)
+//!                                           |  destroy              ^
+//!                                           +-----------------------+
+//! ```
+//! Any state may go to `Error`; only `destroy` releases an `Error` sandbox's
+//! resources, so the control plane sees what happened before it is gone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_types::SandboxId;
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::disk::{Disk, DiskError};
+use crate::net::slots::SlotError;
+use crate::net::{NetError, SandboxNet};
+use crate::registry::{AlreadyExists, Command, SandboxHandle};
+use crate::state::{self, SandboxRecord, SandboxSpec, SandboxState, StateError};
+use crate::vmm::qemu::tail;
+use crate::vmm::{guest_cmdline, VmHandle, VmSpec, VmmError};
+use crate::Ctx;
+
+/// How often the guest's health endpoint is polled while booting.
+const HEALTH_POLL: Duration = Duration::from_millis(15);
+/// Bound on one health request (the guest may not answer ARP yet).
+const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long QEMU gets to exit after `quit` before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// Why a sandbox could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest kernel {path} is missing")]
+    KernelMissing { path: PathBuf },
+    #[error("network slot")]
+    Slot(#[source] SlotError),
+    #[error("network setup")]
+    Net(#[source] NetError),
+    #[error("root disk")]
+    Disk(#[source] DiskError),
+    #[error("VMM")]
+    Vmm(#[source] VmmError),
+    #[error("state file")]
+    State(#[source] StateError),
+    #[error("guest agent did not answer /health within {after:?}; console: {console}")]
+    BootTimeout { after: Duration, console: String },
+    #[error("VM exited during boot; qemu: {qemu_log}; console: {console}")]
+    VmExited { qemu_log: String, console: String },
+    #[error("destroyed while starting")]
+    Cancelled,
+}
+
+/// What a sandbox holds on the host; released in reverse order.
+#[derive(Debug)]
+struct Resources {
+    run_dir: PathBuf,
+    run_dir_ours: bool,
+    slot: Option<u32>,
+    net: Option<SandboxNet>,
+    disk: Option<Disk>,
+    vm: Option<VmHandle>,
+}
+
+struct Actor {
+    ctx: Arc<Ctx>,
+    id: SandboxId,
+    self_tx: mpsc::Sender<Command>,
+    record: watch::Sender<SandboxRecord>,
+    res: Resources,
+}
+
+impl Actor {
+    /// Apply `f` to the record and persist it (when the run directory is ours).
+    fn update(&self, f: impl FnOnce(&mut SandboxRecord)) {
+        self.record.send_modify(f);
+        if self.res.run_dir_ours {
+            let rec = self.record.borrow().clone();
+            if let Err(e) = state::save(&rec) {
+                warn!(error = %e, "could not write the state file");
+            }
+        }
+    }
+}
+
+type CreateReply = oneshot::Receiver<Result<SandboxRecord, SandboxError>>;
+
+/// Register `spec` and start its actor. The returned receiver yields once the
+/// guest answers (or the create failed and everything was cleaned up).
+pub(crate) fn start_create(
+    ctx: &Arc<Ctx>,
+    spec: SandboxSpec,
+) -> Result<CreateReply, AlreadyExists> {
+    let id = spec.sandbox_id.clone();
+    let run_dir = ctx.sandbox_dir(&id);
+    let record = SandboxRecord::new(spec, run_dir.clone());
+    let (tx, rx) = mpsc::channel(8);
+    let (rec_tx, rec_rx) = watch::channel(record);
+    ctx.registry.insert(
+        id.clone(),
+        SandboxHandle {
+            tx: tx.clone(),
+            record: rec_rx,
+        },
+    )?;
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let actor = Actor {
+        ctx: ctx.clone(),
+        id: id.clone(),
+        self_tx: tx,
+        record: rec_tx,
+        res: Resources {
+            run_dir,
+            run_dir_ours: false,
+            slot: None,
+            net: None,
+            disk: None,
+            vm: None,
+        },
+    };
+    let span = info_span!("sandbox", sandbox_id = %id);
+    let task = tokio::spawn(run_create(actor, rx, reply_tx).instrument(span));
+    ctx.tasks.track(task.abort_handle());
+    Ok(reply_rx)
+}
+
+/// Register a sandbox found running at recovery and start its actor in `Running`.
+pub(crate) fn adopt(
+    ctx: &Arc<Ctx>,
+    record: SandboxRecord,
+    vm: VmHandle,
+) -> Result<(), AlreadyExists> {
+    let id = record.spec.sandbox_id.clone();
+    let (tx, rx) = mpsc::channel(8);
+    let res = Resources {
+        run_dir: record.run_dir.clone(),
+        run_dir_ours: true,
+        slot: record.slot,
+        net: record.net.clone(),
+        disk: record.disk.clone(),
+        vm: Some(vm),
+    };
+    let (rec_tx, rec_rx) = watch::channel(record);
+    ctx.registry.insert(
+        id.clone(),
+        SandboxHandle {
+            tx: tx.clone(),
+            record: rec_rx,
+        },
+    )?;
+    let actor = Actor {
+        ctx: ctx.clone(),
+        id: id.clone(),
+        self_tx: tx,
+        record: rec_tx,
+        res,
+    };
+    let span = info_span!("sandbox", sandbox_id = %id);
+    let task = tokio::spawn(serve(actor, rx).instrument(span));
+    ctx.tasks.track(task.abort_handle());
+    Ok(())
+}
+
+async fn run_create(
+    mut actor: Actor,
+    mut rx: mpsc::Receiver<Command>,
+    reply: oneshot::Sender<Result<SandboxRecord, SandboxError>>,
+) {
+    let started = Instant::now();
+    let mut pending_destroy = None;
+    let outcome = {
+        let Actor {
+            ctx,
+            record,
+            res,
+            id,
+            ..
+        } = &mut actor;
+        tokio::select! {
+            r = boot(ctx, id, record, res) => r,
+            cmd = rx.recv() => {
+                if let Some(Command::Destroy { done, reason }) = cmd {
+                    info!(%reason, "destroy requested while starting");
+                    pending_destroy = Some(done);
+                }
+                Err(SandboxError::Cancelled)
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            let boot_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+            actor.update(|r| {
+                r.state = SandboxState::Running;
+                r.boot_ms = boot_ms;
+            });
+            info!(boot_ms, guest = ?actor.record.borrow().guest_address, "sandbox running");
+            let rec = actor.record.borrow().clone();
+            // The requester may be gone (cancelled RPC): the sandbox runs regardless.
+            let _ = reply.send(Ok(rec));
+            serve(actor, rx).await;
+        }
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "create failed, cleaning up");
+            actor.record.send_modify(|r| {
+                r.state = SandboxState::Error;
+                r.error = Some(crate::error_chain(&e));
+            });
+            release(&actor.ctx, &actor.id, &mut actor.res).await;
+            actor.ctx.registry.remove(&actor.id, &actor.self_tx);
+            let _ = reply.send(Err(e));
+            if let Some(done) = pending_destroy {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn boot(
+    ctx: &Ctx,
+    id: &SandboxId,
+    record: &watch::Sender<SandboxRecord>,
+    res: &mut Resources,
+) -> Result<(), SandboxError> {
+    let save = |res: &Resources| {
+        if res.run_dir_ours {
+            state::save(&record.borrow()).map_err(SandboxError::State)
+        } else {
+            Ok(())
+        }
+    };
+    let spec = record.borrow().spec.clone();
+    let kernel = ctx.kernel_path();
+    if !kernel.exists() {
+        return Err(SandboxError::KernelMissing { path: kernel });
+    }
+    std::fs::create_dir_all(ctx.sandboxes_dir()).map_err(|source| SandboxError::RunDir {
+        path: ctx.sandboxes_dir(),
+        source,
+    })?;
+    std::fs::create_dir(&res.run_dir).map_err(|source| SandboxError::RunDir {
+        path: res.run_dir.clone(),
+        source,
+    })?;
+    res.run_dir_ours = true;
+    save(res)?;
+
+    let slot = ctx
+        .slots
+        .claim(id, &res.run_dir)
+        .map_err(SandboxError::Slot)?;
+    res.slot = Some(slot);
+    record.send_modify(|r| r.slot = Some(slot));
+    save(res)?;
+
+    let net = ctx.net.setup(slot, id).await.map_err(SandboxError::Net)?;
+    res.net = Some(net.clone());
+    record.send_modify(|r| r.net = Some(net.clone()));
+    save(res)?;
+
+    let base = ctx.template_rootfs(&spec.template);
+    let disk = ctx
+        .disks
+        .create(&base, &res.run_dir.join("disk"), spec.disk_size_mb)
+        .await
+        .map_err(SandboxError::Disk)?;
+    res.disk = Some(disk.clone());
+    record.send_modify(|r| r.disk = Some(disk.clone()));
+    save(res)?;
+
+    let vm_spec = VmSpec {
+        name: id.to_string(),
+        vcpus: spec.vcpus,
+        memory_mb: spec.memory_mb,
+        kernel,
+        cmdline: guest_cmdline(id.as_str()),
+        disk: disk.path.clone(),
+        disk_format: disk.format,
+        tap: Some(net.tap.clone()),
+        netns: Some(net.netns.clone()),
+        run_dir: res.run_dir.clone(),
+    };
+    let vm = ctx.vmm.spawn(&vm_spec).await.map_err(SandboxError::Vmm)?;
+    let pid = vm.pid;
+    res.vm = Some(vm.clone());
+    record.send_modify(|r| {
+        r.pid = Some(pid);
+        r.guest_address = Some(net.guest_address);
+    });
+    save(res)?;
+    info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
+
+    wait_healthy(ctx, &net, &vm, &res.run_dir).await
+}
+
+fn console_tail(run_dir: &std::path::Path) -> String {
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    tail(&console, 1500)
+}
+
+async fn wait_healthy(
+    ctx: &Ctx,
+    net: &SandboxNet,
+    vm: &VmHandle,
+    run_dir: &std::path::Path,
+) -> Result<(), SandboxError> {
+    let url = format!("http://{}/health", net.guest_address);
+    let started = Instant::now();
+    loop {
+        if !vm.is_alive() {
+            let qemu_log = std::fs::read_to_string(run_dir.join("qemu.log")).unwrap_or_default();
+            return Err(SandboxError::VmExited {
+                qemu_log: tail(&qemu_log, 500),
+                console: console_tail(run_dir),
+            });
+        }
+        if started.elapsed() > ctx.config.boot_timeout {
+            return Err(SandboxError::BootTimeout {
+                after: ctx.config.boot_timeout,
+                console: console_tail(run_dir),
+            });
+        }
+        let req = http::Request::get(&url).body(axum::body::Body::empty());
+        if let Ok(req) = req {
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, ctx.http.request(req)).await
+            {
+                let status = resp.status();
+                let _ = resp.into_body().collect().await;
+                if status == http::StatusCode::NO_CONTENT {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// Serve a running sandbox until it is destroyed.
+async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
+    let vm = actor.res.vm.clone();
+    let mut watching = vm.is_some();
+    loop {
+        let exited = async {
+            match &vm {
+                Some(vm) if watching => vm.exited().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(Command::Destroy { reason, done }) => {
+                    let t = Instant::now();
+                    actor.update(|r| r.state = SandboxState::Stopping);
+                    info!(%reason, "destroying sandbox");
+                    release(&actor.ctx, &actor.id, &mut actor.res).await;
+                    actor.record.send_modify(|r| r.state = SandboxState::Stopped);
+                    actor.ctx.registry.remove(&actor.id, &actor.self_tx);
+                    info!(ms = t.elapsed().as_millis() as u64, "sandbox destroyed");
+                    let _ = done.send(());
+                    // Later requests (queued destroys) find it gone.
+                    rx.close();
+                    while let Some(Command::Destroy { done, .. }) = rx.recv().await {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                // The registry dropped us: agent shutdown. Leave the VM running.
+                None => return,
+            },
+            () = exited => {
+                watching = false;
+                let console = console_tail(&actor.res.run_dir);
+                warn!(%console, "VM exited while running");
+                actor.update(|r| {
+                    r.state = SandboxState::Error;
+                    r.error = Some(format!("VM exited unexpectedly; console: {console}"));
+                });
+            }
+        }
+    }
+}
+
+/// Release everything in `res`: VM, network, slot, disk, run directory.
+/// Problems are logged; every step is attempted.
+async fn release(ctx: &Ctx, id: &SandboxId, res: &mut Resources) {
+    if let Some(vm) = res.vm.take() {
+        stop_vm(ctx, &vm).await;
+    }
+    if let Some(net) = res.net.take() {
+        if let Err(e) = ctx.net.teardown(&net).await {
+            warn!(error = %crate::error_chain(&e), "network teardown failed");
+        }
+    } else if let Some(slot) = res.slot {
+        // Setup failed midway and undid itself; make sure of it.
+        if let Some(net) = SandboxNet::planned(slot, id) {
+            let _ = ctx.net.teardown(&net).await;
+        }
+    }
+    if let Some(slot) = res.slot.take() {
+        if let Err(e) = ctx.slots.release(slot, id) {
+            warn!(error = %crate::error_chain(&e), slot, "slot release failed");
+        }
+    }
+    if let Some(disk) = res.disk.take() {
+        if let Err(e) = ctx.disks.remove(&disk.path).await {
+            warn!(error = %crate::error_chain(&e), "disk removal failed");
+        }
+    }
+    if res.run_dir_ours {
+        match tokio::fs::remove_dir_all(&res.run_dir).await {
+            Ok(()) => res.run_dir_ours = false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => res.run_dir_ours = false,
+            Err(e) => warn!(error = %e, path = %res.run_dir.display(), "run dir removal failed"),
+        }
+    }
+}
+
+/// QMP `quit`, then SIGKILL if the process outlives the grace period.
+pub(crate) async fn stop_vm(ctx: &Ctx, vm: &VmHandle) {
+    if !vm.is_alive() {
+        return;
+    }
+    if let Err(e) = ctx.vmm.stop(vm).await {
+        warn!(error = %crate::error_chain(&e), pid = vm.pid, "QMP quit failed; killing");
+    }
+    if !vm.wait_exit(STOP_GRACE).await {
+        warn!(pid = vm.pid, "VM still alive after quit; sending SIGKILL");
+        if let Err(e) = ctx.vmm.kill(vm).await {
+            warn!(error = %crate::error_chain(&e), "VM could not be killed");
+        }
+    }
+}
+
+/// Release what a state file records, for a sandbox that is not (or no longer)
+/// adopted. Used by recovery; the VM is killed only if `pid` is still ours.
+pub(crate) async fn release_recorded(ctx: &Ctx, record: &SandboxRecord, vm: Option<VmHandle>) {
+    let mut res = Resources {
+        run_dir: record.run_dir.clone(),
+        run_dir_ours: true,
+        slot: record.slot,
+        net: record.net.clone(),
+        disk: record.disk.clone(),
+        vm,
+    };
+    release(ctx, &record.spec.sandbox_id, &mut res).await;
+}

@@ -1,0 +1,246 @@
+//! The Connect RPC face of the agent: `hearth.agent.v1.HostAgent`.
+//!
+//! Owns request validation (typed IDs, template names, limits) and the mapping
+//! of agent errors to Connect codes. The work itself is done by sandbox actors;
+//! this module never touches a VM, disk or network.
+
+use std::sync::Arc;
+
+use connectrpc::{
+    ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult,
+};
+use hearth_proto::hearth::agent::v1 as pb;
+use hearth_types::{SandboxId, SandboxShape, TemplateName};
+use tracing::{info, warn};
+
+use crate::sandbox::{start_create, SandboxError};
+use crate::state::{SandboxRecord, SandboxSpec, SandboxState};
+use crate::Ctx;
+
+/// Implements the generated `HostAgent` trait.
+#[derive(Clone)]
+pub struct AgentService {
+    pub(crate) ctx: Arc<Ctx>,
+}
+
+fn invalid(msg: impl Into<String>) -> ConnectError {
+    ConnectError::new(ErrorCode::InvalidArgument, msg.into())
+}
+
+fn parse_id(raw: &str) -> Result<SandboxId, ConnectError> {
+    raw.parse::<SandboxId>().map_err(|e| invalid(e.to_string()))
+}
+
+/// Connect code for a failed create.
+fn create_error_code(e: &SandboxError) -> ErrorCode {
+    match e {
+        SandboxError::Slot(crate::net::slots::SlotError::Exhausted { .. }) => {
+            ErrorCode::ResourceExhausted
+        }
+        SandboxError::Cancelled => ErrorCode::Aborted,
+        _ => ErrorCode::Internal,
+    }
+}
+
+pub(crate) fn to_pb_state(s: SandboxState) -> pb::SandboxState {
+    match s {
+        SandboxState::Starting => pb::SandboxState::SANDBOX_STATE_STARTING,
+        SandboxState::Running => pb::SandboxState::SANDBOX_STATE_RUNNING,
+        SandboxState::Stopping => pb::SandboxState::SANDBOX_STATE_STOPPING,
+        SandboxState::Stopped => pb::SandboxState::SANDBOX_STATE_STOPPED,
+        SandboxState::Error => pb::SandboxState::SANDBOX_STATE_ERROR,
+    }
+}
+
+pub(crate) fn to_pb_status(r: &SandboxRecord) -> pb::SandboxStatus {
+    let s = &r.spec;
+    pb::SandboxStatus {
+        spec: pb::SandboxSpec {
+            sandbox_id: s.sandbox_id.to_string(),
+            template: s.template.to_string(),
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            disk_size_mb: s.disk_size_mb,
+            expires_at_unix_ms: s.expires_at_unix_ms,
+            env: s.env.clone().into_iter().collect(),
+            team_id: s.team_id.clone(),
+            ..Default::default()
+        }
+        .into(),
+        state: to_pb_state(r.state).into(),
+        started_at_unix_ms: r.started_at_unix_ms,
+        guest_address: r.guest_address.map(|a| a.to_string()).unwrap_or_default(),
+        error: r.error.clone().unwrap_or_default(),
+        boot_ms: r.boot_ms,
+        ..Default::default()
+    }
+}
+
+impl AgentService {
+    /// Validate a wire spec into a [`SandboxSpec`].
+    fn validate(&self, spec: &pb::SandboxSpec) -> Result<SandboxSpec, ConnectError> {
+        let sandbox_id = parse_id(&spec.sandbox_id)?;
+        let template: TemplateName = spec
+            .template
+            .parse()
+            .map_err(|e: hearth_types::IdError| invalid(e.to_string()))?;
+        let opt = |v: u32| (v != 0).then_some(v);
+        let shape = SandboxShape::validate(
+            &self.ctx.config.limits,
+            opt(spec.vcpus),
+            opt(spec.memory_mb),
+            opt(spec.disk_size_mb),
+            None,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        if spec.expires_at_unix_ms < 0 {
+            return Err(invalid("expires_at_unix_ms must not be negative"));
+        }
+        if !self.ctx.template_rootfs(&template).is_file() {
+            return Err(ConnectError::new(
+                ErrorCode::NotFound,
+                format!("template {template} does not exist on this host"),
+            ));
+        }
+        Ok(SandboxSpec {
+            sandbox_id,
+            template,
+            vcpus: shape.vcpus,
+            memory_mb: shape.memory_mb,
+            disk_size_mb: shape.disk_size_mb,
+            expires_at_unix_ms: spec.expires_at_unix_ms,
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            team_id: spec.team_id.clone(),
+        })
+    }
+}
+
+#[allow(refining_impl_trait)]
+impl pb::HostAgent for AgentService {
+    async fn info(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, pb::InfoRequest>,
+    ) -> ServiceResult<pb::InfoResponse> {
+        let ctx = &self.ctx;
+        Response::ok(pb::InfoResponse {
+            host_id: ctx.config.host_id.to_string(),
+            vmm: ctx.vmm.kind().to_owned(),
+            accel: ctx.vmm.accel().as_str().to_owned(),
+            reason: ctx.accel_reason.clone(),
+            templates: ctx.templates(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            running: u32::try_from(ctx.registry.len()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn create_sandbox(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CreateSandboxRequest>,
+    ) -> ServiceResult<pb::CreateSandboxResponse> {
+        let req = request.to_owned_message();
+        let wire = req
+            .spec
+            .as_option()
+            .ok_or_else(|| invalid("spec is required"))?;
+        let spec = self.validate(wire)?;
+        if self.ctx.registry.len() >= self.ctx.config.max_sandboxes {
+            return Err(ConnectError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "this host runs its maximum of {} sandboxes",
+                    self.ctx.config.max_sandboxes
+                ),
+            ));
+        }
+        let id = spec.sandbox_id.clone();
+        info!(sandbox_id = %id, template = %spec.template, "create requested");
+        let reply = start_create(&self.ctx, spec)
+            .map_err(|e| ConnectError::new(ErrorCode::AlreadyExists, e.to_string()))?;
+        match reply.await {
+            Ok(Ok(record)) => Response::ok(pb::CreateSandboxResponse {
+                sandbox: to_pb_status(&record).into(),
+                ..Default::default()
+            }),
+            Ok(Err(e)) => {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create failed");
+                Err(ConnectError::new(
+                    create_error_code(&e),
+                    crate::error_chain(&e),
+                ))
+            }
+            Err(_) => Err(ConnectError::new(
+                ErrorCode::Internal,
+                "the sandbox actor stopped before answering",
+            )),
+        }
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DestroySandboxRequest>,
+    ) -> ServiceResult<pb::DestroySandboxResponse> {
+        let id = parse_id(request.sandbox_id)?;
+        let existed = match self.ctx.registry.get(&id) {
+            Some(handle) => {
+                // Run the destroy outside the request future: a cancelled RPC
+                // must not stop it halfway.
+                let task = tokio::spawn(async move { handle.destroy("requested").await });
+                let _ = task.await;
+                true
+            }
+            None => false,
+        };
+        Response::ok(pb::DestroySandboxResponse {
+            existed,
+            ..Default::default()
+        })
+    }
+
+    async fn get_sandbox(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetSandboxRequest>,
+    ) -> ServiceResult<pb::GetSandboxResponse> {
+        let id = parse_id(request.sandbox_id)?;
+        let handle = self.ctx.registry.get(&id).ok_or_else(|| {
+            ConnectError::new(
+                ErrorCode::NotFound,
+                format!("sandbox {id} is not on this host"),
+            )
+        })?;
+        Response::ok(pb::GetSandboxResponse {
+            sandbox: to_pb_status(&handle.snapshot()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _ctx: RequestContext,
+        _request: ServiceRequest<'_, pb::ListSandboxesRequest>,
+    ) -> ServiceResult<pb::ListSandboxesResponse> {
+        let mut sandboxes: Vec<_> = self
+            .ctx
+            .registry
+            .all()
+            .iter()
+            .map(|h| to_pb_status(&h.snapshot()))
+            .collect();
+        sandboxes.sort_by(|a, b| {
+            let id = |s: &pb::SandboxStatus| s.spec.as_option().map(|s| s.sandbox_id.clone());
+            id(a).cmp(&id(b))
+        });
+        Response::ok(pb::ListSandboxesResponse {
+            sandboxes,
+            ..Default::default()
+        })
+    }
+}

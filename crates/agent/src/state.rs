@@ -1,0 +1,253 @@
+//! The sandbox record: the validated spec, the lifecycle state, and the versioned
+//! `state.json` each sandbox keeps in its run directory so that a restarted agent
+//! can re-adopt or clean up what it left behind.
+//!
+//! Owns the file format (with `format_version` and a checksum of the payload) and
+//! its atomic write. It performs no other I/O.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fnv::fnv64;
+use hearth_types::{SandboxId, TemplateName};
+use serde::{Deserialize, Serialize};
+
+use crate::disk::Disk;
+use crate::net::SandboxNet;
+
+/// Version of the `state.json` layout this agent reads and writes.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Name of the state file inside a sandbox's run directory.
+pub const STATE_FILE: &str = "state.json";
+
+/// A validated sandbox request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub sandbox_id: SandboxId,
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    /// Unix ms after which the reaper destroys the sandbox; 0 = never.
+    pub expires_at_unix_ms: i64,
+    pub env: BTreeMap<String, String>,
+    pub team_id: String,
+}
+
+/// Lifecycle state (see the diagram in [`crate::sandbox`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Error,
+}
+
+/// What the agent knows about one sandbox; persisted as `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub spec: SandboxSpec,
+    pub state: SandboxState,
+    pub run_dir: PathBuf,
+    pub slot: Option<u32>,
+    pub net: Option<SandboxNet>,
+    pub disk: Option<Disk>,
+    pub pid: Option<u32>,
+    pub guest_address: Option<SocketAddr>,
+    pub started_at_unix_ms: i64,
+    pub boot_ms: u32,
+    pub error: Option<String>,
+}
+
+impl SandboxRecord {
+    pub fn new(spec: SandboxSpec, run_dir: PathBuf) -> Self {
+        Self {
+            spec,
+            state: SandboxState::Starting,
+            run_dir,
+            slot: None,
+            net: None,
+            disk: None,
+            pid: None,
+            guest_address: None,
+            started_at_unix_ms: now_unix_ms(),
+            boot_ms: 0,
+            error: None,
+        }
+    }
+
+    /// Whether the reaper should destroy it at `now`.
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        self.spec.expires_at_unix_ms != 0 && self.spec.expires_at_unix_ms <= now_unix_ms
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format_version: u32,
+    /// FNV-1a 64 of the compact JSON of `record`, hex.
+    checksum: String,
+    record: serde_json::Value,
+}
+
+/// Errors reading or writing `state.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("i/o on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid state file")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} has format version {found}, this agent reads {STATE_FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} failed its checksum")]
+    Checksum { path: PathBuf },
+}
+
+/// Serialize `record` into the versioned, checksummed envelope.
+pub fn encode(record: &SandboxRecord) -> Result<Vec<u8>, serde_json::Error> {
+    let value = serde_json::to_value(record)?;
+    let checksum = format!("{:016x}", fnv64(value.to_string().as_bytes()));
+    serde_json::to_vec_pretty(&Envelope {
+        format_version: STATE_FORMAT_VERSION,
+        checksum,
+        record: value,
+    })
+}
+
+/// Parse and verify an envelope; `path` is only for error messages.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<SandboxRecord, StateError> {
+    let parse = |source| StateError::Parse {
+        path: path.to_owned(),
+        source,
+    };
+    let env: Envelope = serde_json::from_slice(bytes).map_err(parse)?;
+    if env.format_version != STATE_FORMAT_VERSION {
+        return Err(StateError::Version {
+            path: path.to_owned(),
+            found: env.format_version,
+        });
+    }
+    if format!("{:016x}", fnv64(env.record.to_string().as_bytes())) != env.checksum {
+        return Err(StateError::Checksum {
+            path: path.to_owned(),
+        });
+    }
+    serde_json::from_value(env.record).map_err(parse)
+}
+
+/// Write `<run_dir>/state.json` atomically (temp file + rename).
+pub fn save(record: &SandboxRecord) -> Result<(), StateError> {
+    let path = record.run_dir.join(STATE_FILE);
+    let tmp = record.run_dir.join(".state.json.tmp");
+    let bytes = encode(record).map_err(|source| StateError::Parse {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| StateError::Io { path, source })
+}
+
+/// Read `<run_dir>/state.json`.
+pub fn load(run_dir: &Path) -> Result<SandboxRecord, StateError> {
+    let path = run_dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| StateError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    decode(&bytes, &path)
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A dependency-free checksum: enough to catch torn or hand-edited files.
+mod fnv {
+    pub fn fnv64(bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::DiskFormat;
+
+    fn record(dir: &Path) -> SandboxRecord {
+        let id: SandboxId = "sb-abcdefghijklmnop".parse().unwrap();
+        let mut r = SandboxRecord::new(
+            SandboxSpec {
+                sandbox_id: id.clone(),
+                template: "minimal".parse().unwrap(),
+                vcpus: 1,
+                memory_mb: 256,
+                disk_size_mb: 1024,
+                expires_at_unix_ms: 5,
+                env: [("A".to_owned(), "b".to_owned())].into(),
+                team_id: "t".into(),
+            },
+            dir.to_owned(),
+        );
+        r.slot = Some(3);
+        r.net = SandboxNet::planned(3, &id);
+        r.disk = Some(Disk {
+            path: dir.join("disk.qcow2"),
+            format: DiskFormat::Qcow2,
+        });
+        r.pid = Some(1234);
+        r.guest_address = r.net.as_ref().map(|n| n.guest_address);
+        r.state = SandboxState::Running;
+        r
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = record(dir.path());
+        save(&r).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), r);
+        let raw: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(raw["format_version"], STATE_FORMAT_VERSION);
+        assert_eq!(raw["record"]["pid"], 1234);
+        assert!(r.expired(5) && !r.expired(4));
+    }
+
+    #[test]
+    fn other_versions_and_tampering_are_rejected() {
+        let p = Path::new("state.json");
+        let r = record(Path::new("/x"));
+        let mut v: serde_json::Value = serde_json::from_slice(&encode(&r).unwrap()).unwrap();
+        v["format_version"] = 2.into();
+        let err = decode(&serde_json::to_vec(&v).unwrap(), p).unwrap_err();
+        assert!(matches!(err, StateError::Version { found: 2, .. }), "{err}");
+        v["format_version"] = STATE_FORMAT_VERSION.into();
+        v["record"]["pid"] = 99.into();
+        let err = decode(&serde_json::to_vec(&v).unwrap(), p).unwrap_err();
+        assert!(matches!(err, StateError::Checksum { .. }), "{err}");
+        assert!(matches!(
+            decode(b"{", p).unwrap_err(),
+            StateError::Parse { .. }
+        ));
+    }
+}

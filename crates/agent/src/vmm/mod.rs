@@ -1,0 +1,326 @@
+//! The VMM boundary: how the agent starts, stops and watches one VM process.
+//!
+//! Owns the [`Vmm`] trait, the [`VmSpec`] a driver boots from and the [`VmHandle`]
+//! that identifies a running VM. Drivers own the process and its control socket;
+//! they do not own disks, networks or the run directory (the sandbox actor does).
+//! `qemu` (microvm machine type, QMP control) is the only driver today; Firecracker
+//! comes later behind the same trait.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Which accelerator QEMU should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Probe KVM with a real boot; fall back to TCG when the probe fails.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(format!("unknown accelerator {other:?} (auto, kvm, tcg)")),
+        }
+    }
+}
+
+/// The accelerator actually in use (never `Auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+impl ResolvedAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedAccel::Kvm => "kvm",
+            ResolvedAccel::Tcg => "tcg",
+        }
+    }
+}
+
+/// On-disk format of a root disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Everything a driver needs to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Identifies the VM; drivers put it on the process command line so that
+    /// recovery can tell our process from a reused PID.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub disk: PathBuf,
+    pub disk_format: DiskFormat,
+    /// Tap device inside `netns`; `None` boots without a network (probe).
+    pub tap: Option<String>,
+    /// Network namespace (name under /run/netns) to start the VMM in.
+    pub netns: Option<String>,
+    /// Directory for the console log, control socket and pid file.
+    pub run_dir: PathBuf,
+}
+
+impl VmSpec {
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+}
+
+/// Errors of the VMM boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("failed to start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to open network namespace {netns}")]
+    Netns {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to prepare the run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket of VM {name}")]
+    Control {
+        name: String,
+        #[source]
+        source: qmp::QmpError,
+    },
+    #[error("VM {name} (pid {pid}) did not exit after SIGKILL")]
+    Unkillable { name: String, pid: u32 },
+}
+
+/// A running (or recently running) VM process.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    pub name: String,
+    pub pid: u32,
+    pub control_socket: PathBuf,
+    /// Set when we spawned the process ourselves: flips to `true` once it was reaped.
+    exited: Option<watch::Receiver<bool>>,
+}
+
+impl VmHandle {
+    /// A handle for a process we spawned; `exited` flips once the child is reaped.
+    pub(crate) fn owned(
+        name: String,
+        pid: u32,
+        control_socket: PathBuf,
+        exited: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            name,
+            pid,
+            control_socket,
+            exited: Some(exited),
+        }
+    }
+
+    /// A handle for a process found at recovery (not our child).
+    pub fn adopted(name: String, pid: u32, control_socket: PathBuf) -> Self {
+        Self {
+            name,
+            pid,
+            control_socket,
+            exited: None,
+        }
+    }
+
+    /// Whether the VM process still runs.
+    pub fn is_alive(&self) -> bool {
+        match &self.exited {
+            Some(rx) => !*rx.borrow(),
+            None => pid_alive(self.pid),
+        }
+    }
+
+    /// Resolve once the process has exited.
+    pub async fn exited(&self) {
+        if let Some(rx) = &self.exited {
+            let mut rx = rx.clone();
+            let _ = rx.wait_for(|e| *e).await;
+            return;
+        }
+        while pid_alive(self.pid) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Wait until the process exits, at most `timeout`. Returns whether it exited.
+    pub async fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(rx) = &self.exited {
+            let mut rx = rx.clone();
+            return tokio::time::timeout_at(deadline, rx.wait_for(|e| *e))
+                .await
+                .is_ok();
+        }
+        loop {
+            if !pid_alive(self.pid) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Whether `pid` names a live (not zombie) process.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Field 3 (state) follows the parenthesised command name, which may hold spaces.
+    match stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+    {
+        Some(state) => state != "Z" && state != "X",
+        None => false,
+    }
+}
+
+/// Whether the live process `pid` has `needle` in its command line (PID-reuse guard).
+pub fn pid_cmdline_contains(pid: u32, needle: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => raw
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(needle)),
+        Err(_) => false,
+    }
+}
+
+/// Send `signal` to `pid`; a process that is already gone is not an error.
+pub fn signal_pid(pid: u32, signal: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// A virtual machine monitor driver.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// "qemu" or "firecracker".
+    fn kind(&self) -> &'static str;
+    /// Accelerator in use.
+    fn accel(&self) -> ResolvedAccel;
+    /// Start a VM; returns as soon as the process runs (not when the guest is up).
+    async fn spawn(&self, spec: &VmSpec) -> Result<VmHandle, VmmError>;
+    /// Ask the VMM to exit (graceful for the VMM, abrupt for the guest).
+    async fn stop(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// SIGKILL the process and wait for it to go away.
+    async fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        signal_pid(vm.pid, libc::SIGKILL);
+        if vm.wait_exit(Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(VmmError::Unkillable {
+                name: vm.name.clone(),
+                pid: vm.pid,
+            })
+        }
+    }
+    fn is_alive(&self, vm: &VmHandle) -> bool {
+        vm.is_alive()
+    }
+    fn pid(&self, vm: &VmHandle) -> u32 {
+        vm.pid
+    }
+}
+
+/// Base kernel command line from docs/contracts.md.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 root=/dev/vda rw rootfstype=ext4 \
+init=/usr/bin/hearth-guest tsc_early_khz=2000000 tsc=reliable quiet";
+
+/// Kernel command line for a sandbox guest.
+pub fn guest_cmdline(hostname: &str) -> String {
+    format!(
+        "{BASE_CMDLINE} hearth.ip={}/30 hearth.gw={} hearth.hostname={hostname}",
+        crate::net::GUEST_IP,
+        crate::net::TAP_IP
+    )
+}
+
+/// Kernel command line for the KVM boot probe.
+pub fn probe_cmdline() -> String {
+    format!("{BASE_CMDLINE} hearth.probe=1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_cmdline_carries_the_contract() {
+        let c = guest_cmdline("sb-abcdefghijklmnop");
+        for part in [
+            "console=ttyS0",
+            "root=/dev/vda",
+            "init=/usr/bin/hearth-guest",
+            "tsc_early_khz=2000000",
+            "tsc=reliable",
+            "hearth.ip=169.254.0.21/30",
+            "hearth.gw=169.254.0.22",
+            "hearth.hostname=sb-abcdefghijklmnop",
+        ] {
+            assert!(c.split(' ').any(|w| w == part), "{part} missing in {c}");
+        }
+        assert!(!c.contains("hearth.probe"));
+        assert!(probe_cmdline().ends_with("hearth.probe=1"));
+    }
+
+    #[test]
+    fn own_process_is_alive_and_bogus_is_not() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX - 1));
+        assert!(pid_cmdline_contains(std::process::id(), "hearth_agent"));
+    }
+}
