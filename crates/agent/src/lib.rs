@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 pub use disk::DiskKind;
 pub use recovery::RecoveryReport;
-pub use vmm::Accel;
+pub use vmm::{guest_cmdline, Accel};
 
 /// Default images directory (`$HEARTH_IMAGES_DIR`).
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/hearth/images";
@@ -57,7 +57,8 @@ pub struct AgentConfig {
     /// Host-wide slot claims, shared by every agent on the host.
     pub slots_dir: PathBuf,
     pub accel: Accel,
-    pub host_id: HostId,
+    /// `None`: read `<run_dir>/host-id`, or generate and store one there.
+    pub host_id: Option<HostId>,
     pub disk: DiskKind,
     pub qemu_binary: PathBuf,
     /// Guest kernel; `None` = `<images_dir>/kernel/vmlinux`.
@@ -69,17 +70,16 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults from docs/contracts.md; listens on [`DEFAULT_LISTEN`].
-    pub fn new(host_id: HostId) -> Self {
+    /// Defaults for everything else (accel auto, qcow2 disks, 60 s boot timeout,
+    /// host-wide slots in /run/hearth/slots, host ID kept in the run directory).
+    pub fn new(listen: SocketAddr, images_dir: PathBuf, run_dir: PathBuf) -> Self {
         Self {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7070))),
-            images_dir: DEFAULT_IMAGES_DIR.into(),
-            run_dir: DEFAULT_RUN_DIR.into(),
+            listen,
+            images_dir,
+            run_dir,
             slots_dir: net::slots::DEFAULT_SLOTS_DIR.into(),
             accel: Accel::Auto,
-            host_id,
+            host_id: None,
             disk: DiskKind::Qcow2,
             qemu_binary: "qemu-system-x86_64".into(),
             kernel: None,
@@ -89,16 +89,21 @@ impl AgentConfig {
         }
     }
 
-    /// [`AgentConfig::new`] with `HEARTH_IMAGES_DIR` and `HEARTH_RUN_DIR` applied.
-    pub fn from_env(host_id: HostId) -> Self {
-        let mut c = Self::new(host_id);
-        if let Some(v) = std::env::var_os("HEARTH_IMAGES_DIR") {
-            c.images_dir = v.into();
-        }
-        if let Some(v) = std::env::var_os("HEARTH_RUN_DIR") {
-            c.run_dir = v.into();
-        }
-        c
+    /// [`AgentConfig::new`] on [`DEFAULT_LISTEN`] with `$HEARTH_IMAGES_DIR` and
+    /// `$HEARTH_RUN_DIR` (or their defaults).
+    pub fn from_env() -> Self {
+        let dir = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        Self::new(
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            dir("HEARTH_IMAGES_DIR", DEFAULT_IMAGES_DIR),
+            dir("HEARTH_RUN_DIR", DEFAULT_RUN_DIR),
+        )
     }
 }
 
@@ -107,6 +112,12 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("could not create {path}")]
     Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("host ID file {path}")]
+    HostId {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -154,6 +165,7 @@ pub(crate) type HttpClient = Client<HttpConnector, axum::body::Body>;
 /// State shared by the service, the proxy, the actors and the background tasks.
 pub(crate) struct Ctx {
     pub config: AgentConfig,
+    pub host_id: HostId,
     pub vmm: Arc<dyn vmm::Vmm>,
     pub accel_reason: String,
     pub disks: Arc<dyn disk::DiskProvisioner>,
@@ -216,6 +228,10 @@ impl Agent {
                 source,
             })?;
         }
+        let host_id = match &config.host_id {
+            Some(id) => id.clone(),
+            None => load_or_create_host_id(&config.run_dir)?,
+        };
         let kernel = config
             .kernel
             .clone()
@@ -243,6 +259,7 @@ impl Agent {
             disks: disk::provisioner(config.disk),
             net: Arc::new(net::NetnsProvider),
             slots: net::slots::Slots::new(config.slots_dir.clone()),
+            host_id,
             registry: registry::Registry::default(),
             tasks: Tasks::default(),
             http,
@@ -276,7 +293,7 @@ impl Agent {
         ctx.tasks.track(reaper.abort_handle());
         info!(
             %local_addr,
-            host_id = %ctx.config.host_id,
+            host_id = %ctx.host_id,
             vmm = ctx.vmm.kind(),
             accel = ctx.vmm.accel().as_str(),
             reason = %ctx.accel_reason,
@@ -290,6 +307,25 @@ impl Agent {
             recovery,
         })
     }
+}
+
+/// The host ID kept in `<run_dir>/host-id`, created on first start.
+fn load_or_create_host_id(run_dir: &std::path::Path) -> Result<HostId, AgentError> {
+    let path = run_dir.join("host-id");
+    if let Ok(raw) = std::fs::read_to_string(&path) {
+        match raw.trim().parse() {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "invalid host ID file; replacing it")
+            }
+        }
+    }
+    let id = HostId::generate();
+    std::fs::write(&path, format!("{id}\n")).map_err(|source| AgentError::HostId {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(id)
 }
 
 fn first_template_rootfs(config: &AgentConfig) -> Option<PathBuf> {
@@ -339,6 +375,11 @@ impl RunningAgent {
     /// `"kvm"` or `"tcg"`, and why.
     pub fn accel(&self) -> (&'static str, &str) {
         (self.ctx.vmm.accel().as_str(), &self.ctx.accel_reason)
+    }
+
+    /// This host's ID.
+    pub fn host_id(&self) -> &HostId {
+        &self.ctx.host_id
     }
 
     /// IDs of the sandboxes this agent runs.

@@ -291,7 +291,7 @@ async fn boot(
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
         kernel,
-        cmdline: guest_cmdline(id.as_str()),
+        cmdline: guest_cmdline(Some(id.as_str())),
         disk: disk.path.clone(),
         disk_format: disk.format,
         tap: Some(net.tap.clone()),
@@ -340,14 +340,18 @@ async fn wait_healthy(
         }
         let req = http::Request::get(&url).body(axum::body::Body::empty());
         if let Ok(req) = req {
-            if let Ok(Ok(resp)) =
-                tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, ctx.http.request(req)).await
-            {
+            let attempt = tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, async {
+                let resp = ctx.http.request(req).await.ok()?;
                 let status = resp.status();
                 let _ = resp.into_body().collect().await;
-                if status == http::StatusCode::NO_CONTENT {
+                Some(status)
+            });
+            // A VM that dies ends the attempt at once rather than at its timeout.
+            tokio::select! {
+                r = attempt => if let Ok(Some(http::StatusCode::NO_CONTENT)) = r {
                     return Ok(());
-                }
+                },
+                () = vm.exited() => continue,
             }
         }
         tokio::time::sleep(HEALTH_POLL).await;

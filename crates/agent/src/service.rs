@@ -128,7 +128,7 @@ impl pb::HostAgent for AgentService {
     ) -> ServiceResult<pb::InfoResponse> {
         let ctx = &self.ctx;
         Response::ok(pb::InfoResponse {
-            host_id: ctx.config.host_id.to_string(),
+            host_id: ctx.host_id.to_string(),
             vmm: ctx.vmm.kind().to_owned(),
             accel: ctx.vmm.accel().as_str().to_owned(),
             reason: ctx.accel_reason.clone(),

@@ -280,13 +280,19 @@ pub trait Vmm: Send + Sync + 'static {
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 root=/dev/vda rw rootfstype=ext4 \
 init=/usr/bin/hearth-guest tsc_early_khz=2000000 tsc=reliable quiet";
 
-/// Kernel command line for a sandbox guest.
-pub fn guest_cmdline(hostname: &str) -> String {
-    format!(
-        "{BASE_CMDLINE} hearth.ip={}/30 hearth.gw={} hearth.hostname={hostname}",
+/// Kernel command line for a sandbox guest: the base line plus its network
+/// (`hearth.ip`, `hearth.gw`) and, when given, `hearth.hostname`.
+pub fn guest_cmdline(hostname: Option<&str>) -> String {
+    let mut c = format!(
+        "{BASE_CMDLINE} hearth.ip={}/30 hearth.gw={}",
         crate::net::GUEST_IP,
         crate::net::TAP_IP
-    )
+    );
+    if let Some(h) = hostname {
+        c.push_str(" hearth.hostname=");
+        c.push_str(h);
+    }
+    c
 }
 
 /// Kernel command line for the KVM boot probe.
@@ -300,7 +306,8 @@ mod tests {
 
     #[test]
     fn guest_cmdline_carries_the_contract() {
-        let c = guest_cmdline("sb-abcdefghijklmnop");
+        assert!(!guest_cmdline(None).contains("hostname"));
+        let c = guest_cmdline(Some("sb-abcdefghijklmnop"));
         for part in [
             "console=ttyS0",
             "root=/dev/vda",

@@ -317,7 +317,7 @@ mod tests {
             vcpus: 2,
             memory_mb: 256,
             kernel: "/img/kernel/vmlinux".into(),
-            cmdline: super::super::guest_cmdline("sb-abcdefghijklmnop"),
+            cmdline: super::super::guest_cmdline(Some("sb-abcdefghijklmnop")),
             disk: "/run/sb/disk.qcow2".into(),
             disk_format: DiskFormat::Qcow2,
             tap: Some("tap0".into()),

@@ -1,0 +1,535 @@
+//! End-to-end tests of the host agent through its Connect client and proxy, with
+//! real QEMU (TCG), network namespaces, nftables and disks.
+//!
+//! Tests that boot a guest need `$HEARTH_IMAGES_DIR` (default
+//! /var/lib/hearth/images) with `kernel/vmlinux` and `templates/minimal`; without
+//! them they SKIP loudly (build them with `scripts/build-images.sh`). Each test
+//! uses its own temporary run directory; slots are host-wide as in production.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use connectrpc::client::{ClientConfig, HttpClient};
+use connectrpc::ErrorCode;
+use hearth_agent::{Accel, Agent, AgentConfig, RunningAgent};
+use hearth_proto::hearth::agent::v1 as pb;
+use hearth_types::SandboxId;
+use http_body_util::BodyExt;
+
+type Client = pb::HostAgentClient<HttpClient>;
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "hearth_agent=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn images_dir() -> PathBuf {
+    std::env::var_os("HEARTH_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/hearth/images"))
+}
+
+/// The real images, or `None` after a loud skip message.
+fn real_images(test: &str) -> Option<PathBuf> {
+    let dir = images_dir();
+    if dir.join("kernel/vmlinux").is_file() && dir.join("templates/minimal/rootfs.ext4").is_file() {
+        return Some(dir);
+    }
+    eprintln!(
+        "\n!!!!!!!! SKIPPING {test}: no guest kernel/template under {} \
+         (run scripts/build-images.sh) !!!!!!!!\n",
+        dir.display()
+    );
+    None
+}
+
+fn config(images: &Path, run: &Path) -> AgentConfig {
+    let mut c = AgentConfig::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        images.to_owned(),
+        run.to_owned(),
+    );
+    c.accel = Accel::Tcg;
+    c
+}
+
+fn client(agent: &RunningAgent) -> Client {
+    let uri = format!("http://{}", agent.local_addr()).parse().unwrap();
+    pb::HostAgentClient::new(HttpClient::plaintext(), ClientConfig::new(uri))
+}
+
+fn spec(id: &SandboxId, template: &str, expires_at_unix_ms: i64) -> pb::CreateSandboxRequest {
+    pb::CreateSandboxRequest {
+        spec: pb::SandboxSpec {
+            sandbox_id: id.to_string(),
+            template: template.to_owned(),
+            vcpus: 1,
+            memory_mb: 256,
+            disk_size_mb: 256,
+            expires_at_unix_ms,
+            team_id: "test".into(),
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// GET through the agent's proxy; returns the status code.
+async fn proxy_get(agent: SocketAddr, path: &str) -> u16 {
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri: http::Uri = format!("http://{agent}{path}").parse().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .expect("proxy request timed out")
+        .expect("proxy request failed");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// Host resources a sandbox held, read from its state file while it runs.
+#[derive(Debug, Clone)]
+struct Footprint {
+    id: SandboxId,
+    run_dir: PathBuf,
+    pid: u32,
+    slot: u32,
+    disk: PathBuf,
+}
+
+fn footprint(run: &Path, id: &SandboxId) -> Footprint {
+    let run_dir = run.join("sandboxes").join(id.as_str());
+    let rec = hearth_agent::state::load(&run_dir).expect("state.json of a running sandbox");
+    Footprint {
+        id: id.clone(),
+        run_dir,
+        pid: rec.pid.expect("pid recorded"),
+        slot: rec.slot.expect("slot recorded"),
+        disk: rec.disk.expect("disk recorded").path,
+    }
+}
+
+fn netns_exists(id: &SandboxId) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(&format!("hearth-{id}")))
+}
+
+fn slot_owned_by(slot: u32, id: &SandboxId) -> bool {
+    std::fs::read_to_string(format!("/run/hearth/slots/{slot}"))
+        .map(|s| s.lines().next() == Some(id.as_str()))
+        .unwrap_or(false)
+}
+
+/// PIDs of live processes whose command line names `id`.
+fn pids_naming(id: &SandboxId) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            hearth_agent::vmm::pid_alive(pid)
+                && hearth_agent::vmm::pid_cmdline_contains(pid, id.as_str())
+        })
+        .collect()
+}
+
+/// Assert nothing named after the sandbox is left: process, netns, slot, run dir.
+fn assert_gone_by_id(run: &Path, id: &SandboxId) {
+    assert_eq!(pids_naming(id), Vec::<u32>::new(), "process of {id} left");
+    assert!(!netns_exists(id), "netns hearth-{id} left");
+    let slots: Vec<_> = std::fs::read_dir("/run/hearth/slots")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .map(|s| s.lines().next() == Some(id.as_str()))
+                        .unwrap_or(false)
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(slots.is_empty(), "slot left: {slots:?}");
+    assert!(
+        !run.join("sandboxes").join(id.as_str()).exists(),
+        "run dir left"
+    );
+}
+
+/// Assert nothing of the sandbox is left on the host.
+fn assert_gone(f: &Footprint) {
+    assert_gone_by_id(f.run_dir.parent().and_then(Path::parent).unwrap(), &f.id);
+    assert!(
+        !hearth_agent::vmm::pid_alive(f.pid)
+            || !hearth_agent::vmm::pid_cmdline_contains(f.pid, f.id.as_str()),
+        "QEMU pid {} still alive",
+        f.pid
+    );
+    assert!(!netns_exists(&f.id), "netns hearth-{} left", f.id);
+    assert!(
+        !Path::new(&format!("/sys/class/net/hv{}", f.slot)).exists()
+            || !slot_owned_by(f.slot, &f.id),
+        "veth hv{} left",
+        f.slot
+    );
+    assert!(
+        !slot_owned_by(f.slot, &f.id),
+        "slot {} still claimed",
+        f.slot
+    );
+    assert!(!f.run_dir.exists(), "run dir {} left", f.run_dir.display());
+    assert!(!f.disk.exists(), "disk {} left", f.disk.display());
+}
+
+/// Poll `cond` every 50 ms for at most `limit`.
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+/// A fake images dir: a template whose "rootfs" exists, and a kernel that is not
+/// one. Enough for validation and for a boot that fails fast.
+fn fake_images(dir: &Path) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(images.join("templates/broken")).unwrap();
+    std::fs::create_dir_all(images.join("kernel")).unwrap();
+    let f = std::fs::File::create(images.join("templates/broken/rootfs.ext4")).unwrap();
+    f.set_len(16 << 20).unwrap();
+    std::fs::write(images.join("kernel/vmlinux"), b"this is not a kernel").unwrap();
+    images
+}
+
+fn sandbox_dirs(run: &Path) -> usize {
+    std::fs::read_dir(run.join("sandboxes"))
+        .map(|rd| rd.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_errors_create_nothing() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = fake_images(tmp.path());
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+
+    let id = SandboxId::generate();
+    let err = c
+        .create_sandbox(spec(&id, "nosuchtemplate", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound, "{err:?}");
+
+    let err = c.create_sandbox(spec(&id, "../etc", 0)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+
+    let mut bad = spec(&id, "broken", 0);
+    bad.spec.as_option_mut().unwrap().sandbox_id = "sb-../../x".into();
+    let err = c.create_sandbox(bad).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+
+    let mut big = spec(&id, "broken", 0);
+    big.spec.as_option_mut().unwrap().vcpus = 1000;
+    let err = c.create_sandbox(big).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    assert!(err.message.unwrap_or_default().contains("vcpus"));
+
+    let err = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    let gone = c
+        .destroy_sandbox(pb::DestroySandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(!gone.existed);
+    assert_eq!(
+        proxy_get(agent.local_addr(), &format!("/sandboxes/{id}/envd/health")).await,
+        404
+    );
+
+    let info = c
+        .info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(info.vmm, "qemu");
+    assert_eq!(info.accel, "tcg");
+    assert_eq!(info.templates, ["broken"]);
+    assert!(info.host_id.starts_with("host-"));
+    assert_eq!(sandbox_dirs(&run), 0);
+    assert!(!netns_exists(&id));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_boot_leaks_nothing() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = fake_images(tmp.path());
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+    let id = SandboxId::generate();
+    let err = c.create_sandbox(spec(&id, "broken", 0)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Internal, "{err:?}");
+    let msg = err.message.unwrap_or_default();
+    assert!(msg.contains("VM exited during boot"), "{msg}");
+    assert_eq!(sandbox_dirs(&run), 0, "run dir left");
+    assert_gone_by_id(&run, &id);
+    let list = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(list.sandboxes.is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_reach_through_proxy_destroy() {
+    init_tracing();
+    let Some(images) = real_images("create_reach_through_proxy_destroy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+    let id = SandboxId::generate();
+
+    let t = Instant::now();
+    let created = c
+        .create_sandbox(spec(&id, "minimal", 0))
+        .await
+        .expect("create")
+        .into_owned();
+    let create_ms = t.elapsed().as_millis();
+    let st = created.sandbox.as_option().unwrap();
+    assert_eq!(
+        st.state.as_known(),
+        Some(pb::SandboxState::SANDBOX_STATE_RUNNING)
+    );
+    assert!(
+        st.guest_address.starts_with("10.11."),
+        "{}",
+        st.guest_address
+    );
+    let fp = footprint(&run, &id);
+    assert!(hearth_agent::vmm::pid_alive(fp.pid));
+    assert!(netns_exists(&id));
+
+    let t = Instant::now();
+    assert_eq!(
+        proxy_get(agent.local_addr(), &format!("/sandboxes/{id}/envd/health")).await,
+        204
+    );
+    let proxy_ms = t.elapsed().as_millis();
+
+    let got = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(
+        got.sandbox
+            .as_option()
+            .unwrap()
+            .spec
+            .as_option()
+            .unwrap()
+            .sandbox_id,
+        id.as_str()
+    );
+
+    // Creating the same ID again is a conflict.
+    let err = c.create_sandbox(spec(&id, "minimal", 0)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+
+    let t = Instant::now();
+    let d = c
+        .destroy_sandbox(pb::DestroySandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    let destroy_ms = t.elapsed().as_millis();
+    assert!(d.existed);
+    assert_gone(&fp);
+    assert_eq!(
+        proxy_get(agent.local_addr(), &format!("/sandboxes/{id}/envd/health")).await,
+        404
+    );
+    println!(
+        "MEASURED create_to_health_ms={create_ms} boot_ms={} proxy_health_ms={proxy_ms} destroy_ms={destroy_ms}",
+        st.boot_ms
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaper_destroys_expired_sandboxes() {
+    init_tracing();
+    let Some(images) = real_images("reaper_destroys_expired_sandboxes") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+    let id = SandboxId::generate();
+    let expires = now_ms() + 2000;
+    // Under TCG the boot may outlast the 2 s: then the reaper cancels the create
+    // (Aborted). Either way the sandbox must be gone soon after its deadline.
+    match c.create_sandbox(spec(&id, "minimal", expires)).await {
+        Ok(_) => {
+            if now_ms() < expires - 300 {
+                assert!(
+                    agent.sandbox_ids().contains(&id),
+                    "reaped before its deadline"
+                );
+            }
+        }
+        Err(e) => assert_eq!(e.code, ErrorCode::Aborted, "{e:?}"),
+    }
+    let wait = Duration::from_millis((expires - now_ms()).max(0) as u64 + 6000);
+    assert!(
+        eventually(wait, || !agent.sandbox_ids().contains(&id)).await,
+        "reaper did not destroy the expired sandbox"
+    );
+    assert!(now_ms() >= expires, "destroyed before its deadline");
+    assert_gone_by_id(&run, &id);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_and_restart_readopts_or_cleans() {
+    init_tracing();
+    let Some(images) = real_images("crash_and_restart_readopts_or_cleans") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let host_id = agent.host_id().clone();
+    let c = client(&agent);
+    let keep = SandboxId::generate();
+    let dies = SandboxId::generate();
+    for id in [&keep, &dies] {
+        c.create_sandbox(spec(id, "minimal", 0))
+            .await
+            .expect("create");
+    }
+    let fp_keep = footprint(&run, &keep);
+    let fp_dies = footprint(&run, &dies);
+
+    // Crash: every task dropped, no cleanup. Then one VM dies while we are down.
+    agent.abort();
+    // SAFETY: kill(2) on a QEMU process this test started.
+    unsafe { libc::kill(fp_dies.pid as i32, libc::SIGKILL) };
+    assert!(
+        eventually(Duration::from_secs(5), || !hearth_agent::vmm::pid_alive(
+            fp_dies.pid
+        ))
+        .await
+    );
+    assert!(netns_exists(&dies), "crash must not have cleaned up");
+
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    assert_eq!(agent.host_id(), &host_id, "host ID survives a restart");
+    assert_eq!(agent.recovery().adopted, vec![keep.clone()]);
+    assert!(agent.recovery().cleaned.contains(&dies.to_string()));
+    assert_gone(&fp_dies);
+    let c = client(&agent);
+    let list = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(list.sandboxes.len(), 1);
+    assert_eq!(
+        proxy_get(
+            agent.local_addr(),
+            &format!("/sandboxes/{keep}/envd/health")
+        )
+        .await,
+        204
+    );
+
+    // Graceful shutdown keeps VMs; the next start adopts again.
+    agent.shutdown().await;
+    assert!(hearth_agent::vmm::pid_alive(fp_keep.pid));
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    assert_eq!(agent.recovery().adopted, vec![keep.clone()]);
+    agent.destroy_all().await;
+    assert_gone(&fp_keep);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_accel_probe_decides_quickly() {
+    init_tracing();
+    let Some(images) = real_images("auto_accel_probe_decides_quickly") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(&images, &tmp.path().join("run"));
+    cfg.accel = Accel::Auto;
+    let t = Instant::now();
+    let agent = Agent::start(cfg).await.unwrap();
+    let took = t.elapsed();
+    let (accel, reason) = agent.accel();
+    println!(
+        "MEASURED auto_accel={accel} reason={reason:?} start_ms={}",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(10), "probe took {took:?}");
+    assert!(!reason.is_empty());
+    if accel == "tcg" {
+        assert!(
+            reason.contains("probe") || reason.contains("/dev/kvm"),
+            "{reason}"
+        );
+    }
+    agent.shutdown().await;
+}
