@@ -1,1 +1,187 @@
-//! placeholder
+//! hearth's control plane: the public REST API (`/v1`), API-key auth, the scheduler
+//! that picks a host agent, and the reconciler that keeps the database in line with
+//! what hosts run.
+//!
+//! Layers call downwards only: `http` (parse, validate, map errors) -> `app` (logic)
+//! -> `hearth_db` (store) and `app::hosts::HostClient` (host agents). All durable
+//! state is in the database; this process can restart at any time.
+//!
+//! Entry points: [`start`] runs everything from a [`ControlConfig`]; [`router`] builds
+//! the HTTP API over an [`AppState`] for in-process tests.
+
+pub mod app;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_db::Db;
+use hearth_types::SandboxLimits;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use app::bootstrap;
+pub use app::hosts::{AgentHostClient, HostClient};
+pub use app::App;
+pub use http::{router, AppState};
+
+/// Default largest file upload: 256 MiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Address of the REST API (port 0 picks a free one; see [`RunningControl::local_addr`]).
+    pub listen: SocketAddr,
+    /// `sqlite://path?mode=rwc` or `sqlite::memory:`.
+    pub database_url: String,
+    /// Base URLs of the host agents, e.g. `http://127.0.0.1:7421`.
+    pub agent_urls: Vec<String>,
+    pub limits: SandboxLimits,
+    pub max_upload_bytes: u64,
+    pub reconcile_interval: Duration,
+}
+
+impl ControlConfig {
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            agent_urls: Vec::new(),
+            limits: SandboxLimits::default(),
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            reconcile_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("opening the database failed")]
+    Db(#[from] hearth_db::DbError),
+    #[error("bootstrapping the default team failed")]
+    Bootstrap(#[source] app::AppError),
+    #[error("invalid host agent URL")]
+    AgentUrl(#[source] app::hosts::HostError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started control plane. Dropping it does not stop it; call [`shutdown`](Self::shutdown).
+pub struct RunningControl {
+    local_addr: SocketAddr,
+    bootstrap_key: Option<String>,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    reconciler: JoinHandle<()>,
+}
+
+impl RunningControl {
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin API key created at first start (shown once), `None` on later starts.
+    pub fn bootstrap_key(&self) -> Option<&str> {
+        self.bootstrap_key.as_deref()
+    }
+
+    /// The shared state (database, hosts), e.g. for test harnesses that create teams.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Stop accepting requests, let in-flight ones finish, stop the reconciler.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.reconciler.await;
+        self.state.app().db.close().await;
+    }
+}
+
+/// Open the database (migrating it), bootstrap on first start, register the host
+/// agents, and serve the API; the reconciler runs every `reconcile_interval`.
+pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
+    let db = Db::connect(&config.database_url).await?;
+    let bootstrap_key = bootstrap(&db).await.map_err(ControlError::Bootstrap)?;
+    let mut hosts: Vec<Arc<dyn HostClient>> = Vec::new();
+    for url in &config.agent_urls {
+        hosts.push(Arc::new(
+            AgentHostClient::new(url).map_err(ControlError::AgentUrl)?,
+        ));
+    }
+    let state = AppState::new(App::new(db, hosts, config.limits, config.max_upload_bytes));
+    // First pass before serving, so a create right after start finds its host.
+    if let Err(e) = state.app().reconcile_once().await {
+        tracing::warn!(error = %e, "initial reconcile failed");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ControlError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ControlError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let (stop, stop_rx) = watch::channel(false);
+
+    let mut rx = stop_rx.clone();
+    let app = router(state.clone());
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+
+    let mut rx = stop_rx;
+    let app = state.app().clone();
+    let interval = config.reconcile_interval;
+    let reconciler = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = rx.wait_for(|s| *s) => break,
+                _ = tick.tick() => {}
+            }
+            match app.reconcile_once().await {
+                Ok(r) if !r.lost.is_empty() || !r.expired.is_empty() => {
+                    tracing::info!(
+                        lost = r.lost.len(),
+                        expired = r.expired.len(),
+                        "reconciler pass changed sandboxes"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
+            }
+        }
+    });
+
+    tracing::info!(addr = %local_addr, agents = config.agent_urls.len(), "control plane started");
+    Ok(RunningControl {
+        local_addr,
+        bootstrap_key,
+        state,
+        stop,
+        server,
+        reconciler,
+    })
+}

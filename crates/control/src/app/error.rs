@@ -1,0 +1,43 @@
+//! The application layer's error: what went wrong, in terms a caller can act on.
+//! Mapped to an HTTP status and `{"error":{"code","message"}}` by `http::error` only.
+
+use hearth_db::DbError;
+
+use super::hosts::HostError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request is malformed or out of bounds; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("missing or invalid API key")]
+    Unauthenticated,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// The host agent (or the guest agent behind it) refused or failed.
+    #[error("{context}: {source}")]
+    Host {
+        context: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("database error")]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn host(context: impl Into<String>) -> impl FnOnce(HostError) -> AppError {
+        let context = context.into();
+        move |source| AppError::Host { context, source }
+    }
+}
+
+pub type AppResult<T> = Result<T, AppError>;

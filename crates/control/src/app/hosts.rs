@@ -1,0 +1,632 @@
+//! Host agents as the control plane sees them: the narrow [`HostClient`] trait, its one
+//! real implementation ([`AgentHostClient`], Connect RPC + the agent's envd proxy), and
+//! the [`Hosts`] registry with the scheduler.
+//!
+//! Everything the control plane asks of a host goes through [`HostClient`], so the
+//! scheduler can pick among many hosts and the logic above can be unit-tested with a
+//! hand-written fake. This module does not touch the database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use bytes::Bytes;
+use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
+use connectrpc::ErrorCode;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use hearth_proto::hearth::agent::v1 as agent;
+use hearth_proto::process;
+use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
+
+/// A failed call to a host agent or, through its proxy, a guest agent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HostError {
+    /// The RPC reached the far side and it answered with an error code.
+    #[error("{code:?}: {message}")]
+    Rpc { code: ErrorCode, message: String },
+    /// A plain HTTP call (files) answered with a non-success status.
+    #[error("HTTP {status}: {message}")]
+    Http { status: u16, message: String },
+    /// The call did not get an answer (connection refused, reset, bad URL).
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl HostError {
+    fn from_connect(e: connectrpc::ConnectError) -> Self {
+        let message = e
+            .message
+            .clone()
+            .unwrap_or_else(|| e.code.as_str().to_owned());
+        HostError::Rpc {
+            code: e.code,
+            message,
+        }
+    }
+
+    /// Whether the far side said the thing does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            HostError::Rpc {
+                code: ErrorCode::NotFound,
+                ..
+            } | HostError::Http { status: 404, .. }
+        )
+    }
+}
+
+/// What a host agent says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    pub host_id: HostId,
+    pub vmm: String,
+    pub accel: String,
+    pub templates: Vec<TemplateName>,
+    pub running: u32,
+}
+
+/// What the control plane asks a host to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateSpec {
+    pub sandbox_id: SandboxId,
+    pub team_id: TeamId,
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub expires_at_unix_ms: i64,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// One event of a process started in a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcEvent {
+    Started {
+        pid: u32,
+    },
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// Output of a PTY (stdout and stderr merged).
+    Pty(Bytes),
+    Exited {
+        exit_code: i32,
+        error: Option<String>,
+    },
+}
+
+/// What to start in a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcSpec {
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: String,
+    pub stdin: bool,
+    pub pty: Option<(u32, u32)>,
+    /// Hard limit for the whole call (the Connect deadline).
+    pub deadline: Duration,
+}
+
+pub type ProcEvents = BoxStream<'static, Result<ProcEvent, HostError>>;
+pub type ByteStream = BoxStream<'static, Result<Bytes, HostError>>;
+
+/// Signals the API lets a client send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+/// Everything the control plane asks of one host agent.
+#[async_trait]
+pub trait HostClient: Send + Sync + 'static {
+    /// The agent's base URL (for logs and the `hosts` table).
+    fn url(&self) -> &str;
+    async fn info(&self) -> Result<HostInfo, HostError>;
+    /// Boot a sandbox; returns once its guest agent answers.
+    async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError>;
+    /// Destroy a sandbox; `Ok(false)` when the host did not know it. Idempotent.
+    async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError>;
+    /// Sandboxes the host holds that are not stopped or failed.
+    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError>;
+
+    async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError>;
+    async fn send_signal(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        signal: Signal,
+    ) -> Result<(), HostError>;
+    async fn send_input(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        data: Bytes,
+        pty: bool,
+    ) -> Result<(), HostError>;
+    async fn close_stdin(&self, id: &SandboxId, user: &str, pid: u32) -> Result<(), HostError>;
+    async fn resize_pty(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        cols: u32,
+        rows: u32,
+    ) -> Result<(), HostError>;
+
+    /// Write `body` to `path` in the guest (parents created, overwritten).
+    async fn upload_file(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<(), HostError>;
+    /// Read `path` from the guest as a stream.
+    async fn download_file(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        path: &str,
+    ) -> Result<(Option<u64>, ByteStream), HostError>;
+}
+
+/// The real host agent: Connect RPC for lifecycle, the agent's envd reverse proxy
+/// (`/sandboxes/{id}/envd/...`) for processes and files.
+pub struct AgentHostClient {
+    url: String,
+    http: HttpClient,
+    agent: agent::HostAgentClient<HttpClient>,
+    files: reqwest::Client,
+}
+
+/// How long a lifecycle RPC may take (a TCG boot takes a few seconds; leave room).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(180);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl AgentHostClient {
+    pub fn new(url: &str) -> Result<Self, HostError> {
+        let url = url.trim_end_matches('/').to_owned();
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| HostError::Transport(format!("invalid agent URL {url:?}: {e}")))?;
+        if uri.scheme().is_none() || uri.host().is_none() {
+            return Err(HostError::Transport(format!(
+                "invalid agent URL {url:?}: needs http://host:port"
+            )));
+        }
+        let http = HttpClient::plaintext();
+        let agent = agent::HostAgentClient::new(
+            http.clone(),
+            ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+        );
+        let files = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| HostError::Transport(e.to_string()))?;
+        Ok(Self {
+            url,
+            http,
+            agent,
+            files,
+        })
+    }
+
+    fn envd_base(&self, id: &SandboxId) -> String {
+        format!("{}/sandboxes/{id}/envd", self.url)
+    }
+
+    fn process(&self, id: &SandboxId) -> Result<process::ProcessClient<HttpClient>, HostError> {
+        let uri: http::Uri = self
+            .envd_base(id)
+            .parse()
+            .map_err(|e| HostError::Transport(format!("envd URL: {e}")))?;
+        Ok(process::ProcessClient::new(
+            self.http.clone(),
+            ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+        ))
+    }
+}
+
+/// envd's convention: the Unix user rides in `Authorization: Basic base64("<user>:")`.
+pub fn basic_user(user: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+    )
+}
+
+fn selector(pid: u32) -> process::ProcessSelector {
+    process::ProcessSelector {
+        selector: Some(process::__buffa::oneof::process_selector::Selector::Pid(
+            pid,
+        )),
+        ..Default::default()
+    }
+}
+
+fn user_opts(user: &str) -> CallOptions {
+    CallOptions::default().with_header("authorization", basic_user(user))
+}
+
+#[async_trait]
+impl HostClient for AgentHostClient {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        let r = self
+            .agent
+            .info(agent::InfoRequest::default())
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        let host_id = r.host_id.parse().map_err(|e| HostError::Rpc {
+            code: ErrorCode::Internal,
+            message: format!("agent reported a bad host ID: {e}"),
+        })?;
+        Ok(HostInfo {
+            host_id,
+            vmm: r.vmm,
+            accel: r.accel,
+            templates: r.templates.iter().filter_map(|t| t.parse().ok()).collect(),
+            running: r.running,
+        })
+    }
+
+    async fn create_sandbox(&self, s: CreateSpec) -> Result<(), HostError> {
+        let spec = agent::SandboxSpec {
+            sandbox_id: s.sandbox_id.to_string(),
+            template: s.template.to_string(),
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            disk_size_mb: s.disk_size_mb,
+            expires_at_unix_ms: s.expires_at_unix_ms,
+            env: s.env.into_iter().collect(),
+            team_id: s.team_id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .create_sandbox_with_options(
+                agent::CreateSandboxRequest {
+                    spec: spec.into(),
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(CREATE_TIMEOUT),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError> {
+        let r = self
+            .agent
+            .destroy_sandbox_with_options(
+                agent::DestroySandboxRequest {
+                    sandbox_id: id.to_string(),
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        Ok(r.existed)
+    }
+
+    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError> {
+        let r = self
+            .agent
+            .list_sandboxes(agent::ListSandboxesRequest::default())
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        Ok(r.sandboxes
+            .iter()
+            .filter(|s| {
+                !matches!(
+                    s.state.as_known(),
+                    Some(agent::SandboxState::SANDBOX_STATE_STOPPED)
+                        | Some(agent::SandboxState::SANDBOX_STATE_ERROR)
+                )
+            })
+            .filter_map(|s| s.spec.as_option()?.sandbox_id.parse().ok())
+            .collect())
+    }
+
+    async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError> {
+        let client = self.process(id)?;
+        let req = process::StartRequest {
+            process: process::ProcessConfig {
+                cmd: spec.cmd,
+                args: spec.args,
+                envs: spec.env.into_iter().collect(),
+                cwd: spec.cwd,
+                ..Default::default()
+            }
+            .into(),
+            pty: spec
+                .pty
+                .map(|(cols, rows)| process::PTY {
+                    size: process::pty::Size {
+                        cols,
+                        rows,
+                        ..Default::default()
+                    }
+                    .into(),
+                    ..Default::default()
+                })
+                .into(),
+            stdin: Some(spec.stdin),
+            ..Default::default()
+        };
+        let stream = client
+            .start_with_options(req, user_opts(&spec.user).with_timeout(spec.deadline))
+            .await
+            .map_err(HostError::from_connect)?;
+        use process::__buffa::oneof::process_event::{data_event::Output, Event};
+        let events = futures::stream::unfold(Some(stream), |state| async move {
+            let mut stream = state?;
+            loop {
+                match stream.message().await {
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(HostError::from_connect(e)), None)),
+                    Ok(Some(msg)) => {
+                        let msg = msg.to_owned_message();
+                        let ev = match msg.event.into_option().and_then(|e| e.event) {
+                            Some(Event::Start(s)) => ProcEvent::Started { pid: s.pid },
+                            Some(Event::Data(d)) => match d.output {
+                                Some(Output::Stdout(b)) => ProcEvent::Stdout(b.into()),
+                                Some(Output::Stderr(b)) => ProcEvent::Stderr(b.into()),
+                                Some(Output::Pty(b)) => ProcEvent::Pty(b.into()),
+                                None => continue,
+                            },
+                            Some(Event::End(e)) => ProcEvent::Exited {
+                                exit_code: e.exit_code,
+                                error: e.error,
+                            },
+                            Some(Event::Keepalive(_)) | None => continue,
+                        };
+                        return Some((Ok(ev), Some(stream)));
+                    }
+                }
+            }
+        });
+        Ok(events.boxed())
+    }
+
+    async fn send_signal(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        signal: Signal,
+    ) -> Result<(), HostError> {
+        let sig = match signal {
+            Signal::Term => process::Signal::SIGNAL_SIGTERM,
+            Signal::Kill => process::Signal::SIGNAL_SIGKILL,
+        };
+        self.process(id)?
+            .send_signal_with_options(
+                process::SendSignalRequest {
+                    process: selector(pid).into(),
+                    signal: sig.into(),
+                    ..Default::default()
+                },
+                user_opts(user),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn send_input(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        data: Bytes,
+        pty: bool,
+    ) -> Result<(), HostError> {
+        use process::__buffa::oneof::process_input::Input;
+        let input = if pty {
+            Input::Pty(data.to_vec())
+        } else {
+            Input::Stdin(data.to_vec())
+        };
+        self.process(id)?
+            .send_input_with_options(
+                process::SendInputRequest {
+                    process: selector(pid).into(),
+                    input: process::ProcessInput {
+                        input: Some(input),
+                        ..Default::default()
+                    }
+                    .into(),
+                    ..Default::default()
+                },
+                user_opts(user),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn close_stdin(&self, id: &SandboxId, user: &str, pid: u32) -> Result<(), HostError> {
+        self.process(id)?
+            .close_stdin_with_options(
+                process::CloseStdinRequest {
+                    process: selector(pid).into(),
+                    ..Default::default()
+                },
+                user_opts(user),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn resize_pty(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        pid: u32,
+        cols: u32,
+        rows: u32,
+    ) -> Result<(), HostError> {
+        self.process(id)?
+            .update_with_options(
+                process::UpdateRequest {
+                    process: selector(pid).into(),
+                    pty: process::PTY {
+                        size: process::pty::Size {
+                            cols,
+                            rows,
+                            ..Default::default()
+                        }
+                        .into(),
+                        ..Default::default()
+                    }
+                    .into(),
+                    ..Default::default()
+                },
+                user_opts(user),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn upload_file(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<(), HostError> {
+        let url = format!("{}/files", self.envd_base(id));
+        let resp = self
+            .files
+            .post(url)
+            .query(&[("path", path)])
+            .header("authorization", basic_user(user))
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(|e| HostError::Transport(e.to_string()))?;
+        check_status(resp).await.map(|_| ())
+    }
+
+    async fn download_file(
+        &self,
+        id: &SandboxId,
+        user: &str,
+        path: &str,
+    ) -> Result<(Option<u64>, ByteStream), HostError> {
+        let url = format!("{}/files", self.envd_base(id));
+        let resp = self
+            .files
+            .get(url)
+            .query(&[("path", path)])
+            .header("authorization", basic_user(user))
+            .send()
+            .await
+            .map_err(|e| HostError::Transport(e.to_string()))?;
+        let resp = check_status(resp).await?;
+        let len = resp.content_length();
+        let stream = resp
+            .bytes_stream()
+            .map(|r| r.map_err(|e| HostError::Transport(e.to_string())));
+        Ok((len, stream.boxed()))
+    }
+}
+
+async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, HostError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    // envd answers errors as {"message": "...", "code": N}; fall back to the raw text.
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or(text);
+    Err(HostError::Http {
+        status: status.as_u16(),
+        message: message.chars().take(1000).collect(),
+    })
+}
+
+/// One registered host: its client and what it last said about itself.
+#[derive(Clone)]
+pub struct HostEntry {
+    pub client: Arc<dyn HostClient>,
+    pub info: Option<HostInfo>,
+}
+
+/// The host agents this control plane drives, and the scheduler over them.
+#[derive(Clone)]
+pub struct Hosts {
+    entries: Arc<RwLock<Vec<HostEntry>>>,
+}
+
+impl Hosts {
+    pub fn new(clients: Vec<Arc<dyn HostClient>>) -> Self {
+        Self {
+            entries: Arc::new(RwLock::new(
+                clients
+                    .into_iter()
+                    .map(|client| HostEntry { client, info: None })
+                    .collect(),
+            )),
+        }
+    }
+
+    pub fn entries(&self) -> Vec<HostEntry> {
+        self.entries.read().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Remember what host `index` said about itself.
+    pub fn set_info(&self, index: usize, info: HostInfo) {
+        if let Ok(mut e) = self.entries.write() {
+            if let Some(entry) = e.get_mut(index) {
+                entry.info = Some(info);
+            }
+        }
+    }
+
+    /// The client of the host with ID `id`, if it is registered and has answered.
+    pub fn get(&self, id: &HostId) -> Option<Arc<dyn HostClient>> {
+        self.entries()
+            .into_iter()
+            .find(|e| e.info.as_ref().is_some_and(|i| &i.host_id == id))
+            .map(|e| e.client)
+    }
+
+    /// Pick the host for a new sandbox of `template`: among hosts that answered and
+    /// carry the template, the one with the fewest active sandboxes.
+    pub fn pick(&self, template: &TemplateName, load: &HashMap<HostId, u64>) -> Option<HostId> {
+        self.entries()
+            .into_iter()
+            .filter_map(|e| e.info)
+            .filter(|i| i.templates.contains(template))
+            .min_by_key(|i| {
+                (
+                    load.get(&i.host_id).copied().unwrap_or(0),
+                    i.host_id.clone(),
+                )
+            })
+            .map(|i| i.host_id)
+    }
+}

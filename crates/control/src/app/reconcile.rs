@@ -1,0 +1,101 @@
+//! The reconciler: brings the database in line with what hosts report. Idempotent;
+//! runs at start and then on a timer; logs every change it makes.
+//!
+//! Each pass, per configured host: Info (record the host and its templates as platform
+//! templates); then rows `running` on that host that the host no longer lists become
+//! `stopped`; and expired rows are destroyed on their host and marked `stopped`.
+//! A host that does not answer is left alone: its rows keep their state until it is
+//! back (a restarted agent re-adopts its VMs).
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use hearth_db::SandboxState;
+use hearth_types::{SandboxId, TeamId};
+
+use super::{App, AppResult};
+
+/// What one pass changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub hosts_seen: usize,
+    pub lost: Vec<SandboxId>,
+    pub expired: Vec<SandboxId>,
+}
+
+impl App {
+    pub async fn reconcile_once(&self) -> AppResult<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        for (index, entry) in self.hosts.entries().into_iter().enumerate() {
+            let url = entry.client.url().to_owned();
+            let info = match entry.client.info().await {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::debug!(host = %url, error = %e, "host agent did not answer Info");
+                    continue;
+                }
+            };
+            if entry.info.as_ref() != Some(&info) {
+                tracing::info!(host = %url, host_id = %info.host_id, vmm = %info.vmm, accel = %info.accel,
+                    templates = ?info.templates.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+                    "host agent registered");
+            }
+            self.db
+                .upsert_host(&info.host_id, &url, &info.vmm, &info.accel)
+                .await?;
+            for t in &info.templates {
+                self.db.upsert_template(TeamId::PLATFORM, t, 0).await?;
+            }
+            let host_id = info.host_id.clone();
+            self.hosts.set_info(index, info);
+            report.hosts_seen += 1;
+
+            // Read intent before observing the host: a row that is `running` now was
+            // created on the host already, so the listing below must contain it.
+            let rows: Vec<_> = self
+                .db
+                .list_running_sandboxes()
+                .await?
+                .into_iter()
+                .filter(|r| r.host_id.as_ref() == Some(&host_id))
+                .collect();
+            let listed: HashSet<SandboxId> = match entry.client.list_sandboxes().await {
+                Ok(l) => l.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(host = %url, error = %e, "host agent did not list its sandboxes");
+                    continue;
+                }
+            };
+            let now = Utc::now();
+            for row in rows {
+                if !listed.contains(&row.id) {
+                    if self
+                        .db
+                        .update_sandbox_state(
+                            &row.id,
+                            Some(&[SandboxState::Running]),
+                            SandboxState::Stopped,
+                            None,
+                        )
+                        .await?
+                    {
+                        tracing::info!(sandbox_id = %row.id, host = %url,
+                            "sandbox no longer on its host (reaped or lost): marked stopped");
+                        report.lost.push(row.id);
+                    }
+                } else if row.expires_at <= now {
+                    match self.destroy_row(&row).await {
+                        Ok(()) => {
+                            tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
+                            report.expired.push(row.id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(sandbox_id = %row.id, error = %e, "destroying expired sandbox failed")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}

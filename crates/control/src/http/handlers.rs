@@ -1,0 +1,168 @@
+//! Handlers of the REST API. Parse, call `app`, shape the response.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+
+use super::error::{ApiError, ErrorBody};
+use super::types::*;
+use super::{ApiJson, AppState, Caller};
+use crate::app::sandboxes::parse_id;
+use crate::app::AppError;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateSandboxRequest>,
+) -> ApiResult<(StatusCode, Json<Sandbox>)> {
+    let row = s.app.create_sandbox(caller.team_id, req.into()).await?;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = SandboxList)),
+    security(("api_key" = [])))]
+pub async fn list_sandboxes(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<SandboxList>> {
+    let rows = s.app.list_sandboxes(caller.team_id).await?;
+    Ok(Json(SandboxList {
+        sandboxes: rows.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    let id = parse_id(&id)?;
+    Ok(Json(s.app.get_sandbox(caller.team_id, &id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn delete_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let id = parse_id(&id)?;
+    s.app.delete_sandbox(caller.team_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", params(("id" = String, Path)),
+    request_body = ExecRequest,
+    responses((status = 200, body = ExecResponse), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn exec(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    let id = parse_id(&id)?;
+    if req.pty.is_some() {
+        return Err(AppError::InvalidArgument(
+            "pty is only supported on the WebSocket exec".into(),
+        )
+        .into());
+    }
+    let out = s.app.exec(caller.team_id, &id, req.into()).await?;
+    Ok(Json(out.into()))
+}
+
+fn required_path(q: FileQuery) -> ApiResult<String> {
+    q.path
+        .ok_or_else(|| AppError::InvalidArgument("query parameter path is required".into()).into())
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", params(("id" = String, Path), FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = FileWritten), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn upload_file(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> ApiResult<Json<FileWritten>> {
+    let id = parse_id(&id)?;
+    let path = required_path(q)?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let size = s
+        .app
+        .upload_file(
+            caller.team_id,
+            &id,
+            &path,
+            declared,
+            body.into_data_stream(),
+        )
+        .await?;
+    Ok(Json(FileWritten { path, size }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", params(("id" = String, Path), FileQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn download_file(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let path = required_path(q)?;
+    let (len, stream) = s.app.download_file(caller.team_id, &id, &path).await?;
+    let mut resp =
+        Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, len.into());
+    }
+    Ok(resp)
+}
+
+#[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = TemplateList)),
+    security(("api_key" = [])))]
+pub async fn list_templates(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<TemplateList>> {
+    let list = s.app.list_templates(caller.team_id).await?;
+    Ok(Json(TemplateList {
+        templates: list.into_iter().map(Into::into).collect(),
+    }))
+}

@@ -1,0 +1,129 @@
+//! HTTP edge of the control plane: routing, auth, body limits, input parsing, and the
+//! mapping of errors to responses. Handlers parse and validate, call `app`, and turn
+//! the result into JSON; they hold no logic of their own.
+
+pub mod error;
+mod handlers;
+pub mod openapi;
+pub mod types;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hearth_db::Principal;
+
+use crate::app::{App, AppError};
+use error::ApiError;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) app: Arc<App>,
+}
+
+impl AppState {
+    pub fn new(app: App) -> Self {
+        Self { app: Arc::new(app) }
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+}
+
+/// The public REST API under `/v1`.
+pub fn router(state: AppState) -> Router {
+    let authed = Router::new()
+        .route(
+            "/v1/sandboxes",
+            get(handlers::list_sandboxes).post(handlers::create_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(handlers::get_sandbox).delete(handlers::delete_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}/exec",
+            axum::routing::post(handlers::exec),
+        )
+        .route("/v1/sandboxes/{id}/exec/ws", get(ws::exec_ws))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(handlers::download_file).put(handlers::upload_file),
+        )
+        .route("/v1/templates", get(handlers::list_templates))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(handlers::health))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .merge(authed)
+        .fallback(|| async {
+            ApiError(AppError::NotFound("no such API endpoint".into())).into_response()
+        })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>` -> [`Principal`] in the request's
+/// extensions; anything else is 401.
+async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 256);
+    let Some(key) = key else {
+        return ApiError(AppError::Unauthenticated).into_response();
+    };
+    match state.app.db.authenticate(key).await {
+        Ok(Some(principal)) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
+        Err(e) => ApiError(AppError::Db(e)).into_response(),
+    }
+}
+
+/// `axum::Json` whose rejections are API errors (serde's message, 413 for big bodies).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(ApiError(if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge(format!(
+                    "request body is larger than {MAX_JSON_BODY} bytes"
+                ))
+            } else {
+                AppError::InvalidArgument(rej.body_text())
+            })),
+        }
+    }
+}
+
+/// The caller, set by [`auth`].
+pub(crate) type Caller = axum::Extension<Principal>;

@@ -1,0 +1,210 @@
+//! Request and response bodies of the public API (the OpenAPI schemas).
+
+use std::collections::BTreeMap;
+
+use hearth_db::{SandboxRow, Template};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::exec::{ExecOutcome, ExecParams};
+use crate::app::sandboxes::CreateParams;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always "ok".
+    pub status: &'static str,
+}
+
+/// Out-of-range numbers (also negative or huge ones) reach the range check, which names
+/// the field, instead of failing in the JSON parser.
+fn clamp_u32(v: Option<i64>) -> Option<u32> {
+    v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateSandboxRequest {
+    /// Template name, e.g. "minimal".
+    pub template: String,
+    /// Default 1.
+    pub vcpus: Option<i64>,
+    /// Default 256.
+    pub memory_mb: Option<i64>,
+    /// Default 1024.
+    pub disk_size_mb: Option<i64>,
+    /// Lifetime in seconds, after which the sandbox is destroyed. Default 300.
+    pub timeout_s: Option<i64>,
+    /// Environment variables of every process in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl From<CreateSandboxRequest> for CreateParams {
+    fn from(r: CreateSandboxRequest) -> Self {
+        CreateParams {
+            template: r.template,
+            vcpus: clamp_u32(r.vcpus),
+            memory_mb: clamp_u32(r.memory_mb),
+            disk_size_mb: clamp_u32(r.disk_size_mb),
+            timeout_s: clamp_u32(r.timeout_s),
+            env: r.env,
+            metadata: r.metadata,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Sandbox {
+    /// `sb-` and 16 lowercase letters or digits.
+    pub id: String,
+    pub team_id: String,
+    pub template: String,
+    /// pending | starting | running | paused | stopped | error
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub timeout_s: u32,
+    pub metadata: BTreeMap<String, String>,
+    pub host_id: Option<String>,
+    /// RFC 3339
+    pub created_at: String,
+    /// RFC 3339
+    pub expires_at: String,
+    pub error: Option<String>,
+}
+
+impl From<SandboxRow> for Sandbox {
+    fn from(r: SandboxRow) -> Self {
+        Sandbox {
+            id: r.id.to_string(),
+            team_id: r.team_id.to_string(),
+            template: r.template.to_string(),
+            state: r.state.to_string(),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            timeout_s: r.timeout_s,
+            metadata: r.metadata,
+            host_id: r.host_id.map(|h| h.to_string()),
+            created_at: r.created_at.to_rfc3339(),
+            expires_at: r.expires_at.to_rfc3339(),
+            error: r.error,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PtySize {
+    pub cols: u32,
+    pub rows: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    /// Program and arguments, e.g. ["sh","-c","echo hi"].
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory.
+    pub cwd: Option<String>,
+    /// Unix user in the guest. Default "root".
+    pub user: Option<String>,
+    /// Default 60, at most 3600. The process is killed when it passes.
+    pub timeout_s: Option<i64>,
+    /// Text written to the process's stdin, which is then closed.
+    pub stdin: Option<String>,
+    /// WebSocket only: run under a PTY of this size.
+    pub pty: Option<PtySize>,
+}
+
+impl From<ExecRequest> for ExecParams {
+    fn from(r: ExecRequest) -> Self {
+        ExecParams {
+            cmd: r.cmd,
+            env: r.env,
+            cwd: r.cwd,
+            user: r.user,
+            timeout_s: clamp_u32(r.timeout_s),
+            stdin: r.stdin,
+            pty: r.pty.map(|p| (p.cols, p.rows)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// utf8 | base64
+    pub stdout_encoding: &'static str,
+    /// utf8 | base64
+    pub stderr_encoding: &'static str,
+    /// The output passed 16 MiB and was cut.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+impl From<ExecOutcome> for ExecResponse {
+    fn from(o: ExecOutcome) -> Self {
+        let (stdout, stdout_encoding) = o.stdout.encode();
+        let (stderr, stderr_encoding) = o.stderr.encode();
+        ExecResponse {
+            exit_code: o.exit_code,
+            stdout,
+            stderr,
+            stdout_encoding,
+            stderr_encoding,
+            stdout_truncated: o.stdout.truncated,
+            stderr_truncated: o.stderr.truncated,
+            timed_out: o.timed_out,
+            duration_ms: o.duration_ms,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct FileQuery {
+    /// Absolute path in the sandbox.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileWritten {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub team_id: String,
+    pub size_bytes: u64,
+    /// RFC 3339
+    pub created_at: String,
+}
+
+impl From<Template> for TemplateInfo {
+    fn from(t: Template) -> Self {
+        TemplateInfo {
+            name: t.name.to_string(),
+            team_id: t.team_id.to_string(),
+            size_bytes: t.size_bytes,
+            created_at: t.created_at.to_rfc3339(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateInfo>,
+}
