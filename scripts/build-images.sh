@@ -9,6 +9,9 @@
 #
 # Output (see docs/contracts.md):
 #   kernel/vmlinux, kernel/release
+#   kernel/initrd.cpio   initramfs: hearth-guest as /init + the virtio modules. The Debian
+#                        cloud kernel has virtio_blk as a module, so root=/dev/vda can only be
+#                        mounted after stage 1 loads it; pass it to QEMU with -initrd.
 #   templates/minimal/rootfs.ext4, templates/minimal/template.json
 #
 # REQUIRED_PACKAGES="busybox-static e2fsprogs lz4 python3 file binutils apt dpkg"
@@ -113,6 +116,46 @@ file "$AGENT" | grep -Eq 'statically linked|static-pie linked' || die "$AGENT is
 AGENT_SHA="$(sha256sum "$AGENT" | cut -d' ' -f1)"
 log "hearth-guest $(stat -c %s "$AGENT") bytes, sha256 $AGENT_SHA"
 
+# ---------------------------------------------------------------- modules (shared by initrd + rootfs)
+MODSRC="$KROOT/lib/modules/$RELEASE"
+MODSTAGE="$CACHE/modules-$RELEASE"
+if [[ ! -f $MODSTAGE/load-order ]]; then
+    rm -rf "$MODSTAGE.tmp" && mkdir -p "$MODSTAGE.tmp"
+    : > "$MODSTAGE.tmp/load-order"
+    for m in "${MODULES[@]}"; do
+        f="$(find "$MODSRC" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" \) | head -n1)"
+        if [[ -z $f ]]; then
+            log "module $m not found (built in?), skipped"
+            continue
+        fi
+        case "$f" in
+            *.ko) cp "$f" "$MODSTAGE.tmp/$m.ko" ;;
+            *.ko.xz) xz -dc "$f" > "$MODSTAGE.tmp/$m.ko" ;;
+            *.ko.zst) zstd -qdc "$f" > "$MODSTAGE.tmp/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" > "$MODSTAGE.tmp/$m.ko" ;;
+        esac
+        echo "$m.ko" >> "$MODSTAGE.tmp/load-order"
+    done
+    rm -rf "$MODSTAGE" && mv "$MODSTAGE.tmp" "$MODSTAGE"
+fi
+log "modules: $(tr '\n' ' ' < "$MODSTAGE/load-order")"
+
+# ---------------------------------------------------------------- initrd
+INITRD_STAMP="agent=$AGENT_SHA kernel=$RELEASE"
+if [[ -s $KDIR/initrd.cpio && "$(cat "$KDIR/.initrd-stamp" 2>/dev/null)" == "$INITRD_STAMP" ]]; then
+    log "kernel/initrd.cpio up to date"
+else
+    IST="$CACHE/stage-initrd"
+    rm -rf "$IST" && mkdir -p "$IST"/{dev,proc,newroot,lib/modules/hearth}
+    install -m 0755 "$AGENT" "$IST/init"
+    cp "$MODSTAGE"/* "$IST/lib/modules/hearth/"
+    (cd "$IST" && find . | sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null) > "$KDIR/initrd.cpio.tmp"
+    mv "$KDIR/initrd.cpio.tmp" "$KDIR/initrd.cpio"
+    echo "$INITRD_STAMP" > "$KDIR/.initrd-stamp"
+    rm -rf "$IST"
+    log "kernel/initrd.cpio written ($(stat -c %s "$KDIR/initrd.cpio") bytes)"
+fi
+
 # ---------------------------------------------------------------- minimal template
 SCRIPT_SHA="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 STAMP="agent=$AGENT_SHA kernel=$RELEASE layout=$ROOTFS_LAYOUT_VERSION busybox=$(sha256sum "$BUSYBOX" | cut -c1-16) size=$ROOTFS_SIZE_MB script=$SCRIPT_SHA"
@@ -154,24 +197,8 @@ EOF
         printf 'hosts: files dns\n' > etc/nsswitch.conf
         : > etc/resolv.conf
     )
-    # Virtio modules, flat, plus their load order. Missing ones are built in.
-    MODSRC="$KROOT/lib/modules/$RELEASE"
-    : > "$STAGE/lib/modules/hearth/load-order"
-    for m in "${MODULES[@]}"; do
-        f="$(find "$MODSRC" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)"
-        if [[ -z $f ]]; then
-            log "module $m not found (built in?), skipped"
-            continue
-        fi
-        case "$f" in
-            *.ko) cp "$f" "$STAGE/lib/modules/hearth/$m.ko" ;;
-            *.ko.xz) xz -dc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
-            *.ko.zst) zstd -qdc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
-            *.ko.gz) gzip -dc "$f" > "$STAGE/lib/modules/hearth/$m.ko" ;;
-        esac
-        echo "$m.ko" >> "$STAGE/lib/modules/hearth/load-order"
-    done
-    log "modules: $(tr '\n' ' ' < "$STAGE/lib/modules/hearth/load-order")"
+    # Virtio modules, flat, plus their load order (also in the initrd).
+    cp "$MODSTAGE"/* "$STAGE/lib/modules/hearth/"
 
     TMPIMG="$TDIR/rootfs.ext4.tmp"
     rm -f "$TMPIMG"

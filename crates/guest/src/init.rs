@@ -164,3 +164,128 @@ pub fn power_off() -> ! {
         std::thread::park();
     }
 }
+
+/// Root disk parameters of the kernel command line (`root=`, `rootfstype=`, `ro`, `init=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootParams {
+    pub device: String,
+    pub fstype: String,
+    pub read_only: bool,
+    pub init: String,
+}
+
+/// Parses the root disk parameters, with hearth's defaults.
+pub fn root_params(cmdline: &str) -> RootParams {
+    let mut p = RootParams {
+        device: "/dev/vda".into(),
+        fstype: "ext4".into(),
+        read_only: false,
+        init: "/usr/bin/hearth-guest".into(),
+    };
+    for word in cmdline.split_whitespace() {
+        match word.split_once('=') {
+            Some(("root", v)) => p.device = v.to_owned(),
+            Some(("rootfstype", v)) => p.fstype = v.to_owned(),
+            Some(("init", v)) => p.init = v.to_owned(),
+            None if word == "ro" => p.read_only = true,
+            None if word == "rw" => p.read_only = false,
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Stage 1, run as `/init` from the initramfs: the Debian kernel has virtio-blk as a
+/// module, so the root disk only appears after the modules are loaded. Loads them, mounts
+/// the root disk, switches root and execs the real init (this binary again, as PID 1).
+/// `hearth.probe=1` answers here already. Never returns.
+pub fn stage1() -> ! {
+    if let Err(e) = stage1_inner() {
+        console(&format!("hearth-guest stage1: {e}"));
+    }
+    power_off();
+}
+
+/// Errors of stage 1.
+#[derive(Debug, thiserror::Error)]
+pub enum Stage1Error {
+    #[error(transparent)]
+    Mount(#[from] InitError),
+    #[error("root device {device} did not appear")]
+    NoRootDevice { device: String },
+    #[error("cannot {step}: {source}")]
+    Step {
+        step: &'static str,
+        source: nix::Error,
+    },
+}
+
+fn stage1_inner() -> Result<(), Stage1Error> {
+    use std::time::{Duration, Instant};
+    let step = |step: &'static str| move |source: nix::Error| Stage1Error::Step { step, source };
+    mount_one("proc", "/proc", "proc", MsFlags::empty(), None)?;
+    mount_one(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if crate::cmdline::parse(&cmdline).probe {
+        console(crate::PROBE_MARKER);
+        power_off();
+    }
+    load_modules(Path::new(MODULES_DIR));
+    let root = root_params(&cmdline);
+    let started = Instant::now();
+    while !Path::new(&root.device).exists() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(Stage1Error::NoRootDevice {
+                device: root.device,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::fs::create_dir_all("/newroot");
+    let flags = if root.read_only {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
+    mount(
+        Some(root.device.as_str()),
+        "/newroot",
+        Some(root.fstype.as_str()),
+        flags,
+        None::<&str>,
+    )
+    .map_err(step("mount the root disk"))?;
+    let _ = std::fs::create_dir_all("/newroot/dev");
+    mount(
+        Some("/dev"),
+        "/newroot/dev",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(step("move /dev"))?;
+    let _ = umount2("/proc", MntFlags::MNT_DETACH);
+    // Free the initramfs copies; the rootfs itself cannot be unmounted.
+    let _ = std::fs::remove_dir_all("/lib");
+    let _ = std::fs::remove_file("/init");
+    nix::unistd::chdir("/newroot").map_err(step("chdir /newroot"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(step("move the root"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    let init = CString::new(root.init.clone()).map_err(|_| Stage1Error::Step {
+        step: "use init=",
+        source: nix::Error::EINVAL,
+    })?;
+    let err = nix::unistd::execv(&init, &[&init]).err();
+    Err(Stage1Error::Step {
+        step: "exec the real init",
+        source: err.unwrap_or(nix::Error::EINVAL),
+    })
+}

@@ -7,6 +7,10 @@ use hearth_guest::{cmdline, init, net, state::AgentState, PROBE_MARKER, READY_MA
 
 fn main() {
     let is_init = std::process::id() == 1;
+    if is_init && std::env::args().next().as_deref() == Some("/init") {
+        // Started from the initramfs: mount the real root and exec ourselves from it.
+        init::stage1();
+    }
     let mut listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], hearth_proto::GUEST_AGENT_PORT));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
