@@ -183,6 +183,11 @@ impl Ctx {
             .clone()
             .unwrap_or_else(|| self.config.images_dir.join("kernel/vmlinux"))
     }
+    /// `<images>/kernel/initrd.cpio` next to the kernel, when it exists.
+    pub fn initrd_path(&self) -> Option<PathBuf> {
+        let p = self.kernel_path().with_file_name("initrd.cpio");
+        p.is_file().then_some(p)
+    }
     pub fn template_rootfs(&self, name: &TemplateName) -> PathBuf {
         self.config
             .images_dir
@@ -237,10 +242,12 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| config.images_dir.join("kernel/vmlinux"));
         let probe_rootfs = first_template_rootfs(&config);
+        let initrd = kernel.with_file_name("initrd.cpio");
         let (accel, accel_reason) = vmm::qemu::resolve_accel(
             config.accel,
             &config.qemu_binary,
             &kernel,
+            initrd.is_file().then_some(initrd.as_path()),
             probe_rootfs.as_deref(),
             &config.run_dir,
         )

@@ -291,6 +291,7 @@ async fn boot(
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
         kernel,
+        initrd: ctx.initrd_path(),
         cmdline: guest_cmdline(Some(id.as_str())),
         disk: disk.path.clone(),
         disk_format: disk.format,

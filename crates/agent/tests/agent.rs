@@ -418,9 +418,10 @@ async fn reaper_destroys_expired_sandboxes() {
     let agent = Agent::start(config(&images, &run)).await.unwrap();
     let c = client(&agent);
     let id = SandboxId::generate();
-    let expires = now_ms() + 2000;
-    // Under TCG the boot may outlast the 2 s: then the reaper cancels the create
-    // (Aborted). Either way the sandbox must be gone soon after its deadline.
+    let expires = now_ms() + 8000;
+    // Long enough for a TCG boot (~3-5 s) so the reaper usually meets a running
+    // sandbox. A slower boot is cancelled by the reaper (Aborted): either way the
+    // sandbox must be gone soon after its deadline and not before.
     match c.create_sandbox(spec(&id, "minimal", expires)).await {
         Ok(_) => {
             if now_ms() < expires - 300 {

@@ -80,6 +80,8 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mb: u32,
     pub kernel: PathBuf,
+    /// Initramfs (stage 1 loads the virtio modules, then mounts the root disk).
+    pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub disk: PathBuf,
     pub disk_format: DiskFormat,

@@ -77,6 +77,9 @@ pub fn qemu_args(spec: &VmSpec, accel: ResolvedAccel, snapshot: bool) -> Vec<Str
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
     ];
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
     if let Some(tap) = &spec.tap {
         args.extend([
             "-netdev".into(),
@@ -203,6 +206,7 @@ pub async fn resolve_accel(
     requested: Accel,
     binary: &Path,
     kernel: &Path,
+    initrd: Option<&Path>,
     probe_rootfs: Option<&Path>,
     scratch_dir: &Path,
 ) -> (ResolvedAccel, String) {
@@ -224,7 +228,7 @@ pub async fn resolve_accel(
                     format!("no guest kernel at {} to probe KVM with", kernel.display()),
                 )
             } else if let Some(rootfs) = probe_rootfs {
-                match probe_kvm(binary, kernel, rootfs, scratch_dir).await {
+                match probe_kvm(binary, kernel, initrd, rootfs, scratch_dir).await {
                     Ok(ms) => (
                         ResolvedAccel::Kvm,
                         format!("KVM boot probe succeeded in {ms} ms"),
@@ -246,6 +250,7 @@ pub async fn resolve_accel(
 async fn probe_kvm(
     binary: &Path,
     kernel: &Path,
+    initrd: Option<&Path>,
     rootfs: &Path,
     scratch_dir: &Path,
 ) -> Result<u128, String> {
@@ -256,6 +261,7 @@ async fn probe_kvm(
         vcpus: 1,
         memory_mb: 256,
         kernel: kernel.to_owned(),
+        initrd: initrd.map(Path::to_owned),
         cmdline: super::probe_cmdline(),
         disk: rootfs.to_owned(),
         disk_format: DiskFormat::Raw,
@@ -317,6 +323,7 @@ mod tests {
             vcpus: 2,
             memory_mb: 256,
             kernel: "/img/kernel/vmlinux".into(),
+            initrd: Some("/img/kernel/initrd.cpio".into()),
             cmdline: super::super::guest_cmdline(Some("sb-abcdefghijklmnop")),
             disk: "/run/sb/disk.qcow2".into(),
             disk_format: DiskFormat::Qcow2,
