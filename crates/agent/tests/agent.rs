@@ -103,6 +103,43 @@ async fn proxy_get(agent: SocketAddr, path: &str) -> u16 {
     status
 }
 
+/// Run a command in the guest with an envd `process.Process/Start` client pointed
+/// at the agent's proxy, exactly as the control plane does. Returns stdout and the
+/// exit code.
+async fn exec(agent: SocketAddr, id: &SandboxId, cmd: &str, args: &[&str]) -> (String, i32) {
+    use hearth_proto::process as pp;
+    use pp::__buffa::oneof::process_event::{data_event::Output, Event};
+    let uri = format!("http://{agent}/sandboxes/{id}/envd")
+        .parse()
+        .unwrap();
+    let c = pp::ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
+    let req = pp::StartRequest {
+        process: pp::ProcessConfig {
+            cmd: cmd.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    };
+    let mut stream = c.start(req).await.expect("process.Start through the proxy");
+    let mut out = String::new();
+    let mut code = None;
+    while let Some(msg) = stream.message().await.expect("process event stream") {
+        let m = msg.to_owned_message();
+        match m.event.into_option().and_then(|e| e.event) {
+            Some(Event::Data(d)) => {
+                if let Some(Output::Stdout(b)) = d.output {
+                    out.push_str(&String::from_utf8_lossy(&b));
+                }
+            }
+            Some(Event::End(e)) => code = Some(e.exit_code),
+            _ => {}
+        }
+    }
+    (out, code.expect("end event"))
+}
+
 /// Host resources a sandbox held, read from its state file while it runs.
 #[derive(Debug, Clone)]
 struct Footprint {
@@ -361,6 +398,31 @@ async fn create_reach_through_proxy_destroy() {
     );
     let proxy_ms = t.elapsed().as_millis();
 
+    // Exec streams through the proxy (the control plane's path).
+    let t = Instant::now();
+    let (out, code) = exec(
+        agent.local_addr(),
+        &id,
+        "sh",
+        &["-c", "echo hello-$((6*7))"],
+    )
+    .await;
+    let exec_ms = t.elapsed().as_millis();
+    assert_eq!((out.trim(), code), ("hello-42", 0));
+    // Egress is denied: the guest cannot even reach the host end of its own veth.
+    let host_veth = hearth_agent::net::slot_addrs(fp.slot)
+        .unwrap()
+        .host_veth
+        .to_string();
+    let (out, code) = exec(
+        agent.local_addr(),
+        &id,
+        "ping",
+        &["-c", "1", "-W", "2", &host_veth],
+    )
+    .await;
+    assert_ne!(code, 0, "guest reached {host_veth}: {out}");
+
     let got = c
         .get_sandbox(pb::GetSandboxRequest {
             sandbox_id: id.to_string(),
@@ -401,7 +463,7 @@ async fn create_reach_through_proxy_destroy() {
         404
     );
     println!(
-        "MEASURED create_to_health_ms={create_ms} boot_ms={} proxy_health_ms={proxy_ms} destroy_ms={destroy_ms}",
+        "MEASURED create_to_health_ms={create_ms} boot_ms={} proxy_health_ms={proxy_ms} exec_ms={exec_ms} destroy_ms={destroy_ms}",
         st.boot_ms
     );
     agent.shutdown().await;
