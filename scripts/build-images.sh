@@ -38,7 +38,7 @@ log() {
 die() { printf '[build-images] error: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root"
-for tool in apt-cache apt-get dpkg-deb lz4 mkfs.ext4 python3 file sha256sum cargo; do
+for tool in apt-cache apt-get dpkg-deb lz4 mkfs.ext4 python3 file sha256sum strip cargo; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 BUSYBOX="$(command -v busybox || true)"
@@ -113,8 +113,13 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 AGENT="$TARGET_DIR/x86_64-unknown-linux-gnu/release/hearth-guest"
 [[ -x $AGENT ]] || die "built agent not found at $AGENT"
 file "$AGENT" | grep -Eq 'statically linked|static-pie linked' || die "$AGENT is not statically linked"
+# Install a stripped copy (symbols are a third of the file); its sha256 is what is recorded.
+if [[ ! -s $CACHE/hearth-guest || $AGENT -nt $CACHE/hearth-guest ]]; then
+    strip -s -o "$CACHE/hearth-guest.tmp" "$AGENT" && mv "$CACHE/hearth-guest.tmp" "$CACHE/hearth-guest"
+fi
+AGENT="$CACHE/hearth-guest"
 AGENT_SHA="$(sha256sum "$AGENT" | cut -d' ' -f1)"
-log "hearth-guest $(stat -c %s "$AGENT") bytes, sha256 $AGENT_SHA"
+log "hearth-guest $(stat -c %s "$AGENT") bytes (stripped), sha256 $AGENT_SHA"
 
 # ---------------------------------------------------------------- modules (shared by initrd + rootfs)
 MODSRC="$KROOT/lib/modules/$RELEASE"
