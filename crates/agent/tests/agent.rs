@@ -596,3 +596,86 @@ async fn auto_accel_probe_decides_quickly() {
     }
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_create_and_destroy_while_starting_leak_nothing() {
+    init_tracing();
+    let Some(images) = real_images("cancelled_create_and_destroy_while_starting_leak_nothing")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+
+    // The caller gives up after 300 ms: the create carries on in its actor.
+    let id = SandboxId::generate();
+    let err = c
+        .create_sandbox_with_options(
+            spec(&id, "minimal", 0),
+            connectrpc::client::CallOptions::default().with_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded, "{err:?}");
+    let get = |c: Client, id: SandboxId| async move {
+        c.get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| {
+            r.into_owned()
+                .sandbox
+                .into_option()
+                .unwrap()
+                .state
+                .as_known()
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = get(c.clone(), id.clone()).await.unwrap();
+        if st == Some(pb::SandboxState::SANDBOX_STATE_RUNNING) {
+            break;
+        }
+        assert!(Instant::now() < end, "never reached running: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        proxy_get(agent.local_addr(), &format!("/sandboxes/{id}/envd/health")).await,
+        204
+    );
+
+    // A destroy that arrives while the VM boots cancels the boot.
+    let early = SandboxId::generate();
+    let c2 = c.clone();
+    let early2 = early.clone();
+    let create = tokio::spawn(async move { c2.create_sandbox(spec(&early2, "minimal", 0)).await });
+    assert!(
+        eventually(Duration::from_secs(10), || run
+            .join("sandboxes")
+            .join(early.as_str())
+            .join("qemu.log")
+            .exists())
+        .await
+    );
+    let d = c
+        .destroy_sandbox(pb::DestroySandboxRequest {
+            sandbox_id: early.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(d.existed);
+    let err = create.await.unwrap().unwrap_err();
+    assert_eq!(err.code, ErrorCode::Aborted, "{err:?}");
+    assert_gone_by_id(&run, &early);
+
+    agent.destroy_all().await;
+    assert_gone_by_id(&run, &id);
+    assert_eq!(sandbox_dirs(&run), 0);
+    agent.shutdown().await;
+}
