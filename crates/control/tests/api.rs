@@ -1,0 +1,885 @@
+//! Handler tests: the real router, auth and a real (in-memory) SQLite, in-process via
+//! `tower::ServiceExt::oneshot`. Host-agent-dependent paths use [`FakeHost`].
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt;
+use hearth_control::app::hosts::{
+    ByteStream, CreateSpec, HostClient, HostError, HostInfo, ProcEvent, ProcEvents, ProcSpec,
+    Signal,
+};
+use hearth_control::{router, App, AppState};
+use hearth_db::{Db, SandboxState};
+use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+/// Stands in for a host agent (and the guest agents behind its envd proxy) in logic
+/// tests. It models what the control plane relies on: CreateSandbox makes the sandbox
+/// listed by ListSandboxes until DestroySandbox; a started process emits Started, its
+/// output and an exit; `sleep` runs until SIGKILL, which ends it with exit code 137;
+/// uploads consume the whole body stream. It does not boot anything.
+#[derive(Default)]
+struct FakeHost {
+    host_id: Option<HostId>,
+    state: Mutex<FakeState>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    sandboxes: HashSet<SandboxId>,
+    creates: usize,
+    destroys: usize,
+    fail_create: Option<HostError>,
+    signals: Vec<(u32, Signal)>,
+    stdin: Vec<u8>,
+    uploads: Vec<(String, usize)>,
+    /// `sleep`: ends on SIGKILL.
+    killers: Vec<mpsc::UnboundedSender<Result<ProcEvent, HostError>>>,
+    /// `cat`: echoes stdin and ends when stdin is closed.
+    cats: Vec<mpsc::UnboundedSender<Result<ProcEvent, HostError>>>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl FakeHost {
+    fn new() -> Arc<Self> {
+        Arc::new(FakeHost {
+            host_id: Some(HostId::generate()),
+            ..Default::default()
+        })
+    }
+    fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl HostClient for FakeHost {
+    fn url(&self) -> &str {
+        "http://fake-agent"
+    }
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        Ok(HostInfo {
+            host_id: self.host_id.clone().unwrap(),
+            vmm: "qemu".into(),
+            accel: "tcg".into(),
+            templates: vec!["minimal".parse().unwrap()],
+            running: self.st().sandboxes.len() as u32,
+        })
+    }
+    async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.creates += 1;
+        if let Some(e) = st.fail_create.clone() {
+            return Err(e);
+        }
+        st.sandboxes.insert(spec.sandbox_id);
+        Ok(())
+    }
+    async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError> {
+        let mut st = self.st();
+        st.destroys += 1;
+        Ok(st.sandboxes.remove(id))
+    }
+    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError> {
+        Ok(self.st().sandboxes.iter().cloned().collect())
+    }
+    async fn start_process(
+        &self,
+        _id: &SandboxId,
+        spec: ProcSpec,
+    ) -> Result<ProcEvents, HostError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pid = 42;
+        tx.send(Ok(ProcEvent::Started { pid })).unwrap();
+        match spec.cmd.as_str() {
+            "sleep" => self.st().killers.push(tx),
+            "cat" => self.st().cats.push(tx),
+            _ => {
+                tx.send(Ok(ProcEvent::Stdout(Bytes::from_static(b"hi\n"))))
+                    .unwrap();
+                tx.send(Ok(ProcEvent::Stderr(Bytes::from_static(&[0xff, 0xfe]))))
+                    .unwrap();
+                tx.send(Ok(ProcEvent::Exited {
+                    exit_code: 3,
+                    error: None,
+                }))
+                .unwrap();
+            }
+        }
+        Ok(tokio_stream_from(rx))
+    }
+    async fn send_signal(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        pid: u32,
+        s: Signal,
+    ) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.signals.push((pid, s));
+        for k in st.killers.drain(..) {
+            let _ = k.send(Ok(ProcEvent::Exited {
+                exit_code: 137,
+                error: None,
+            }));
+        }
+        Ok(())
+    }
+    async fn send_input(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        _: u32,
+        d: Bytes,
+        _: bool,
+    ) -> Result<(), HostError> {
+        self.st().stdin.extend_from_slice(&d);
+        Ok(())
+    }
+    async fn close_stdin(&self, _: &SandboxId, _: &str, _: u32) -> Result<(), HostError> {
+        let mut st = self.st();
+        let data = st.stdin.clone();
+        for k in st.cats.drain(..) {
+            let _ = k.send(Ok(ProcEvent::Stdout(Bytes::from(data.clone()))));
+            let _ = k.send(Ok(ProcEvent::Exited {
+                exit_code: 0,
+                error: None,
+            }));
+        }
+        Ok(())
+    }
+    async fn resize_pty(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        _: u32,
+        _: u32,
+        _: u32,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
+    async fn upload_file(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        path: &str,
+        mut body: ByteStream,
+    ) -> Result<(), HostError> {
+        let mut data = Vec::new();
+        while let Some(chunk) = body.next().await {
+            data.extend_from_slice(&chunk?);
+        }
+        let mut st = self.st();
+        st.uploads.push((path.to_owned(), data.len()));
+        st.files.push((path.to_owned(), data));
+        Ok(())
+    }
+    async fn download_file(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        path: &str,
+    ) -> Result<(Option<u64>, ByteStream), HostError> {
+        let st = self.st();
+        let Some((_, data)) = st.files.iter().rev().find(|(p, _)| p == path) else {
+            return Err(HostError::Http {
+                status: 404,
+                message: format!("{path}: no such file"),
+            });
+        };
+        let data = Bytes::from(data.clone());
+        Ok((
+            Some(data.len() as u64),
+            futures::stream::iter([Ok(data)]).boxed(),
+        ))
+    }
+}
+
+fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Result<ProcEvent, HostError>>) -> ProcEvents {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+struct Env {
+    router: axum::Router,
+    state: AppState,
+    host: Arc<FakeHost>,
+    key_a: String,
+    key_b: String,
+    team_a: TeamId,
+}
+
+async fn env() -> Env {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team_a = db.create_team("a").await.unwrap().id;
+    let team_b = db.create_team("b").await.unwrap().id;
+    let (_, key_a) = db.create_api_key(team_a, "k", false).await.unwrap();
+    let (_, key_b) = db.create_api_key(team_b, "k", false).await.unwrap();
+    let host = FakeHost::new();
+    let app = App::new(
+        db,
+        vec![host.clone() as Arc<dyn HostClient>],
+        SandboxLimits::default(),
+        1024,
+    );
+    let state = AppState::new(app);
+    // Registers the host and its templates, as at start.
+    state.app().reconcile_once().await.unwrap();
+    Env {
+        router: router(state.clone()),
+        state,
+        host,
+        key_a,
+        key_b,
+        team_a,
+    }
+}
+
+impl Env {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        self.send(req).await
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+
+    async fn create(&self) -> String {
+        let (s, v) = self
+            .call(
+                "POST",
+                "/v1/sandboxes",
+                Some(&self.key_a),
+                Some(json!({"template": "minimal"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn row_count(&self) -> usize {
+        self.state
+            .app()
+            .db
+            .list_sandboxes(self.team_a)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+fn assert_error(status: StatusCode, v: &Value, want: StatusCode, code: &str, needle: &str) {
+    assert_eq!(status, want, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+#[tokio::test]
+async fn health_needs_no_key_and_everything_else_does() {
+    let e = env().await;
+    let (s, v) = e.call("GET", "/v1/health", None, None).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"status": "ok"})));
+
+    for key in [None, Some("hk_wrong"), Some("")] {
+        let (s, v) = e.call("GET", "/v1/sandboxes", key, None).await;
+        assert_error(
+            s,
+            &v,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "API key",
+        );
+    }
+    let req = |k: &str| {
+        Request::get("/v1/sandboxes")
+            .header("x-api-key", k)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, v) = e.send(req("hk_wrong")).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "API key",
+    );
+    let (s, v) = e.send(req(&e.key_a)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let req = Request::get("/v1/sandboxes")
+        .header("authorization", format!("Basic {}", e.key_a))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(e.send(req).await.0, StatusCode::UNAUTHORIZED);
+    // Unauthenticated requests learn nothing, not even whether a sandbox exists.
+    let (s, _) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            None,
+            Some(json!({"template": "minimal"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(e.row_count().await, 0);
+}
+
+#[tokio::test]
+async fn bad_create_requests_are_rejected_and_create_nothing() {
+    let e = env().await;
+    let big = "x".repeat(40 * 1024);
+    let cases = [
+        (
+            json!({"template": "no-such"}),
+            StatusCode::NOT_FOUND,
+            "template 'no-such' not found",
+        ),
+        (
+            json!({"template": "../etc"}),
+            StatusCode::BAD_REQUEST,
+            "template name",
+        ),
+        (
+            json!({"template": "a/b"}),
+            StatusCode::BAD_REQUEST,
+            "template name",
+        ),
+        (
+            json!({"template": ""}),
+            StatusCode::BAD_REQUEST,
+            "template name",
+        ),
+        (json!({}), StatusCode::BAD_REQUEST, "template"),
+        (
+            json!({"template": "minimal", "vcpus": 0}),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+        (
+            json!({"template": "minimal", "vcpus": 1000}),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+        (
+            json!({"template": "minimal", "vcpus": -1}),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+        (
+            json!({"template": "minimal", "memory_mb": 1}),
+            StatusCode::BAD_REQUEST,
+            "memory_mb",
+        ),
+        (
+            json!({"template": "minimal", "memory_mb": 10_000_000_000u64}),
+            StatusCode::BAD_REQUEST,
+            "memory_mb",
+        ),
+        (
+            json!({"template": "minimal", "disk_size_mb": 1}),
+            StatusCode::BAD_REQUEST,
+            "disk_size_mb",
+        ),
+        (
+            json!({"template": "minimal", "timeout_s": 0}),
+            StatusCode::BAD_REQUEST,
+            "timeout_s",
+        ),
+        (
+            json!({"template": "minimal", "env": {"1BAD": "x"}}),
+            StatusCode::BAD_REQUEST,
+            "env key",
+        ),
+        (
+            json!({"template": "minimal", "env": {"A": big}}),
+            StatusCode::BAD_REQUEST,
+            "env value",
+        ),
+        (
+            json!({"template": "minimal", "metadata": {"k": "v".repeat(2000)}}),
+            StatusCode::BAD_REQUEST,
+            "metadata value",
+        ),
+        (
+            json!({"template": "minimal", "vcpus": "two"}),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+    ];
+    for (body, want, needle) in cases {
+        let (s, v) = e
+            .call("POST", "/v1/sandboxes", Some(&e.key_a), Some(body.clone()))
+            .await;
+        assert_eq!(s, want, "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {v}"
+        );
+    }
+    // Not JSON at all.
+    let req = Request::post("/v1/sandboxes")
+        .header("authorization", format!("Bearer {}", e.key_a))
+        .header("content-type", "application/json")
+        .body(Body::from("{not json"))
+        .unwrap();
+    let (s, v) = e.send(req).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", "");
+    // Oversized body.
+    let req = Request::post("/v1/sandboxes")
+        .header("authorization", format!("Bearer {}", e.key_a))
+        .header("content-type", "application/json")
+        .body(Body::from(vec![b' '; 4 * 1024 * 1024]))
+        .unwrap();
+    let (s, v) = e.send(req).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "larger than",
+    );
+
+    assert_eq!(e.row_count().await, 0);
+    assert_eq!(e.host.st().creates, 0);
+}
+
+#[tokio::test]
+async fn create_get_list_and_team_isolation() {
+    let e = env().await;
+    let (s, v) = e
+        .call("POST", "/v1/sandboxes", Some(&e.key_a),
+            Some(json!({"template": "minimal", "vcpus": 2, "timeout_s": 600, "metadata": {"k": "v"}})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["vcpus"], 2);
+    assert_eq!(v["memory_mb"], 256);
+    assert_eq!(v["metadata"]["k"], "v");
+    assert_eq!(v["team_id"], e.team_a.to_string());
+    let id = v["id"].as_str().unwrap();
+    assert!(id.starts_with("sb-"));
+    assert!(e.host.st().sandboxes.contains(&id.parse().unwrap()));
+
+    let (s, got) = e
+        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(got["id"], id);
+    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1);
+
+    // Team B sees nothing of team A's sandbox.
+    let path = format!("/v1/sandboxes/{id}");
+    for (m, p, b) in [
+        ("GET", path.clone(), None),
+        ("DELETE", path.clone(), None),
+        (
+            "POST",
+            format!("{path}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        ),
+        ("GET", format!("{path}/files?path=/etc/hostname"), None),
+    ] {
+        let (s, v) = e.call(m, &p, Some(&e.key_b), b).await;
+        assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
+    }
+    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_b), None).await;
+    assert_eq!(list["sandboxes"], json!([]));
+    assert!(
+        e.host.st().sandboxes.contains(&id.parse().unwrap()),
+        "B's delete reached the host"
+    );
+
+    // Malformed and unknown IDs.
+    for bad in ["not-an-id", "sb-short", "sb-ABCDEFGHIJKLMNOP"] {
+        let (s, v) = e
+            .call("GET", &format!("/v1/sandboxes/{bad}"), Some(&e.key_a), None)
+            .await;
+        assert_error(
+            s,
+            &v,
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "sandbox ID",
+        );
+    }
+    let unknown = SandboxId::generate();
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{unknown}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
+
+    let (s, v) = e.call("GET", "/v1/templates", Some(&e.key_b), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["templates"][0]["name"], "minimal");
+    assert_eq!(v["templates"][0]["team_id"], TeamId::PLATFORM.to_string());
+}
+
+#[tokio::test]
+async fn failed_host_create_marks_the_row_error_and_maps_the_code() {
+    let e = env().await;
+    e.host.st().fail_create = Some(HostError::Rpc {
+        code: connectrpc::ErrorCode::ResourceExhausted,
+        message: "no free network slot".into(),
+    });
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_a),
+            Some(json!({"template": "minimal"})),
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "no free network slot",
+    );
+    let rows = e.state.app().db.list_sandboxes(e.team_a).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, SandboxState::Error);
+    assert!(rows[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("no free network slot"));
+}
+
+#[tokio::test]
+async fn exec_gathers_output_and_encodes_non_utf8() {
+    let e = env().await;
+    let id = e.create().await;
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["sh", "-c", "x"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(v["stdout"], "hi\n");
+    assert_eq!(v["stdout_encoding"], "utf8");
+    assert_eq!(v["stderr"], "//4=");
+    assert_eq!(v["stderr_encoding"], "base64");
+    assert_eq!(v["timed_out"], false);
+
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["cat"], "stdin": "abc"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["stdout"], "abc");
+    assert_eq!(v["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn exec_timeout_kills_the_process() {
+    let e = env().await;
+    let id = e.create().await;
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["sleep", "30"], "timeout_s": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["timed_out"], true);
+    assert_eq!(v["exit_code"], 137);
+    assert_eq!(e.host.st().signals, vec![(42, Signal::Kill)]);
+}
+
+#[tokio::test]
+async fn bad_exec_requests_are_rejected() {
+    let e = env().await;
+    let id = e.create().await;
+    let p = format!("/v1/sandboxes/{id}/exec");
+    let cases = [
+        (json!({"cmd": []}), "cmd must not be empty"),
+        (json!({"cmd": [""]}), "cmd[0]"),
+        (json!({}), "cmd"),
+        (
+            json!({"cmd": ["ls"], "cwd": "tmp"}),
+            "cwd must be an absolute path",
+        ),
+        (json!({"cmd": ["ls"], "timeout_s": 0}), "timeout_s"),
+        (json!({"cmd": ["ls"], "timeout_s": 3601}), "timeout_s"),
+        (json!({"cmd": ["ls"], "user": "../root"}), "user"),
+        (json!({"cmd": ["ls"], "env": {"A=B": "x"}}), "env key"),
+    ];
+    for (body, needle) in cases {
+        let (s, v) = e.call("POST", &p, Some(&e.key_a), Some(body.clone())).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
+    }
+    assert!(e.host.st().signals.is_empty());
+}
+
+#[tokio::test]
+async fn delete_stops_the_sandbox_and_exec_then_conflicts() {
+    let e = env().await;
+    let id = e.create().await;
+    let (s, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(e.host.st().sandboxes.is_empty());
+    let (s, v) = e
+        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["state"], "stopped");
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::CONFLICT,
+        "conflict",
+        "sandbox is stopped",
+    );
+    // Deleting again is fine.
+    let (s, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn files_round_trip_and_limits() {
+    let e = env().await;
+    let id = e.create().await;
+    let put = |path: &str, body: Vec<u8>| {
+        Request::put(format!("/v1/sandboxes/{id}/files?path={path}"))
+            .header("authorization", format!("Bearer {}", e.key_a))
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (s, v) = e.send(put("/tmp/a.bin", vec![7; 1000])).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"path": "/tmp/a.bin", "size": 1000}));
+
+    let resp = e
+        .router
+        .clone()
+        .oneshot(
+            Request::get(format!("/v1/sandboxes/{id}/files?path=/tmp/a.bin"))
+                .header("authorization", format!("Bearer {}", e.key_a))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    assert_eq!(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .as_ref(),
+        &[7u8; 1000][..]
+    );
+
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/no/such"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "no such file");
+
+    // Over max_upload_bytes (1024 in these tests).
+    let (s, v) = e.send(put("/tmp/big", vec![0; 2000])).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "1024",
+    );
+    // Over the limit without a Content-Length: cut while streaming.
+    let chunks =
+        futures::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 600]))));
+    let req = Request::put(format!("/v1/sandboxes/{id}/files?path=/tmp/big2"))
+        .header("authorization", format!("Bearer {}", e.key_a))
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let (s, v) = e.send(req).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "1024",
+    );
+
+    for (path, needle) in [("tmp/rel", "absolute"), ("/a%00b", "NUL"), ("", "absolute")] {
+        let (s, v) = e.send(put(path, vec![1])).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
+    }
+    let req = Request::put(format!("/v1/sandboxes/{id}/files"))
+        .header("authorization", format!("Bearer {}", e.key_a))
+        .body(Body::from("x"))
+        .unwrap();
+    let (s, v) = e.send(req).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "path is required",
+    );
+    assert_eq!(e.host.st().uploads, vec![("/tmp/a.bin".to_string(), 1000)]);
+}
+
+#[tokio::test]
+async fn reconciler_marks_lost_sandboxes_stopped_and_destroys_expired_ones() {
+    let e = env().await;
+    let lost = e.create().await;
+    let kept = e.create().await;
+    // The host lost one sandbox (e.g. reaped or crashed).
+    e.host.st().sandboxes.remove(&lost.parse().unwrap());
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert_eq!(report.lost, vec![lost.parse::<SandboxId>().unwrap()]);
+    assert!(report.expired.is_empty());
+    let (_, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{lost}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(v["state"], "stopped");
+    let (_, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{kept}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(v["state"], "running");
+    // A second pass changes nothing.
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert!(report.lost.is_empty() && report.expired.is_empty());
+}
+
+#[tokio::test]
+async fn bootstrap_creates_one_admin_key_once() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let key = hearth_control::bootstrap(&db)
+        .await
+        .unwrap()
+        .expect("first start");
+    assert!(key.starts_with("hk_"));
+    let p = db.authenticate(&key).await.unwrap().unwrap();
+    assert!(p.is_admin);
+    assert!(hearth_control::bootstrap(&db).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn start_serves_over_tcp_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("hearth.db").display()
+    );
+    let cfg = hearth_control::ControlConfig::new("127.0.0.1:0".parse().unwrap(), url.clone());
+    let c = hearth_control::start(cfg).await.unwrap();
+    assert!(c.bootstrap_key().is_some());
+    let key = c.bootstrap_key().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("http://{}/v1/sandboxes", c.local_addr()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    c.shutdown().await;
+    // Second start on the same database: no new key.
+    let cfg = hearth_control::ControlConfig::new("127.0.0.1:0".parse().unwrap(), url);
+    let c = hearth_control::start(cfg).await.unwrap();
+    assert!(c.bootstrap_key().is_none());
+    c.shutdown().await;
+}
+
+#[test]
+fn openapi_document_is_checked_in() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let spec = hearth_control::http::openapi::spec_json() + "\n";
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &spec).unwrap();
+        return;
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == spec,
+        "docs/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p hearth-control --test api"
+    );
+}
