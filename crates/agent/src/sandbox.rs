@@ -36,7 +36,7 @@ use crate::Ctx;
 /// How often the guest's health endpoint is polled while booting.
 const HEALTH_POLL: Duration = Duration::from_millis(15);
 /// Bound on one health request (the guest may not answer ARP yet).
-const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long QEMU gets to exit after `quit` before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_millis(1500);
 
@@ -325,7 +325,18 @@ async fn wait_healthy(
 ) -> Result<(), SandboxError> {
     let url = format!("http://{}/health", net.guest_address);
     let started = Instant::now();
+    let mut ready_seen = false;
     loop {
+        if !ready_seen && tracing::enabled!(tracing::Level::DEBUG) {
+            let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+            if console.contains("HEARTH_GUEST_READY") {
+                ready_seen = true;
+                tracing::debug!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "guest printed READY"
+                );
+            }
+        }
         if !vm.is_alive() {
             let qemu_log = std::fs::read_to_string(run_dir.join("qemu.log")).unwrap_or_default();
             return Err(SandboxError::VmExited {
@@ -350,6 +361,7 @@ async fn wait_healthy(
             // A VM that dies ends the attempt at once rather than at its timeout.
             tokio::select! {
                 r = attempt => if let Ok(Some(http::StatusCode::NO_CONTENT)) = r {
+                    tracing::debug!(ms = started.elapsed().as_millis() as u64, "guest answered /health");
                     return Ok(());
                 },
                 () = vm.exited() => continue,

@@ -85,7 +85,7 @@ pub fn qemu_args(spec: &VmSpec, accel: ResolvedAccel, snapshot: bool) -> Vec<Str
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
-            "virtio-net-device,netdev=n0".into(),
+            format!("virtio-net-device,netdev=n0,mac={}", crate::net::GUEST_MAC),
         ]);
     }
     args.extend([
