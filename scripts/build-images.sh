@@ -15,6 +15,7 @@
 #   templates/minimal/rootfs.ext4, templates/minimal/template.json
 #
 # REQUIRED_PACKAGES="busybox-static e2fsprogs lz4 python3 file binutils apt dpkg"
+# (images/boot-raw.sh also needs qemu-system-x86, iproute2 and curl)
 # (plus a Rust toolchain with the x86_64-unknown-linux-gnu target, and protobuf-compiler
 # for the workspace build)
 set -euo pipefail
