@@ -22,6 +22,9 @@ pub mod service;
 pub mod state;
 pub mod vmm;
 
+#[cfg(test)]
+mod fake_tests;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -177,6 +180,36 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    pub fn new(
+        config: AgentConfig,
+        host_id: HostId,
+        vmm: Arc<dyn vmm::Vmm>,
+        accel_reason: String,
+        disks: Arc<dyn disk::DiskProvisioner>,
+        net: Arc<dyn net::NetworkProvider>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        // No idle pooling: a guest address is reused by the next sandbox in the
+        // same slot, and a pooled connection to a dead guest would hang.
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
+        Self {
+            vmm,
+            accel_reason,
+            disks,
+            net,
+            slots: net::slots::Slots::new(config.slots_dir.clone()),
+            host_id,
+            registry: registry::Registry::default(),
+            tasks: Tasks::default(),
+            http,
+            config,
+        }
+    }
+
     pub fn kernel_path(&self) -> PathBuf {
         self.config
             .kernel
@@ -252,26 +285,14 @@ impl Agent {
             &config.run_dir,
         )
         .await;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_nodelay(true);
-        // No idle pooling: a guest address is reused by the next sandbox in the
-        // same slot, and a pooled connection to a dead guest would hang.
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
-        let ctx = Arc::new(Ctx {
-            vmm: Arc::new(vmm::qemu::QemuVmm::new(config.qemu_binary.clone(), accel)),
-            accel_reason,
-            disks: disk::provisioner(config.disk),
-            net: Arc::new(net::NetnsProvider),
-            slots: net::slots::Slots::new(config.slots_dir.clone()),
+        let ctx = Arc::new(Ctx::new(
+            config.clone(),
             host_id,
-            registry: registry::Registry::default(),
-            tasks: Tasks::default(),
-            http,
-            config,
-        });
+            Arc::new(vmm::qemu::QemuVmm::new(config.qemu_binary.clone(), accel)),
+            accel_reason,
+            disk::provisioner(config.disk),
+            Arc::new(net::NetnsProvider),
+        ));
         let recovery = recovery::recover(&ctx).await;
 
         let listener = tokio::net::TcpListener::bind(ctx.config.listen)
