@@ -8,6 +8,7 @@
 //! deadline has passed is destroyed rather than adopted. Idempotent.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hearth_types::SandboxId;
 use tracing::{info, warn};
@@ -15,6 +16,7 @@ use tracing::{info, warn};
 use crate::net::SandboxNet;
 use crate::sandbox::{adopt, release_recorded};
 use crate::state::{self, now_unix_ms, SandboxState};
+use crate::vmm::qmp::QmpClient;
 use crate::vmm::{pid_alive, pid_cmdline_contains, VmHandle};
 use crate::Ctx;
 
@@ -53,13 +55,27 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
         let vm = ours.map(|pid| VmHandle::adopted(id.to_string(), pid, dir.join("qmp.sock")));
         let adoptable = record.state == SandboxState::Running && !record.expired(now_unix_ms());
         match vm {
-            Some(vm) if adoptable => match adopt(ctx, record, vm) {
-                Ok(()) => {
-                    info!(sandbox_id = %id, pid = ours.unwrap_or(0), "re-adopted running sandbox");
-                    report.adopted.push(id);
+            Some(vm) if adoptable => {
+                // Reconnect the control socket to check the VMM still answers.
+                match QmpClient::connect(&vm.control_socket, Duration::from_secs(1)).await {
+                    Ok(mut qmp) => match qmp.query_status().await {
+                        Ok(st) => info!(sandbox_id = %id, status = %st.status, "QMP reconnected"),
+                        Err(e) => {
+                            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP query-status failed")
+                        }
+                    },
+                    Err(e) => {
+                        warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP reconnect failed; adopting by PID")
+                    }
                 }
-                Err(e) => warn!(error = %e, "not adopted"),
-            },
+                match adopt(ctx, record, vm) {
+                    Ok(()) => {
+                        info!(sandbox_id = %id, pid = ours.unwrap_or(0), "re-adopted running sandbox");
+                        report.adopted.push(id);
+                    }
+                    Err(e) => warn!(error = %e, "not adopted"),
+                }
+            }
             vm => {
                 info!(sandbox_id = %id, state = ?record.state, vm_alive = vm.is_some(),
                       expired = record.expired(now_unix_ms()), "cleaning up a sandbox left behind");

@@ -679,3 +679,50 @@ async fn cancelled_create_and_destroy_while_starting_leak_nothing() {
     assert_eq!(sandbox_dirs(&run), 0);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_creates_with_copy_disks() {
+    init_tracing();
+    let Some(images) = real_images("parallel_creates_with_copy_disks") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut cfg = config(&images, &run);
+    cfg.disk = hearth_agent::DiskKind::Copy;
+    let agent = Agent::start(cfg).await.unwrap();
+    let c = client(&agent);
+    let ids = [SandboxId::generate(), SandboxId::generate()];
+    let creates = ids.iter().map(|id| {
+        let c = c.clone();
+        let id = id.clone();
+        async move { c.create_sandbox(spec(&id, "minimal", 0)).await }
+    });
+    for r in futures::future::join_all(creates).await {
+        r.expect("parallel create");
+    }
+    let fps: Vec<_> = ids.iter().map(|id| footprint(&run, id)).collect();
+    assert_ne!(fps[0].slot, fps[1].slot);
+    for fp in &fps {
+        assert_eq!(fp.disk.extension().and_then(|e| e.to_str()), Some("raw"));
+        assert_eq!(
+            proxy_get(
+                agent.local_addr(),
+                &format!("/sandboxes/{}/envd/health", fp.id)
+            )
+            .await,
+            204
+        );
+    }
+    let info = c
+        .info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(info.running, 2);
+    agent.destroy_all().await;
+    for fp in &fps {
+        assert_gone(fp);
+    }
+    agent.shutdown().await;
+}
