@@ -16,6 +16,9 @@ PACKAGES=(
   ca-certificates
   curl
   pkg-config
+  python3              # build-images.sh parses the kernel's setup header
+  file                 # build-images.sh checks what it extracted
+  binutils             # strip, for the static guest agent
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }

@@ -169,8 +169,9 @@ fn round1(x: f64) -> f64 {
 /// and time it until the guest agent says it serves.
 async fn raw_boot(images: &Path, template: &str) -> Result<f64> {
     let kernel = images.join("kernel/vmlinux");
+    let initrd = images.join("kernel/initrd.cpio");
     let disk = images.join("templates").join(template).join("rootfs.ext4");
-    for p in [&kernel, &disk] {
+    for p in [&kernel, &initrd, &disk] {
         if !p.exists() {
             bail!(
                 "{} not found: build images with scripts/build-images.sh or pass --images-dir",
@@ -185,6 +186,8 @@ async fn raw_boot(images: &Path, template: &str) -> Result<f64> {
         .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
         .arg("-kernel")
         .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
         .args(["-append", &cmdline])
         .arg("-drive")
         .arg(format!(

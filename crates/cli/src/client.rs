@@ -102,6 +102,3 @@ pub fn split_remote(s: &str) -> Option<(&str, &str)> {
     }
 }
 
-pub fn anyhow_from_api(e: ApiError) -> anyhow::Error {
-    anyhow!(e)
-}
