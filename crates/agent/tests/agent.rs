@@ -726,3 +726,88 @@ async fn parallel_creates_with_copy_disks() {
     }
     agent.shutdown().await;
 }
+
+/// Environment variable that turns `child_agent_process` into a real agent.
+const CHILD_ENV: &str = "HEARTH_AGENT_TEST_CHILD_RUN_DIR";
+
+/// Not a test on its own: when `crash_of_the_agent_process_is_survived` re-runs
+/// this test binary with [`CHILD_ENV`] set, this starts an agent, creates one
+/// sandbox, prints its ID and waits to be SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_agent_process() {
+    let Some(run) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    init_tracing();
+    let agent = Agent::start(config(&images_dir(), Path::new(&run)))
+        .await
+        .unwrap();
+    let id = SandboxId::generate();
+    client(&agent)
+        .create_sandbox(spec(&id, "minimal", 0))
+        .await
+        .expect("create in child agent");
+    println!("CHILD_SANDBOX={id}");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_of_the_agent_process_is_survived() {
+    use std::io::BufRead;
+    init_tracing();
+    let Some(images) = real_images("crash_of_the_agent_process_is_survived") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_agent_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &run)
+        .env("HEARTH_IMAGES_DIR", &images)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let id = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("CHILD_SANDBOX=").map(str::to_owned))
+    })
+    .await
+    .unwrap();
+    // SIGKILL the agent process we started: no cleanup of any kind runs.
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    let id: SandboxId = id.expect("child agent created a sandbox").parse().unwrap();
+    let fp = footprint(&run, &id);
+    assert!(
+        hearth_agent::vmm::pid_alive(fp.pid),
+        "VM died with its agent"
+    );
+
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    assert_eq!(agent.recovery().adopted, vec![id.clone()]);
+    assert_eq!(
+        proxy_get(agent.local_addr(), &format!("/sandboxes/{id}/envd/health")).await,
+        204
+    );
+    let d = client(&agent)
+        .destroy_sandbox(pb::DestroySandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(d.existed);
+    assert_gone(&fp);
+    agent.shutdown().await;
+}
