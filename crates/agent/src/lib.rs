@@ -119,6 +119,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agent holds {path}")]
+    RunDirBusy { path: PathBuf },
     #[error("host ID file {path}")]
     HostId {
         path: PathBuf,
@@ -266,6 +268,7 @@ impl Agent {
                 source,
             })?;
         }
+        let lock = lock_run_dir(&config.run_dir)?;
         let host_id = match &config.host_id {
             Some(id) => id.clone(),
             None => load_or_create_host_id(&config.run_dir)?,
@@ -328,6 +331,7 @@ impl Agent {
             "host agent serving"
         );
         Ok(RunningAgent {
+            _lock: lock,
             ctx,
             local_addr,
             server,
@@ -335,6 +339,28 @@ impl Agent {
             recovery,
         })
     }
+}
+
+/// Take `<run_dir>/agent.lock` (flock, exclusive): two agents must never manage
+/// the same run directory. The kernel drops the lock when the process dies.
+fn lock_run_dir(run_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    use std::os::fd::AsRawFd;
+    let path = run_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AgentError::Dir {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock(2) on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(AgentError::RunDirBusy { path });
+    }
+    Ok(file)
 }
 
 /// The host ID kept in `<run_dir>/host-id`, created on first start.
@@ -382,6 +408,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
 
 /// A started agent.
 pub struct RunningAgent {
+    /// Exclusive lock on `<run_dir>/agent.lock`, released when this is dropped.
+    _lock: std::fs::File,
     ctx: Arc<Ctx>,
     local_addr: SocketAddr,
     server: JoinHandle<()>,

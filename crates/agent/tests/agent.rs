@@ -276,6 +276,12 @@ async fn validation_errors_create_nothing() {
     let run = tmp.path().join("run");
     let agent = Agent::start(config(&images, &run)).await.unwrap();
     let c = client(&agent);
+    // A second agent on the same run directory is refused.
+    let second = Agent::start(config(&images, &run)).await;
+    assert!(
+        matches!(second, Err(hearth_agent::AgentError::RunDirBusy { .. })),
+        "second agent started on the same run dir"
+    );
 
     let id = SandboxId::generate();
     let err = c
