@@ -140,6 +140,50 @@ async fn exec(agent: SocketAddr, id: &SandboxId, cmd: &str, args: &[&str]) -> (S
     (out, code.expect("end event"))
 }
 
+/// Upload `len` bytes in 64 KiB chunks through the proxy (`POST /files`, raw
+/// body) and read them back (`GET /files`): bodies must stream both ways intact.
+async fn file_roundtrip(agent: SocketAddr, id: &SandboxId, len: usize) {
+    use http_body_util::{BodyStream, StreamBody};
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let chunks: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>> = data
+        .chunks(64 * 1024)
+        .map(|c| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+        .collect();
+    let body = StreamBody::new(futures::stream::iter(chunks));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let url = format!("http://{agent}/sandboxes/{id}/envd/files?path=/tmp/blob&username=root");
+    let req = http::Request::post(&url)
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.expect("upload through proxy");
+    let status = resp.status();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, 200, "upload: {}", String::from_utf8_lossy(&text));
+
+    let get: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let resp = get
+        .get(url.parse().unwrap())
+        .await
+        .expect("download through proxy");
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::with_capacity(len);
+    let mut frames = 0;
+    let mut stream = BodyStream::new(resp.into_body());
+    while let Some(frame) = futures::StreamExt::next(&mut stream).await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            frames += 1;
+            got.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(got.len(), len);
+    assert!(got == data, "downloaded bytes differ");
+    assert!(frames > 1, "download arrived in one frame: not streamed");
+}
+
 /// Host resources a sandbox held, read from its state file while it runs.
 #[derive(Debug, Clone)]
 struct Footprint {
@@ -720,6 +764,7 @@ async fn parallel_creates_with_copy_disks() {
             204
         );
     }
+    file_roundtrip(agent.local_addr(), &ids[0], 4 << 20).await;
     let info = c
         .info(pb::InfoRequest::default())
         .await
