@@ -37,7 +37,11 @@ pub struct CreateBench {
     #[arg(long, default_value = "minimal")]
     pub template: String,
     /// Images directory of the local host (kernel and templates) for the raw boots.
-    #[arg(long, env = "HEARTH_IMAGES_DIR", default_value = "/var/lib/hearth/images")]
+    #[arg(
+        long,
+        env = "HEARTH_IMAGES_DIR",
+        default_value = "/var/lib/hearth/images"
+    )]
     pub images_dir: PathBuf,
     /// Where to write the results file.
     #[arg(long, default_value = "bench/results")]
@@ -80,7 +84,10 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
     let mut raw = Vec::new();
     for i in 0..b.raw_count {
         let ms = raw_boot(&b.images_dir, &b.template).await?;
-        progress(g, &format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count));
+        progress(
+            g,
+            &format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count),
+        );
         raw.push(ms);
     }
 
@@ -96,8 +103,14 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
             .await
             .context("creating a sandbox")?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let id = sb["id"].as_str().context("create returned no id")?.to_string();
-        progress(g, &format!("cold create {}/{}: {ms:.0} ms ({id})", i + 1, b.count));
+        let id = sb["id"]
+            .as_str()
+            .context("create returned no id")?
+            .to_string();
+        progress(
+            g,
+            &format!("cold create {}/{}: {ms:.0} ms ({id})", i + 1, b.count),
+        );
         creates.push(ms);
         if exec_sandbox.is_none() {
             exec_sandbox = Some(id);
@@ -182,8 +195,16 @@ async fn raw_boot(images: &Path, template: &str) -> Result<f64> {
     let cmdline = hearth_agent::guest_cmdline(None);
     let t = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+        .args([
+            "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")

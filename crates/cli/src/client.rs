@@ -1,6 +1,6 @@
 //! A small typed client of the public REST API (`/v1`), used by every client command.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -101,4 +101,3 @@ pub fn split_remote(s: &str) -> Option<(&str, &str)> {
         None
     }
 }
-

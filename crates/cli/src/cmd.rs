@@ -14,7 +14,14 @@ use crate::client::split_remote;
 use crate::output::{print_json, print_object, print_table};
 use crate::{client, kv_map, CpArgs, CreateArgs, ExecArgs, Global};
 
-const SANDBOX_COLUMNS: &[&str] = &["id", "template", "state", "vcpus", "memory_mb", "expires_at"];
+const SANDBOX_COLUMNS: &[&str] = &[
+    "id",
+    "template",
+    "state",
+    "vcpus",
+    "memory_mb",
+    "expires_at",
+];
 
 pub async fn sandbox_create(g: &Global, a: CreateArgs) -> Result<()> {
     let c = client(g)?;
@@ -135,9 +142,7 @@ pub async fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
                 .unwrap_or(body);
             bail!("{msg} (HTTP {})", resp.status().as_u16());
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot reach hearth at {}", c.creds.url))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot reach hearth at {}", c.creds.url)),
     };
     let (mut tx, mut rx) = ws.split();
     let mut start = json!({
@@ -307,7 +312,9 @@ pub async fn cp(g: &Global, a: CpArgs) -> Result<()> {
                 println!("{id}:{path} -> {} ({n} bytes)", dst.display());
             }
         }
-        (Some(_), Some(_)) => bail!("copying between two sandboxes is not supported: copy to a local file first"),
+        (Some(_), Some(_)) => {
+            bail!("copying between two sandboxes is not supported: copy to a local file first")
+        }
         (None, None) => bail!("one of SRC and DST must be a sandbox path like sb-…:/tmp/file"),
     }
     Ok(())

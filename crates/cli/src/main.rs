@@ -160,7 +160,10 @@ pub fn kv_map(v: &[(String, String)]) -> BTreeMap<String, String> {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -198,4 +201,3 @@ async fn run(cli: Cli) -> i32 {
 pub fn client(g: &Global) -> anyhow::Result<client::Client> {
     client::Client::new(config::resolve(g.url.clone(), g.api_key.clone())?)
 }
-

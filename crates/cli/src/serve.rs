@@ -101,7 +101,9 @@ fn agent_config(
         .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
     let mut cfg = hearth_agent::AgentConfig::new(
         listen,
-        o.images_dir.clone().unwrap_or_else(|| data_dir.join("images")),
+        o.images_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("images")),
         o.run_dir.clone().unwrap_or_else(|| data_dir.join("run")),
     );
     cfg.accel = accel;
@@ -116,9 +118,8 @@ async fn start_control(
 ) -> Result<hearth_control::RunningControl> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let database_url = database_url.unwrap_or_else(|| {
-        format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display())
-    });
+    let database_url = database_url
+        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display()));
     let mut cfg = hearth_control::ControlConfig::new(listen, database_url);
     cfg.agent_urls = agent_urls;
     let control = hearth_control::start(cfg).await?;
@@ -128,7 +129,10 @@ async fn start_control(
             url: url.clone(),
             api_key: key.to_string(),
         })?;
-        println!("Admin API key (shown once, stored in {}): {key}", path.display());
+        println!(
+            "Admin API key (shown once, stored in {}): {key}",
+            path.display()
+        );
     }
     tracing::info!(addr = %control.local_addr(), "control plane listening");
     Ok(control)

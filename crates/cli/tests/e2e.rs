@@ -22,7 +22,8 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     }
     let stack = Stack::start();
 
-    let a = stack.create(json!({"template": "minimal", "timeout_s": 600, "env": {"GREETING": "hello"}}));
+    let a = stack
+        .create(json!({"template": "minimal", "timeout_s": 600, "env": {"GREETING": "hello"}}));
     let b = stack.create(json!({"template": "minimal", "timeout_s": 600}));
     let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
     assert_eq!(a["state"], "running", "{a}");
@@ -33,7 +34,10 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     assert_eq!(r["exit_code"], 0, "{r}");
     let release = r["stdout"].as_str().unwrap().trim().to_string();
     assert_eq!(release, guest_kernel_release());
-    let host = std::process::Command::new("uname").arg("-r").output().unwrap();
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
     assert_ne!(release, String::from_utf8_lossy(&host.stdout).trim());
 
     // Exit codes, stderr apart from stdout, env from create and from exec, cwd.
@@ -60,12 +64,20 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     let t = std::time::Instant::now();
     let r = stack.exec(a_id, json!({"cmd": ["sleep", "30"], "timeout_s": 2}));
     assert_eq!(r["timed_out"], true, "{r}");
-    assert!(t.elapsed().as_secs() < 20, "timeout not enforced: {:?}", t.elapsed());
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "timeout not enforced: {:?}",
+        t.elapsed()
+    );
     let r = stack.sh(
         a_id,
         "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -cx 'sleep 30 ' || true",
     );
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), "0", "sleep survived its timeout: {r}");
+    assert_eq!(
+        r["stdout"].as_str().unwrap().trim(),
+        "0",
+        "sleep survived its timeout: {r}"
+    );
 
     // 10 MB file round trip, byte-exact.
     let mut data = vec![0u8; 10 * 1024 * 1024];
@@ -114,10 +126,18 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     std::fs::write(&local, "from the host\n").unwrap();
     let dst = format!("{a_id}:/tmp/cp.txt");
     let out = stack.cli(&["cp", local.to_str().unwrap(), &dst]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let back = stack.dir.path().join("cp-back.txt");
     let out = stack.cli(&["cp", &dst, back.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&back).unwrap(), "from the host\n");
     let out = stack.cli(&["sandbox", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list --json");
@@ -180,14 +200,30 @@ fn bad_input_is_rejected_and_creates_nothing() {
     }
     let stack = Stack::start();
     let cases = [
-        (json!({"template": "no-such-template"}), 404, "no-such-template"),
+        (
+            json!({"template": "no-such-template"}),
+            404,
+            "no-such-template",
+        ),
         (json!({"template": "../etc"}), 400, "template name"),
         (json!({"template": "a/b"}), 400, "template name"),
         (json!({"template": "minimal", "vcpus": 0}), 400, "vcpus"),
         (json!({"template": "minimal", "vcpus": 1000}), 400, "vcpus"),
-        (json!({"template": "minimal", "memory_mb": 1}), 400, "memory_mb"),
-        (json!({"template": "minimal", "memory_mb": 10_000_000}), 400, "memory_mb"),
-        (json!({"template": "minimal", "timeout_s": 0}), 400, "timeout_s"),
+        (
+            json!({"template": "minimal", "memory_mb": 1}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"template": "minimal", "memory_mb": 10_000_000}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"template": "minimal", "timeout_s": 0}),
+            400,
+            "timeout_s",
+        ),
     ];
     for (body, status, needle) in cases {
         let r = stack
@@ -201,7 +237,10 @@ fn bad_input_is_rejected_and_creates_nothing() {
         assert!(msg.contains(needle), "{body}: {v}");
     }
     // Malformed ID, missing and wrong API key.
-    let r = stack.req(Method::GET, "/v1/sandboxes/not-an-id").send().unwrap();
+    let r = stack
+        .req(Method::GET, "/v1/sandboxes/not-an-id")
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let r = stack
         .http()

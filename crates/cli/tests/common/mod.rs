@@ -39,12 +39,12 @@ pub fn e2e_available() -> bool {
         return true;
     }
     if required {
-        panic!("end-to-end tests required but cannot run: {}", why.join("; "));
+        panic!(
+            "end-to-end tests required but cannot run: {}",
+            why.join("; ")
+        );
     }
-    eprintln!(
-        "\n*** SKIPPING end-to-end test: {} ***\n",
-        why.join("; ")
-    );
+    eprintln!("\n*** SKIPPING end-to-end test: {} ***\n", why.join("; "));
     false
 }
 
@@ -78,7 +78,10 @@ fn wait_http(url: &str, timeout: Duration) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{url} did not answer within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not answer within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -130,7 +133,11 @@ impl Stack {
             .open(self.dir.path().join("agent.log"))
             .expect("log");
         let agent = Command::new(hearth_bin())
-            .args(["agent", "--listen", &format!("127.0.0.1:{}", self.agent_port)])
+            .args([
+                "agent",
+                "--listen",
+                &format!("127.0.0.1:{}", self.agent_port),
+            ])
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("--images-dir")
@@ -220,7 +227,11 @@ impl Stack {
 
     pub fn logs(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
-        format!("--- agent.log ---\n{}\n--- server.log ---\n{}", read("agent.log"), read("server.log"))
+        format!(
+            "--- agent.log ---\n{}\n--- server.log ---\n{}",
+            read("agent.log"),
+            read("server.log")
+        )
     }
 }
 
@@ -257,7 +268,10 @@ impl Drop for Stack {
 /// Host resources that a sandbox may hold, checked by name/path after destroy.
 pub fn leftovers(id: &str, run_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns");
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns");
     if String::from_utf8_lossy(&netns.stdout).contains(id) {
         found.push(format!("network namespace of {id}"));
     }
@@ -279,7 +293,10 @@ pub fn leftovers(id: &str, run_dir: &Path) -> Vec<String> {
     }
     if let Ok(slots) = std::fs::read_dir("/run/hearth/slots") {
         for s in slots.flatten() {
-            if std::fs::read_to_string(s.path()).unwrap_or_default().contains(id) {
+            if std::fs::read_to_string(s.path())
+                .unwrap_or_default()
+                .contains(id)
+            {
                 found.push(format!("network slot {:?}", s.file_name()));
             }
         }

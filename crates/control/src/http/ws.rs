@@ -22,7 +22,7 @@ use super::error::ApiError;
 use super::types::ExecRequest;
 use super::{AppState, Caller};
 use crate::app::exec::ExecParams;
-use crate::app::hosts::{HostClient, ProcEvent, Signal};
+use crate::app::hosts::{HostClient, HostError, ProcEvent, Signal};
 use crate::app::sandboxes::parse_id;
 use crate::app::{App, AppError};
 
@@ -175,9 +175,18 @@ async fn apply(
     pty: bool,
     frame: ClientFrame,
 ) -> Result<(), AppError> {
-    let guest = |e| AppError::Host {
-        context: "process control failed".into(),
-        source: e,
+    // The process may end between a client frame and its delivery (e.g. stdin closed
+    // right after a short command exits): the exit event is on its way, so a
+    // "no such process" answer is not an error of the session.
+    let guest = |e: HostError| {
+        if e.is_not_found() {
+            tracing::debug!(%id, pid, "process already gone; control frame dropped");
+            return Ok(());
+        }
+        Err(AppError::Host {
+            context: "process control failed".into(),
+            source: e,
+        })
     };
     match frame {
         ClientFrame::Stdin { data } => {
@@ -186,9 +195,9 @@ async fn apply(
                 .map_err(|e| AppError::InvalidArgument(format!("stdin data is not base64: {e}")))?;
             host.send_input(id, user, pid, Bytes::from(data), pty)
                 .await
-                .map_err(guest)
+                .or_else(guest)
         }
-        ClientFrame::StdinClose => host.close_stdin(id, user, pid).await.map_err(guest),
+        ClientFrame::StdinClose => host.close_stdin(id, user, pid).await.or_else(guest),
         ClientFrame::Signal { signal } => {
             let sig = match signal.as_str() {
                 "SIGTERM" => Signal::Term,
@@ -199,7 +208,7 @@ async fn apply(
                     )))
                 }
             };
-            host.send_signal(id, user, pid, sig).await.map_err(guest)
+            host.send_signal(id, user, pid, sig).await.or_else(guest)
         }
         ClientFrame::Resize { cols, rows } => {
             if !pty {
@@ -207,7 +216,7 @@ async fn apply(
             }
             host.resize_pty(id, user, pid, cols, rows)
                 .await
-                .map_err(guest)
+                .or_else(guest)
         }
     }
 }
