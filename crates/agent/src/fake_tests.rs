@@ -135,6 +135,8 @@ struct Faults {
     die: bool,
     /// The guest answers 503 instead of 204.
     unhealthy: bool,
+    /// The guest answers /health but refuses /init.
+    refuse_init: bool,
 }
 
 struct Setup {
@@ -143,14 +145,24 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn guest_server(unhealthy: bool) -> SocketAddr {
+async fn guest_server(unhealthy: bool, refuse_init: bool) -> SocketAddr {
+    let init_status = if refuse_init {
+        http::StatusCode::BAD_REQUEST
+    } else {
+        http::StatusCode::NO_CONTENT
+    };
     let status = if unhealthy {
         http::StatusCode::SERVICE_UNAVAILABLE
     } else {
         http::StatusCode::NO_CONTENT
     };
-    let app =
-        axum::Router::new().route("/health", axum::routing::get(move || async move { status }));
+    // Stands in for the guest agent's /health and /init (envd's contract).
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(move || async move { status }))
+        .route(
+            "/init",
+            axum::routing::post(move || async move { init_status }),
+        );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
@@ -170,7 +182,7 @@ async fn setup(f: Faults) -> Setup {
     config.slots_dir = dir.path().join("slots");
     config.boot_timeout = Duration::from_millis(800);
     let log = Arc::new(Log::default());
-    let guest = guest_server(f.unhealthy).await;
+    let guest = guest_server(f.unhealthy, f.refuse_init).await;
     let ctx = Arc::new(Ctx::new(
         config,
         HostId::generate(),
@@ -257,7 +269,7 @@ type Case = (Faults, &'static [&'static str], fn(&SandboxError) -> bool);
 /// and undoes exactly what was done before it.
 #[tokio::test]
 async fn each_failure_undoes_what_was_done() {
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             Faults {
                 net: true,
@@ -308,6 +320,20 @@ async fn each_failure_undoes_what_was_done() {
                 "net.teardown",
             ],
             |e| matches!(e, SandboxError::BootTimeout { .. }),
+        ),
+        (
+            Faults {
+                refuse_init: true,
+                ..Default::default()
+            },
+            &[
+                "net.setup",
+                "disk.create",
+                "vmm.spawn",
+                "vmm.stop",
+                "net.teardown",
+            ],
+            |e| matches!(e, SandboxError::GuestInit { .. }),
         ),
     ];
     for (faults, expected, is_expected) in cases {

@@ -33,6 +33,8 @@ use crate::vmm::qemu::tail;
 use crate::vmm::{guest_cmdline, VmHandle, VmSpec, VmmError};
 use crate::Ctx;
 
+/// Bound on the guest's `/init` call after it answered health.
+const GUEST_INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the guest's health endpoint is polled while booting.
 const HEALTH_POLL: Duration = Duration::from_millis(15);
 /// Bound on one health request (the guest may not answer ARP yet).
@@ -61,6 +63,8 @@ pub enum SandboxError {
     Vmm(#[source] VmmError),
     #[error("state file")]
     State(#[source] StateError),
+    #[error("guest agent refused its initial configuration (/init): {message}")]
+    GuestInit { message: String },
     #[error("guest agent did not answer /health within {after:?}; console: {console}")]
     BootTimeout { after: Duration, console: String },
     #[error("VM exited during boot; qemu: {qemu_log}; console: {console}")]
@@ -309,7 +313,46 @@ async fn boot(
     save(res)?;
     info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
 
-    wait_healthy(ctx, &net, &vm, &res.run_dir).await
+    wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
+    init_guest(ctx, &net, &spec.env).await
+}
+
+/// Hand the guest agent what it cannot know by itself: the sandbox's environment
+/// variables (defaults for every process) and the host's clock (envd's `POST /init`).
+async fn init_guest(
+    ctx: &Ctx,
+    net: &SandboxNet,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), SandboxError> {
+    let body = serde_json::json!({
+        "envVars": env,
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    let req = http::Request::post(format!("http://{}/init", net.guest_address))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .map_err(|e| SandboxError::GuestInit {
+            message: e.to_string(),
+        })?;
+    let resp = tokio::time::timeout(GUEST_INIT_TIMEOUT, ctx.http.request(req))
+        .await
+        .map_err(|_| SandboxError::GuestInit {
+            message: format!("no answer within {GUEST_INIT_TIMEOUT:?}"),
+        })?
+        .map_err(|e| SandboxError::GuestInit {
+            message: e.to_string(),
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+        let text = body
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        return Err(SandboxError::GuestInit {
+            message: format!("HTTP {status}: {}", tail(&text, 300)),
+        });
+    }
+    Ok(())
 }
 
 fn console_tail(run_dir: &std::path::Path) -> String {
