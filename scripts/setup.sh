@@ -23,6 +23,10 @@ cargo build --release --locked -p hearth-cli
 new_sum=$(sha256sum target/release/hearth | cut -d' ' -f1)
 old_sum=$(sha256sum /usr/local/bin/hearth 2>/dev/null | cut -d' ' -f1 || true)
 
+CREDS="$HOME/.config/hearth/credentials.json"
+had_creds=""
+[ -f "$CREDS" ] && had_creds=1
+
 running=""
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   running=$(cat "$PIDFILE")
@@ -38,6 +42,7 @@ else
   fi
   install -m 0755 target/release/hearth /usr/local/bin/hearth
   mkdir -p "$(dirname "$PIDFILE")" "$DATA_DIR"
+  [ -e "$LOG" ] || install -m 0640 /dev/null "$LOG"
   say "Starting hearth up (log: $LOG)"
   nohup /usr/local/bin/hearth up --data-dir "$DATA_DIR" --images-dir "$IMAGES_DIR" >>"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
@@ -46,8 +51,14 @@ fi
 for _ in $(seq 1 300); do
   if curl -fsS "$URL/v1/health" >/dev/null 2>&1; then
     say "hearth is up at $URL"
-    grep -a "API key" "$LOG" | tail -n 1 || true
-    echo "The CLI finds its key in ~/.config/hearth/credentials.json. Try: hearth sandbox create"
+    if [ -z "$had_creds" ]; then
+      for _ in $(seq 1 50); do [ -f "$CREDS" ] && break; sleep 0.1; done
+      if [ -f "$CREDS" ]; then
+        key=$(sed -n 's/.*"api_key": *"\([^"]*\)".*/\1/p' "$CREDS")
+        echo "Admin API key (shown once; stored in $CREDS, mode 0600): $key"
+      fi
+    fi
+    echo "The CLI finds its key in $CREDS. Try: hearth sandbox create"
     exit 0
   fi
   if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then

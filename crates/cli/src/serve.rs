@@ -4,6 +4,7 @@
 //! `hearth_control`, starts them, prints the first-start API key, and waits for
 //! SIGINT/SIGTERM.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -129,10 +130,19 @@ async fn start_control(
             url: url.clone(),
             api_key: key.to_string(),
         })?;
-        println!(
-            "Admin API key (shown once, stored in {}): {key}",
-            path.display()
-        );
+        // Printed once, and only to a terminal: a redirected stdout is usually a log
+        // file, and a log file is no place for a secret. It is in `path` either way.
+        if std::io::stdout().is_terminal() {
+            println!(
+                "Admin API key (shown once, stored in {}): {key}",
+                path.display()
+            );
+        } else {
+            println!(
+                "Admin API key created and stored in {} (mode 0600)",
+                path.display()
+            );
+        }
     }
     tracing::info!(addr = %control.local_addr(), "control plane listening");
     Ok(control)
