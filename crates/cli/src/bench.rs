@@ -216,6 +216,13 @@ async fn raw_boot(images: &Path, template: &str) -> Result<f64> {
             disk.display()
         ))
         .args(["-device", "virtio-blk-device,drive=root"])
+        // The same NIC as a sandbox, on a QEMU hub with no other port: the guest
+        // configures eth0 exactly as in a sandbox, and no packet leaves QEMU.
+        .args(["-netdev", "hubport,id=n0,hubid=0", "-device"])
+        .arg(format!(
+            "virtio-net-device,netdev=n0,mac={}",
+            hearth_agent::net::GUEST_MAC
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
