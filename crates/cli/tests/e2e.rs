@@ -276,3 +276,34 @@ fn bad_input_is_rejected_and_creates_nothing() {
         .unwrap_or(0);
     assert_eq!(dirs, 0, "bad input left run dirs behind");
 }
+
+#[test]
+fn sandbox_past_its_timeout_is_destroyed_and_reported_stopped() {
+    if !e2e_available() {
+        return;
+    }
+    let stack = Stack::start();
+    // Long enough for a TCG boot on a busy 2-core host, short enough for a test.
+    let sb = stack.create(json!({"template": "minimal", "timeout_s": 15}));
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["state"], "running");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let state = loop {
+        let v: serde_json::Value = stack
+            .req(Method::GET, &format!("/v1/sandboxes/{id}"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if v["state"] != "running" || std::time::Instant::now() > deadline {
+            break v["state"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(state, "stopped", "sandbox not reaped after its timeout");
+    let left = leftovers(&id, &stack.run_dir());
+    assert!(left.is_empty(), "after the reaper: {left:?}");
+    let r = stack.sh_status(&id, "true");
+    assert_eq!(r, 409, "exec on a reaped sandbox");
+}

@@ -201,6 +201,16 @@ impl Stack {
         v
     }
 
+    /// HTTP status of an exec, for the cases where it must fail.
+    pub fn sh_status(&self, id: &str, script: &str) -> u16 {
+        self.req(reqwest::Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+            .json(&serde_json::json!({"cmd": ["sh", "-c", script]}))
+            .send()
+            .expect("exec")
+            .status()
+            .as_u16()
+    }
+
     pub fn sh(&self, id: &str, script: &str) -> Value {
         self.exec(id, serde_json::json!({"cmd": ["sh", "-c", script]}))
     }
