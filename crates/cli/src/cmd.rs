@@ -250,6 +250,7 @@ fn terminal_size() -> (u16, u16) {
 
 pub async fn cp(g: &Global, a: CpArgs) -> Result<()> {
     let c = client(g)?;
+    let user = a.user.as_deref().unwrap_or("root");
     match (split_remote(&a.src), split_remote(&a.dst)) {
         (None, Some((id, path))) => {
             let file = tokio::fs::File::open(&a.src)
@@ -267,7 +268,7 @@ pub async fn cp(g: &Global, a: CpArgs) -> Result<()> {
             let v: Value = c
                 .json(
                     c.request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
-                        .query(&[("path", &path)])
+                        .query(&[("path", path.as_str()), ("user", user)])
                         .header(reqwest::header::CONTENT_LENGTH, len)
                         .body(reqwest::Body::wrap_stream(
                             tokio_util::io::ReaderStream::new(file),
@@ -284,7 +285,7 @@ pub async fn cp(g: &Global, a: CpArgs) -> Result<()> {
             let mut resp = c
                 .send(
                     c.request(Method::GET, &format!("/v1/sandboxes/{id}/files"))
-                        .query(&[("path", path)]),
+                        .query(&[("path", path), ("user", user)]),
                 )
                 .await?;
             let mut dst = std::path::PathBuf::from(&a.dst);

@@ -142,6 +142,9 @@ pub struct CpArgs {
     pub src: String,
     /// Destination: a local path or SANDBOX:/path.
     pub dst: String,
+    /// Sandbox user who owns the written file / whose permissions apply (default root).
+    #[arg(long)]
+    pub user: Option<String>,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {

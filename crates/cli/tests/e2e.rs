@@ -100,6 +100,17 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     let got = down.bytes().unwrap();
     assert!(got.as_ref() == data.as_slice(), "10 MB round trip differs");
 
+    // Files written as another user belong to that user.
+    let up = stack
+        .req(Method::PUT, &format!("/v1/sandboxes/{a_id}/files"))
+        .query(&[("path", "/home/user/mine.txt"), ("user", "user")])
+        .body("mine")
+        .send()
+        .unwrap();
+    assert_eq!(up.status().as_u16(), 200, "{:?}", up.text());
+    let r = stack.sh(a_id, "stat -c '%U %s' /home/user/mine.txt");
+    assert_eq!(r["stdout"], "user 4\n", "{r}");
+
     // Missing file -> 404.
     let r = stack
         .req(Method::GET, &format!("/v1/sandboxes/{a_id}/files"))
@@ -255,6 +266,28 @@ fn bad_input_is_rejected_and_creates_nothing() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    // Bad file requests: relative path, missing path, bad user name.
+    let some_id = "sb-0000000000000000";
+    for (query, needle) in [
+        (vec![("path", "relative/file")], "path"),
+        (vec![], "path"),
+        (vec![("path", "/tmp/x"), ("user", "../root")], "user"),
+    ] {
+        let r = stack
+            .req(Method::GET, &format!("/v1/sandboxes/{some_id}/files"))
+            .query(&query)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{query:?}");
+        let v: serde_json::Value = r.json().unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{query:?}: {v}"
+        );
+    }
     // Oversized body.
     let r = stack
         .req(Method::POST, "/v1/sandboxes")

@@ -20,6 +20,7 @@ impl App {
         team: TeamId,
         id: &SandboxId,
         path: &str,
+        user: &str,
         declared_len: Option<u64>,
         body: S,
     ) -> AppResult<u64>
@@ -28,6 +29,7 @@ impl App {
         E: std::fmt::Display + Send + 'static,
     {
         validate::guest_path("path", path)?;
+        validate::user(user)?;
         let limit = self.max_upload_bytes;
         let too_large =
             || AppError::PayloadTooLarge(format!("file is larger than the limit of {limit} bytes"));
@@ -50,7 +52,7 @@ impl App {
                 Ok(chunk)
             })
             .boxed();
-        let result = host.upload_file(id, "root", path, stream).await;
+        let result = host.upload_file(id, user, path, stream).await;
         if over.load(Ordering::Relaxed) {
             return Err(too_large());
         }
@@ -64,10 +66,12 @@ impl App {
         team: TeamId,
         id: &SandboxId,
         path: &str,
+        user: &str,
     ) -> AppResult<(Option<u64>, ByteStream)> {
         validate::guest_path("path", path)?;
+        validate::user(user)?;
         let host = self.running_host(team, id).await?;
-        host.download_file(id, "root", path)
+        host.download_file(id, user, path)
             .await
             .map_err(|e| guest_error(&format!("reading {path} failed"), e))
     }

@@ -92,9 +92,12 @@ pub async fn exec(
     Ok(Json(out.into()))
 }
 
-fn required_path(q: FileQuery) -> ApiResult<String> {
-    q.path
-        .ok_or_else(|| AppError::InvalidArgument("query parameter path is required".into()).into())
+/// The `path` (required) and `user` (default root) of a file request.
+fn file_target(q: FileQuery) -> ApiResult<(String, String)> {
+    let path = q
+        .path
+        .ok_or_else(|| AppError::InvalidArgument("query parameter path is required".into()))?;
+    Ok((path, q.user.unwrap_or_else(|| "root".to_string())))
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", params(("id" = String, Path), FileQuery),
@@ -111,7 +114,7 @@ pub async fn upload_file(
     body: Body,
 ) -> ApiResult<Json<FileWritten>> {
     let id = parse_id(&id)?;
-    let path = required_path(q)?;
+    let (path, user) = file_target(q)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -122,6 +125,7 @@ pub async fn upload_file(
             caller.team_id,
             &id,
             &path,
+            &user,
             declared,
             body.into_data_stream(),
         )
@@ -140,8 +144,11 @@ pub async fn download_file(
     Query(q): Query<FileQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
-    let path = required_path(q)?;
-    let (len, stream) = s.app.download_file(caller.team_id, &id, &path).await?;
+    let (path, user) = file_target(q)?;
+    let (len, stream) = s
+        .app
+        .download_file(caller.team_id, &id, &path, &user)
+        .await?;
     let mut resp =
         Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response();
     let h = resp.headers_mut();

@@ -176,6 +176,8 @@ impl From<ExecOutcome> for ExecResponse {
 pub struct FileQuery {
     /// Absolute path in the sandbox.
     pub path: Option<String>,
+    /// User who owns a written file / whose permissions apply (default root).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
