@@ -14,6 +14,29 @@ use crate::client::split_remote;
 use crate::output::{print_json, print_object, print_table};
 use crate::{client, kv_map, CpArgs, CreateArgs, ExecArgs, Global};
 
+/// A progress spinner on stderr, shown only when stderr is a terminal.
+struct Spinner(Option<indicatif::ProgressBar>);
+
+impl Spinner {
+    fn start(msg: &str) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Spinner(None);
+        }
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_message(msg.to_string());
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        Spinner(Some(pb))
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        if let Some(pb) = self.0.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
 const SANDBOX_COLUMNS: &[&str] = &[
     "id",
     "template",
@@ -34,9 +57,12 @@ pub async fn sandbox_create(g: &Global, a: CreateArgs) -> Result<()> {
         "env": kv_map(&a.env),
         "metadata": kv_map(&a.metadata),
     });
-    let sb: Value = c
+    let spinner = Spinner::start(&format!("booting a {} sandbox", a.template));
+    let sb: Result<Value> = c
         .json(c.request(Method::POST, "/v1/sandboxes").json(&body))
-        .await?;
+        .await;
+    drop(spinner);
+    let sb = sb?;
     if g.json {
         print_json(&sb);
     } else {
