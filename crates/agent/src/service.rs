@@ -96,11 +96,22 @@ impl AgentService {
         if spec.expires_at_unix_ms < 0 {
             return Err(invalid("expires_at_unix_ms must not be negative"));
         }
-        if !self.ctx.template_rootfs(&template).is_file() {
-            return Err(ConnectError::new(
-                ErrorCode::NotFound,
-                format!("template {template} does not exist on this host"),
-            ));
+        let image_bytes = match std::fs::metadata(self.ctx.template_rootfs(&template)) {
+            Ok(m) if m.is_file() => m.len(),
+            _ => {
+                return Err(ConnectError::new(
+                    ErrorCode::NotFound,
+                    format!("template {template} does not exist on this host"),
+                ))
+            }
+        };
+        // The disk starts as a copy of the template's image and the guest only grows it.
+        let min_mb = image_bytes.div_ceil(1 << 20);
+        if u64::from(shape.disk_size_mb) < min_mb {
+            return Err(invalid(format!(
+                "disk_size_mb {} is smaller than template {template}'s image; the minimum is {min_mb}",
+                shape.disk_size_mb
+            )));
         }
         Ok(SandboxSpec {
             sandbox_id,

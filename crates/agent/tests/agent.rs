@@ -385,6 +385,53 @@ async fn validation_errors_create_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_smaller_than_the_template_is_refused() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = fake_images(tmp.path());
+    // A template image of 100 MiB and one byte: the smallest disk is 101 MiB.
+    let big = images.join("templates/big");
+    std::fs::create_dir_all(&big).unwrap();
+    let f = std::fs::File::create(big.join("rootfs.ext4")).unwrap();
+    f.set_len((100 << 20) + 1).unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+    let id = SandboxId::generate();
+
+    let mut small = spec(&id, "big", 0);
+    small.spec.as_option_mut().unwrap().disk_size_mb = 100;
+    let err = c.create_sandbox(small).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    let msg = err.message.unwrap_or_default();
+    assert!(msg.contains("minimum is 101"), "{msg}");
+    assert_eq!(sandbox_dirs(&run), 0);
+    assert!(!netns_exists(&id));
+    let err = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
+    // The minimum itself passes validation (and then fails to boot the fake kernel).
+    let mut exact = spec(&id, "big", 0);
+    exact.spec.as_option_mut().unwrap().disk_size_mb = 101;
+    let err = c.create_sandbox(exact).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Internal, "{err:?}");
+    assert!(
+        err.message
+            .unwrap_or_default()
+            .contains("VM exited during boot"),
+        "the minimum disk size was refused"
+    );
+    assert_eq!(sandbox_dirs(&run), 0);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_boot_leaks_nothing() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
@@ -860,5 +907,81 @@ async fn crash_of_the_agent_process_is_survived() {
         .into_owned();
     assert!(d.existed);
     assert_gone(&fp);
+    agent.shutdown().await;
+}
+
+/// `df -k /` in the guest: (size, available) in KiB.
+fn parse_df_root(out: &str) -> Option<(u64, u64)> {
+    // busybox: "Filesystem 1K-blocks Used Available Use% Mounted on" then one line.
+    let line = out.lines().find(|l| l.trim_end().ends_with(" /"))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let n = f.len();
+    (n >= 6).then_some(())?;
+    Some((f[n - 5].parse().ok()?, f[n - 3].parse().ok()?))
+}
+
+/// The guest grows its root filesystem to the requested disk before it serves.
+/// `HEARTH_TEST_DISK_MB` overrides the 512 MiB disk (to measure the grow time,
+/// printed from the guest's console line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_filesystem_fills_the_disk() {
+    init_tracing();
+    let Some(images) = real_images("root_filesystem_fills_the_disk") else {
+        return;
+    };
+    let disk_mb: u32 = std::env::var("HEARTH_TEST_DISK_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = Agent::start(config(&images, &run)).await.unwrap();
+    let c = client(&agent);
+    let id = SandboxId::generate();
+    let mut req = spec(&id, "minimal", 0);
+    req.spec.as_option_mut().unwrap().disk_size_mb = disk_mb;
+    let created = c.create_sandbox(req).await.expect("create").into_owned();
+    let boot_ms = created.sandbox.as_option().unwrap().boot_ms;
+    let fp = footprint(&run, &id);
+
+    // The guest grows / before it serves, so the first `df` already sees it.
+    let (out, code) = exec(agent.local_addr(), &id, "df", &["-k", "/"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (size_kb, avail_kb) = parse_df_root(&out).unwrap_or_else(|| panic!("df output: {out}"));
+    assert!(
+        size_kb > u64::from(disk_mb) * 1024 * 8 / 10,
+        "/ is {size_kb} KiB on a {disk_mb} MiB disk: {out}"
+    );
+
+    let (out, code) = exec(
+        agent.local_addr(),
+        &id,
+        "sh",
+        &[
+            "-c",
+            "dd if=/dev/zero of=/root/big bs=1M count=100 2>&1 && sync && ls -l /root/big",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "writing 100 MiB to /root failed: {out}");
+    assert!(out.contains(&(100u64 << 20).to_string()), "{out}");
+
+    let console = std::fs::read_to_string(fp.run_dir.join("console.log")).unwrap_or_default();
+    let grew = console
+        .lines()
+        .find(|l| l.contains("grew /"))
+        .unwrap_or("(no grow line)")
+        .trim()
+        .to_owned();
+    c.destroy_sandbox(pb::DestroySandboxRequest {
+        sandbox_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_gone(&fp);
+    println!(
+        "MEASURED disk_mb={disk_mb} boot_ms={boot_ms} df_size_kb={size_kb} df_avail_kb={avail_kb} console: {grew}"
+    );
     agent.shutdown().await;
 }

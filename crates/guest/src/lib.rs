@@ -6,6 +6,7 @@
 pub mod cmdline;
 pub mod files_http;
 pub mod fs;
+pub mod growfs;
 pub mod init;
 pub mod net;
 pub mod process;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use hearth_guest::{cmdline, init, net, state::AgentState, PROBE_MARKER, READY_MARKER};
+use hearth_guest::{cmdline, growfs, init, net, state::AgentState, PROBE_MARKER, READY_MARKER};
 
 fn main() {
     let is_init = std::process::id() == 1;
@@ -48,12 +48,14 @@ fn main() {
             init::console(&format!("hearth-guest: {e}: {}", source_text(&e)));
             init::power_off();
         }
-        boot = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+        let raw_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        boot = cmdline::parse(&raw_cmdline);
         if boot.probe {
             init::console(PROBE_MARKER);
             init::power_off();
         }
         init::load_modules(std::path::Path::new(init::MODULES_DIR));
+        growfs::grow_root(&init::root_params(&raw_cmdline).device);
         if let Some(h) = &boot.hostname {
             init::set_hostname(h);
         }
