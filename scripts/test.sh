@@ -12,6 +12,10 @@ bash scripts/install-deps.sh
 export HEARTH_IMAGES_DIR=${HEARTH_IMAGES_DIR:-/var/lib/hearth/images}
 bash scripts/build-images.sh "$HEARTH_IMAGES_DIR"
 
+say "cargo fmt --check, cargo clippy -D warnings"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 # The end-to-end tests must run for real in CI: never skip them for lack of images.
 export HEARTH_REQUIRE_E2E=1
 say "cargo test --workspace"

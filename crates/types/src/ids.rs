@@ -133,11 +133,13 @@ impl TeamId {
 impl FromStr for TeamId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        Uuid::parse_str(s).map(TeamId).map_err(|_| IdError::Invalid {
-            kind: "team ID",
-            value: truncate_for_error(s),
-            reason: "must be a UUID",
-        })
+        Uuid::parse_str(s)
+            .map(TeamId)
+            .map_err(|_| IdError::Invalid {
+                kind: "team ID",
+                value: truncate_for_error(s),
+                reason: "must be a UUID",
+            })
     }
 }
 
