@@ -47,7 +47,8 @@ async fn setup_builds_the_contract_network_and_teardown_removes_it() {
         let fwd = ns_output(&net.netns, &["sysctl", "-n", "net.ipv4.ip_forward"]);
         assert_eq!(fwd.trim(), "1");
         let rules = ns_output(&net.netns, &["nft", "list", "ruleset"]);
-        assert!(rules.contains("dnat to 169.254.0.21"), "{rules}");
+        assert!(rules.contains("table inet hearth"), "{rules}");
+        assert!(rules.contains("dnat ip to 169.254.0.21"), "{rules}");
         assert!(rules.contains("policy drop"), "{rules}");
         let guest_ip = net.guest_address.ip().to_string();
         let routes = std::process::Command::new("ip")

@@ -159,6 +159,28 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
         .filter_map(|s| s["id"].as_str())
         .collect();
     assert!(ids.contains(&a_id) && ids.contains(&b_id), "{listed}");
+    let out = stack.cli(&["sandbox", "get", a_id, "--json"]);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("get --json");
+    assert_eq!(got["id"], a_id);
+    assert_eq!(got["state"], "running");
+    let out = stack.cli(&["template", "list", "--json"]);
+    let templates: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("template list --json");
+    assert!(
+        templates["templates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "minimal"),
+        "{templates}"
+    );
+    // A CLI error says what is wrong and exits non-zero.
+    let out = stack.cli(&["sandbox", "get", "sb-zzzzzzzzzzzzzzzz"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{out:?}"
+    );
 
     // Destroy: nothing of the sandbox remains on the host.
     for id in [a_id, b_id] {

@@ -129,13 +129,14 @@ pub trait NetworkProvider: Send + Sync + 'static {
 #[derive(Debug, Clone, Default)]
 pub struct NetnsProvider;
 
-/// The nftables ruleset loaded inside a sandbox namespace.
+/// The nftables ruleset loaded inside a sandbox namespace. An `inet` table, so its
+/// drop policies hold for IPv6 as well as IPv4.
 pub fn ns_ruleset(guest_routable: Ipv4Addr) -> String {
     format!(
-        "table ip hearth {{
+        "table inet hearth {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
-    iifname \"{NS_VETH}\" ip daddr {guest_routable} dnat to {GUEST_IP}
+    iifname \"{NS_VETH}\" ip daddr {guest_routable} dnat ip to {GUEST_IP}
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
@@ -318,7 +319,8 @@ mod tests {
     fn ruleset_denies_guest_initiated_traffic() {
         let r = ns_ruleset(Ipv4Addr::new(10, 11, 0, 7));
         assert!(r.contains("policy drop"));
-        assert!(r.contains("ip daddr 10.11.0.7 dnat to 169.254.0.21"));
+        assert!(r.contains("table inet hearth"));
+        assert!(r.contains("ip daddr 10.11.0.7 dnat ip to 169.254.0.21"));
         assert!(!r.contains("iifname \"tap0\" accept"));
     }
 
