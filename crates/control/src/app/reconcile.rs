@@ -35,7 +35,12 @@ impl App {
                     continue;
                 }
             };
-            if entry.info.as_ref() != Some(&info) {
+            // Announce a host when what it is changes, not when its load does.
+            let changed = entry.info.as_ref().is_none_or(|old| {
+                (&old.host_id, &old.vmm, &old.accel, &old.templates)
+                    != (&info.host_id, &info.vmm, &info.accel, &info.templates)
+            });
+            if changed {
                 tracing::info!(host = %url, host_id = %info.host_id, vmm = %info.vmm, accel = %info.accel,
                     templates = ?info.templates.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     "host agent registered");
