@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use connectrpc::Router as ConnectRouter;
 use hearth_types::{HostId, SandboxId, SandboxLimits, TemplateName};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -70,7 +71,14 @@ pub struct AgentConfig {
     pub max_sandboxes: usize,
     /// How long a create waits for the guest agent's `/health`.
     pub boot_timeout: Duration,
+    /// Shared secret the control plane must send in [`AGENT_TOKEN_HEADER`] on every
+    /// request (RPC and proxy). `None` leaves the port open: only for loopback.
+    pub token: Option<String>,
 }
+
+/// Header carrying the agent token. Not `Authorization`: that one belongs to envd
+/// (the guest user rides in it) and passes through the proxy; this one never does.
+pub const AGENT_TOKEN_HEADER: &str = "x-hearth-agent-token";
 
 impl AgentConfig {
     /// Defaults for everything else (accel auto, qcow2 disks, 60 s boot timeout,
@@ -89,6 +97,7 @@ impl AgentConfig {
             limits: SandboxLimits::default(),
             max_sandboxes: 64,
             boot_timeout: Duration::from_secs(60),
+            token: None,
         }
     }
 
@@ -330,6 +339,9 @@ impl Agent {
             reason = %ctx.accel_reason,
             "host agent serving"
         );
+        if ctx.config.token.is_none() && !local_addr.ip().is_loopback() {
+            warn!(%local_addr, "no agent token: anyone who reaches this port controls its VMs; set one (hearth agent --token-file)");
+        }
         Ok(RunningAgent {
             _lock: lock,
             ctx,
@@ -397,6 +409,7 @@ fn first_template_rootfs(config: &AgentConfig) -> Option<PathBuf> {
 pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
     let service = Arc::new(service::AgentService { ctx: ctx.clone() });
     let connect = ConnectRouter::new().add_service(service);
+    let token = ctx.config.token.clone();
     axum::Router::new()
         .route(
             "/sandboxes/{id}/envd/{*rest}",
@@ -404,6 +417,36 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
         )
         .with_state(ctx)
         .fallback_service(connect.into_axum_service())
+        .layer(axum::middleware::from_fn(move |req, next| {
+            check_token(token.clone(), req, next)
+        }))
+        // Liveness for supervisors and tests; says nothing about sandboxes, so no token.
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+}
+
+/// Refuse any request without the agent token, when one is configured.
+async fn check_token(
+    token: Option<String>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(want) = token {
+        let got = req
+            .headers()
+            .get(AGENT_TOKEN_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !constant_time_eq(got, want.as_bytes()) {
+            let body = serde_json::json!({"error": {"code": "unauthenticated",
+                "message": format!("missing or wrong {AGENT_TOKEN_HEADER}")}});
+            return (http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A started agent.

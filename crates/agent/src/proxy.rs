@@ -82,6 +82,8 @@ pub(crate) async fn handle(
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // The host's secret never reaches a guest.
+    parts.headers.remove(crate::AGENT_TOKEN_HEADER);
     if let Ok(host) = HeaderValue::from_str(&addr.to_string()) {
         parts.headers.insert(http::header::HOST, host);
     }

@@ -30,6 +30,29 @@ pub struct AgentOpts {
     pub destroy_on_shutdown: bool,
 }
 
+#[derive(Args, Clone)]
+pub struct TokenOpts {
+    /// File holding the host agent's shared secret (the control plane sends it on every
+    /// call). The secret may also come from the HEARTH_AGENT_TOKEN environment variable.
+    #[arg(long, env = "HEARTH_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+}
+
+impl TokenOpts {
+    fn resolve(&self) -> Result<Option<String>> {
+        if let Some(path) = &self.agent_token_file {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the agent token from {}", path.display()))?;
+            let t = t.trim().to_string();
+            anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+            return Ok(Some(t));
+        }
+        Ok(std::env::var("HEARTH_AGENT_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()))
+    }
+}
+
 #[derive(Args)]
 pub struct UpArgs {
     /// Address of the REST API.
@@ -59,6 +82,8 @@ pub struct ServerArgs {
     /// Host agent URL (repeatable).
     #[arg(long = "agent-url", default_value = "http://127.0.0.1:7421")]
     pub agent_urls: Vec<String>,
+    #[command(flatten)]
+    pub token: TokenOpts,
 }
 
 #[derive(Args)]
@@ -71,6 +96,8 @@ pub struct AgentArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub agent: AgentOpts,
+    #[command(flatten)]
+    pub token: TokenOpts,
 }
 
 fn init_tracing() {
@@ -95,6 +122,7 @@ fn agent_config(
     listen: SocketAddr,
     data_dir: &std::path::Path,
     o: &AgentOpts,
+    token: Option<String>,
 ) -> Result<hearth_agent::AgentConfig> {
     let accel: hearth_agent::Accel = o
         .accel
@@ -108,6 +136,7 @@ fn agent_config(
         o.run_dir.clone().unwrap_or_else(|| data_dir.join("run")),
     );
     cfg.accel = accel;
+    cfg.token = token;
     Ok(cfg)
 }
 
@@ -116,6 +145,7 @@ async fn start_control(
     data_dir: &std::path::Path,
     database_url: Option<String>,
     agent_urls: Vec<String>,
+    agent_token: Option<String>,
 ) -> Result<hearth_control::RunningControl> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -123,6 +153,7 @@ async fn start_control(
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display()));
     let mut cfg = hearth_control::ControlConfig::new(listen, database_url);
     cfg.agent_urls = agent_urls;
+    cfg.agent_token = agent_token;
     let control = hearth_control::start(cfg).await?;
     if let Some(key) = control.bootstrap_key() {
         let url = format!("http://{}", control.local_addr());
@@ -150,10 +181,12 @@ async fn start_control(
 
 pub async fn up(a: UpArgs) -> Result<()> {
     init_tracing();
-    let cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent)?;
+    // One process holds both ends: a fresh secret per start, never written anywhere.
+    let token = random_token();
+    let cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent, Some(token.clone()))?;
     let agent = hearth_agent::Agent::start(cfg).await?;
     let agent_url = format!("http://{}", agent.local_addr());
-    let control = start_control(a.listen, &a.data_dir, None, vec![agent_url]).await?;
+    let control = start_control(a.listen, &a.data_dir, None, vec![agent_url], Some(token)).await?;
     println!(
         "hearth is up: API http://{} (host agent {})",
         control.local_addr(),
@@ -171,7 +204,14 @@ pub async fn up(a: UpArgs) -> Result<()> {
 
 pub async fn server(a: ServerArgs) -> Result<()> {
     init_tracing();
-    let control = start_control(a.listen, &a.data_dir, a.database_url, a.agent_urls).await?;
+    let control = start_control(
+        a.listen,
+        &a.data_dir,
+        a.database_url,
+        a.agent_urls,
+        a.token.resolve()?,
+    )
+    .await?;
     shutdown_signal().await;
     control.shutdown().await;
     Ok(())
@@ -179,7 +219,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
     init_tracing();
-    let cfg = agent_config(a.listen, &a.data_dir, &a.agent)?;
+    let cfg = agent_config(a.listen, &a.data_dir, &a.agent, a.token.resolve()?)?;
     let agent = hearth_agent::Agent::start(cfg).await?;
     tracing::info!(addr = %agent.local_addr(), "host agent listening");
     shutdown_signal().await;
@@ -188,4 +228,9 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+fn random_token() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::rngs::OsRng, 40)
 }

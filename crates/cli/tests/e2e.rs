@@ -310,6 +310,37 @@ fn bad_input_is_rejected_and_creates_nothing() {
             "{query:?}: {v}"
         );
     }
+    // The host agent refuses anyone without its token: RPC and guest proxy alike.
+    let agent = format!("http://127.0.0.1:{}", stack.agent_port);
+    for (path, token) in [
+        ("/hearth.agent.v1.HostAgent/ListSandboxes", None),
+        ("/hearth.agent.v1.HostAgent/ListSandboxes", Some("wrong")),
+        ("/sandboxes/sb-0000000000000000/envd/health", None),
+    ] {
+        let mut req = stack
+            .http()
+            .post(format!("{agent}{path}"))
+            .header("content-type", "application/json")
+            .body("{}");
+        if let Some(t) = token {
+            req = req.header("x-hearth-agent-token", t);
+        }
+        assert_eq!(
+            req.send().unwrap().status().as_u16(),
+            401,
+            "{path} {token:?}"
+        );
+    }
+    let ok = stack
+        .http()
+        .post(format!("{agent}/hearth.agent.v1.HostAgent/ListSandboxes"))
+        .header("content-type", "application/json")
+        .header("x-hearth-agent-token", common::AGENT_TOKEN)
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+
     // Oversized body.
     let r = stack
         .req(Method::POST, "/v1/sandboxes")

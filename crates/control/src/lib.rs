@@ -38,6 +38,8 @@ pub struct ControlConfig {
     pub database_url: String,
     /// Base URLs of the host agents, e.g. `http://127.0.0.1:7421`.
     pub agent_urls: Vec<String>,
+    /// Shared secret of the host agents (`x-hearth-agent-token`); `None` if they run without one.
+    pub agent_token: Option<String>,
     pub limits: SandboxLimits,
     pub max_upload_bytes: u64,
     pub reconcile_interval: Duration,
@@ -49,6 +51,7 @@ impl ControlConfig {
             listen,
             database_url: database_url.into(),
             agent_urls: Vec::new(),
+            agent_token: None,
             limits: SandboxLimits::default(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             reconcile_interval: Duration::from_secs(2),
@@ -116,7 +119,8 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     let mut hosts: Vec<Arc<dyn HostClient>> = Vec::new();
     for url in &config.agent_urls {
         hosts.push(Arc::new(
-            AgentHostClient::new(url).map_err(ControlError::AgentUrl)?,
+            AgentHostClient::new(url, config.agent_token.as_deref())
+                .map_err(ControlError::AgentUrl)?,
         ));
     }
     let state = AppState::new(App::new(db, hosts, config.limits, config.max_upload_bytes));

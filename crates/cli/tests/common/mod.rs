@@ -59,6 +59,9 @@ pub fn hearth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
 
+/// The shared secret between the test's control plane and host agent.
+pub const AGENT_TOKEN: &str = "test-agent-token-9f3b2c";
+
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub agent: Option<Child>,
@@ -109,6 +112,7 @@ impl Stack {
             .arg(s.dir.path().join("data"))
             .args(["--agent-url", &format!("http://127.0.0.1:{agent_port}")])
             .env("HEARTH_CREDENTIALS", &creds)
+            .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -143,6 +147,7 @@ impl Stack {
             .arg("--images-dir")
             .arg(images_dir())
             .args(["--accel", "tcg", "--destroy-on-shutdown"])
+            .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

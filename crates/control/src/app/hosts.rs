@@ -185,6 +185,7 @@ pub struct AgentHostClient {
     http: HttpClient,
     agent: agent::HostAgentClient<HttpClient>,
     files: reqwest::Client,
+    token: Option<String>,
 }
 
 /// How long a lifecycle RPC may take (a TCG boot takes a few seconds; leave room).
@@ -192,7 +193,8 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(180);
 const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AgentHostClient {
-    pub fn new(url: &str) -> Result<Self, HostError> {
+    /// `token`: the host agent's shared secret, sent on every call (RPC, proxy, files).
+    pub fn new(url: &str, token: Option<&str>) -> Result<Self, HostError> {
         let url = url.trim_end_matches('/').to_owned();
         let uri: http::Uri = url
             .parse()
@@ -203,12 +205,25 @@ impl AgentHostClient {
             )));
         }
         let http = HttpClient::plaintext();
+        let token = token.map(str::to_owned);
         let agent = agent::HostAgentClient::new(
             http.clone(),
-            ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+            with_token(
+                ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+                token.as_deref(),
+            ),
         );
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = &token {
+            let mut v = reqwest::header::HeaderValue::from_str(t).map_err(|_| {
+                HostError::Transport("agent token is not a valid header value".into())
+            })?;
+            v.set_sensitive(true);
+            headers.insert(AGENT_TOKEN_HEADER, v);
+        }
         let files = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .default_headers(headers)
             .build()
             .map_err(|e| HostError::Transport(e.to_string()))?;
         Ok(Self {
@@ -216,6 +231,7 @@ impl AgentHostClient {
             http,
             agent,
             files,
+            token,
         })
     }
 
@@ -230,8 +246,22 @@ impl AgentHostClient {
             .map_err(|e| HostError::Transport(format!("envd URL: {e}")))?;
         Ok(process::ProcessClient::new(
             self.http.clone(),
-            ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+            with_token(
+                ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+                self.token.as_deref(),
+            ),
         ))
+    }
+}
+
+/// Header of the host agent's shared secret (the agent strips it before its proxy
+/// forwards anything to a guest).
+pub const AGENT_TOKEN_HEADER: &str = "x-hearth-agent-token";
+
+fn with_token(config: ClientConfig, token: Option<&str>) -> ClientConfig {
+    match token {
+        Some(t) => config.with_default_header(AGENT_TOKEN_HEADER, t.to_owned()),
+        None => config,
     }
 }
 
