@@ -28,8 +28,8 @@ pub struct CreateBench {
     /// Sandboxes to create (one after another).
     #[arg(long, default_value_t = 10)]
     pub count: usize,
-    /// Direct QEMU boots for the reference.
-    #[arg(long, default_value_t = 5)]
+    /// Direct QEMU boots for the reference (alternating with the creates).
+    #[arg(long, default_value_t = 10)]
     pub raw_count: usize,
     /// Exec round trips of `true`.
     #[arg(long, default_value_t = 30)]
@@ -79,44 +79,45 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
     }
     let c = client(g)?;
 
-    // Raw boots first and creates after, alternating would be fairer on a noisy host
-    // but keeps VMs of both kinds from overlapping; each phase runs one VM at a time.
+    // Raw boots and creates alternate, one VM at a time, so that both see the same
+    // load on a shared, noisy host; the ratio of their medians is what counts.
     let mut raw = Vec::new();
-    for i in 0..b.raw_count {
-        let ms = raw_boot(&b.images_dir, &b.template).await?;
-        progress(
-            g,
-            &format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count),
-        );
-        raw.push(ms);
-    }
-
     let mut creates = Vec::new();
     let mut exec_sandbox: Option<String> = None;
-    for i in 0..b.count {
-        let t = Instant::now();
-        let sb: Value = c
-            .json(
-                c.request(Method::POST, "/v1/sandboxes")
-                    .json(&json!({"template": b.template, "timeout_s": 600})),
-            )
-            .await
-            .context("creating a sandbox")?;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let id = sb["id"]
-            .as_str()
-            .context("create returned no id")?
-            .to_string();
-        progress(
-            g,
-            &format!("cold create {}/{}: {ms:.0} ms ({id})", i + 1, b.count),
-        );
-        creates.push(ms);
-        if exec_sandbox.is_none() {
-            exec_sandbox = Some(id);
-        } else {
-            c.send(c.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
-                .await?;
+    for i in 0..b.count.max(b.raw_count) {
+        if i < b.raw_count {
+            let ms = raw_boot(&b.images_dir, &b.template).await?;
+            progress(
+                g,
+                &format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count),
+            );
+            raw.push(ms);
+        }
+        if i < b.count {
+            let t = Instant::now();
+            let sb: Value = c
+                .json(
+                    c.request(Method::POST, "/v1/sandboxes")
+                        .json(&json!({"template": b.template, "timeout_s": 600})),
+                )
+                .await
+                .context("creating a sandbox")?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let id = sb["id"]
+                .as_str()
+                .context("create returned no id")?
+                .to_string();
+            progress(
+                g,
+                &format!("cold create {}/{}: {ms:.0} ms ({id})", i + 1, b.count),
+            );
+            creates.push(ms);
+            if exec_sandbox.is_none() {
+                exec_sandbox = Some(id);
+            } else {
+                c.send(c.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
+                    .await?;
+            }
         }
     }
 
