@@ -67,9 +67,8 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
     (percentile(&v, 50.0), percentile(&v, 95.0))
 }
 
-fn progress(g: &Global, msg: &str) {
-    // Progress goes to stderr so that stdout stays one JSON object under --json.
-    let _ = g;
+/// Progress goes to stderr so that stdout stays one JSON object under --json.
+fn progress(msg: &str) {
     eprintln!("{msg}");
 }
 
@@ -87,10 +86,7 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
     for i in 0..b.count.max(b.raw_count) {
         if i < b.raw_count {
             let ms = raw_boot(&b.images_dir, &b.template).await?;
-            progress(
-                g,
-                &format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count),
-            );
+            progress(&format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count));
             raw.push(ms);
         }
         if i < b.count {
@@ -107,10 +103,11 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
                 .as_str()
                 .context("create returned no id")?
                 .to_string();
-            progress(
-                g,
-                &format!("cold create {}/{}: {ms:.0} ms ({id})", i + 1, b.count),
-            );
+            progress(&format!(
+                "cold create {}/{}: {ms:.0} ms ({id})",
+                i + 1,
+                b.count
+            ));
             creates.push(ms);
             if exec_sandbox.is_none() {
                 exec_sandbox = Some(id);
