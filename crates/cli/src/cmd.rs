@@ -184,6 +184,14 @@ pub async fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
     }
     tx.send(Message::Text(start.to_string().into())).await?;
 
+    // With -t on a real terminal, keystrokes go to the remote PTY as they are typed
+    // (raw mode); the terminal is restored when this function returns.
+    let _raw = if a.tty && std::io::stdin().is_terminal() {
+        RawTerminal::enter()
+    } else {
+        None
+    };
+
     // Forward our stdin unless it is a terminal and no TTY was asked for (then the
     // command gets EOF at once, as `ssh host cmd` with nothing piped in would not wait).
     let forward_stdin = a.tty || !std::io::stdin().is_terminal();
@@ -259,6 +267,37 @@ pub async fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
                     _ => {}
                 }
             }
+        }
+    }
+}
+
+/// The local terminal in raw mode; restores the saved settings on drop.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own; failures leave
+        // the terminal untouched and we carry on in cooked mode.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+            Some(RawTerminal(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter` on the same fd.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
         }
     }
 }
