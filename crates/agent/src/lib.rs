@@ -76,9 +76,7 @@ pub struct AgentConfig {
     pub token: Option<String>,
 }
 
-/// Header carrying the agent token. Not `Authorization`: that one belongs to envd
-/// (the guest user rides in it) and passes through the proxy; this one never does.
-pub const AGENT_TOKEN_HEADER: &str = "x-hearth-agent-token";
+pub use hearth_proto::AGENT_TOKEN_HEADER;
 
 impl AgentConfig {
     /// Defaults for everything else (accel auto, qcow2 disks, 60 s boot timeout,

@@ -12,3 +12,8 @@ connectrpc::include_generated!();
 
 /// TCP port the guest agent (envd-compatible) listens on inside every VM.
 pub const GUEST_AGENT_PORT: u16 = 49983;
+
+/// Header carrying the host agent's shared secret on every control plane -> agent call.
+/// Not `Authorization`: that one belongs to envd (the guest user rides in it) and passes
+/// through the agent's proxy; this one never reaches a guest.
+pub const AGENT_TOKEN_HEADER: &str = "x-hearth-agent-token";

@@ -19,6 +19,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use hearth_proto::hearth::agent::v1 as agent;
 use hearth_proto::process;
+use hearth_proto::AGENT_TOKEN_HEADER;
 use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
 
 /// A failed call to a host agent or, through its proxy, a guest agent.
@@ -253,10 +254,6 @@ impl AgentHostClient {
         ))
     }
 }
-
-/// Header of the host agent's shared secret (the agent strips it before its proxy
-/// forwards anything to a guest).
-pub const AGENT_TOKEN_HEADER: &str = "x-hearth-agent-token";
 
 fn with_token(config: ClientConfig, token: Option<&str>) -> ClientConfig {
     match token {
