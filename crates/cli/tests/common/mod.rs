@@ -77,7 +77,7 @@ fn wait_http(url: &str, timeout: Duration) {
     let client = reqwest::blocking::Client::new();
     loop {
         if let Ok(r) = client.get(url).timeout(Duration::from_secs(2)).send() {
-            if r.status().is_success() || r.status().as_u16() == 404 || r.status().as_u16() == 415 {
+            if r.status().is_success() {
                 return;
             }
         }
