@@ -82,41 +82,27 @@ fn sandbox_lifecycle_exec_files_isolation_and_cleanup() {
     // 10 MB file round trip, byte-exact.
     let mut data = vec![0u8; 10 * 1024 * 1024];
     rand::thread_rng().fill_bytes(&mut data);
-    let up = stack
-        .req(Method::PUT, &format!("/v1/sandboxes/{a_id}/files"))
-        .query(&[("path", "/tmp/big/blob.bin")])
-        .body(data.clone())
-        .send()
-        .unwrap();
+    let up = stack.put_file(a_id, &[("path", "/tmp/big/blob.bin")], data.clone());
     assert_eq!(up.status().as_u16(), 200, "{:?}", up.text());
     let r = stack.sh(a_id, "wc -c < /tmp/big/blob.bin");
     assert_eq!(r["stdout"].as_str().unwrap().trim(), data.len().to_string());
-    let down = stack
-        .req(Method::GET, &format!("/v1/sandboxes/{a_id}/files"))
-        .query(&[("path", "/tmp/big/blob.bin")])
-        .send()
-        .unwrap();
+    let down = stack.get_file(a_id, &[("path", "/tmp/big/blob.bin")]);
     assert_eq!(down.status().as_u16(), 200);
     let got = down.bytes().unwrap();
     assert!(got.as_ref() == data.as_slice(), "10 MB round trip differs");
 
     // Files written as another user belong to that user.
-    let up = stack
-        .req(Method::PUT, &format!("/v1/sandboxes/{a_id}/files"))
-        .query(&[("path", "/home/user/mine.txt"), ("user", "user")])
-        .body("mine")
-        .send()
-        .unwrap();
+    let up = stack.put_file(
+        a_id,
+        &[("path", "/home/user/mine.txt"), ("user", "user")],
+        "mine",
+    );
     assert_eq!(up.status().as_u16(), 200, "{:?}", up.text());
     let r = stack.sh(a_id, "stat -c '%U %s' /home/user/mine.txt");
     assert_eq!(r["stdout"], "user 4\n", "{r}");
 
     // Missing file -> 404.
-    let r = stack
-        .req(Method::GET, &format!("/v1/sandboxes/{a_id}/files"))
-        .query(&[("path", "/no/such/file")])
-        .send()
-        .unwrap();
+    let r = stack.get_file(a_id, &[("path", "/no/such/file")]);
     assert_eq!(r.status().as_u16(), 404);
 
     // Two sandboxes do not see each other's files.
@@ -295,11 +281,7 @@ fn bad_input_is_rejected_and_creates_nothing() {
         (vec![], "path"),
         (vec![("path", "/tmp/x"), ("user", "../root")], "user"),
     ] {
-        let r = stack
-            .req(Method::GET, &format!("/v1/sandboxes/{some_id}/files"))
-            .query(&query)
-            .send()
-            .unwrap();
+        let r = stack.get_file(some_id, &query);
         assert_eq!(r.status().as_u16(), 400, "{query:?}");
         let v: serde_json::Value = r.json().unwrap();
         assert!(

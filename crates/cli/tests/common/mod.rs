@@ -206,6 +206,28 @@ impl Stack {
         v
     }
 
+    /// `PUT /v1/sandboxes/{id}/files` with the given query (path, user).
+    pub fn put_file(
+        &self,
+        id: &str,
+        query: &[(&str, &str)],
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> reqwest::blocking::Response {
+        self.req(reqwest::Method::PUT, &format!("/v1/sandboxes/{id}/files"))
+            .query(query)
+            .body(body)
+            .send()
+            .expect("upload")
+    }
+
+    /// `GET /v1/sandboxes/{id}/files` with the given query (path, user).
+    pub fn get_file(&self, id: &str, query: &[(&str, &str)]) -> reqwest::blocking::Response {
+        self.req(reqwest::Method::GET, &format!("/v1/sandboxes/{id}/files"))
+            .query(query)
+            .send()
+            .expect("download")
+    }
+
     /// HTTP status of an exec, for the cases where it must fail.
     pub fn sh_status(&self, id: &str, script: &str) -> u16 {
         self.req(reqwest::Method::POST, &format!("/v1/sandboxes/{id}/exec"))
