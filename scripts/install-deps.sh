@@ -39,7 +39,18 @@ else
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # apt may remove a package while installing another (a newer qemu-utils from backports
+  # conflicts with bookworm's qemu-system-x86): install whatever is missing now, once more.
+  again=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || again+=("$p")
+  done
+  if [ ${#again[@]} -gt 0 ]; then
+    say "apt removed ${again[*]} while installing; installing again"
+    apt-get install -y -q --no-install-recommends "${again[@]}"
+  fi
 fi
+bash "$(dirname "$0")/check-tools.sh"
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
