@@ -8,4 +8,6 @@ mod ids;
 mod limits;
 
 pub use ids::{ApiKeyId, HostId, IdError, SandboxId, TeamId, TemplateName};
-pub use limits::{LimitError, SandboxLimits, SandboxShape};
+pub use limits::{
+    check_range, LimitError, QuotaExceeded, SandboxLimits, SandboxShape, TeamQuota, TeamUsage,
+};
