@@ -16,6 +16,7 @@ mod error;
 mod hosts;
 mod keys;
 mod models;
+mod quotas;
 mod sandboxes;
 
 use std::str::FromStr;
@@ -28,6 +29,8 @@ pub use error::DbError;
 pub use models::{
     Host, NewSandbox, Principal, SandboxRow, SandboxState, Team, Template, UnknownState,
 };
+pub use quotas::Admission;
+pub use sandboxes::{PageCursor, SandboxPage};
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 

@@ -9,47 +9,28 @@ use sqlx::Row;
 use crate::keys::{ms_to_time, parse_team};
 use crate::{now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
 
+/// Where a page of a listing ends: the next page starts after this row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at_ms: i64,
+    pub id: SandboxId,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPage {
+    pub rows: Vec<SandboxRow>,
+    pub next: Option<PageCursor>,
+}
+
 const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
     env_json, metadata_json, host_id, created_at, expires_at, error, updated_at";
 
 impl Db {
+    /// Insert a row without any admission check (tests, imports). Creates go through
+    /// [`Db::insert_sandbox_within_quota`].
     pub async fn insert_sandbox(&self, s: &NewSandbox) -> Result<()> {
-        let env = serde_json::to_string(&s.env).map_err(|e| DbError::Corrupt {
-            column: "sandboxes.env_json",
-            source: Box::new(e),
-        })?;
-        let metadata = serde_json::to_string(&s.metadata).map_err(|e| DbError::Corrupt {
-            column: "sandboxes.metadata_json",
-            source: Box::new(e),
-        })?;
-        let now = now_ms();
-        sqlx::query(&format!(
-            "INSERT INTO sandboxes ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14)"
-        ))
-        .bind(s.id.as_str())
-        .bind(s.team_id.to_string())
-        .bind(s.template.as_str())
-        .bind(s.state.as_str())
-        .bind(i64::from(s.vcpus))
-        .bind(i64::from(s.memory_mb))
-        .bind(i64::from(s.disk_size_mb))
-        .bind(i64::from(s.timeout_s))
-        .bind(env)
-        .bind(metadata)
-        .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
-        .bind(s.created_at.timestamp_millis())
-        .bind(s.expires_at.timestamp_millis())
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => DbError::AlreadyExists {
-                what: format!("sandbox {}", s.id),
-            },
-            _ => DbError::Query(e),
-        })?;
-        Ok(())
+        insert_row(&self.pool, s).await
     }
 
     /// The sandbox `id` if it belongs to `team`. Another team's sandbox is `None`,
@@ -83,6 +64,96 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// One page of `team`'s sandboxes in one of `states` (all states when empty),
+    /// newest first, at most `limit`, starting after `after`. `next` is set when more
+    /// rows follow.
+    pub async fn list_sandboxes_page(
+        &self,
+        team: TeamId,
+        states: &[SandboxState],
+        limit: u32,
+        after: Option<&PageCursor>,
+    ) -> Result<SandboxPage> {
+        let mut sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE team_id = $1");
+        let mut n = 1;
+        if !states.is_empty() {
+            let ph: Vec<String> = (0..states.len())
+                .map(|i| format!("${}", n + 1 + i))
+                .collect();
+            n += states.len();
+            sql.push_str(&format!(" AND state IN ({})", ph.join(", ")));
+        }
+        if after.is_some() {
+            sql.push_str(&format!(
+                " AND (created_at < ${a} OR (created_at = ${a} AND id > ${b}))",
+                a = n + 1,
+                b = n + 2
+            ));
+            n += 2;
+        }
+        sql.push_str(&format!(" ORDER BY created_at DESC, id LIMIT ${}", n + 1));
+        let mut q = sqlx::query(&sql).bind(team.to_string());
+        for s in states {
+            q = q.bind(s.as_str());
+        }
+        if let Some(c) = after {
+            q = q.bind(c.created_at_ms).bind(c.id.as_str().to_owned());
+        }
+        let rows = q.bind(i64::from(limit) + 1).fetch_all(&self.pool).await?;
+        let mut rows: Vec<SandboxRow> = rows.iter().map(sandbox_from_row).collect::<Result<_>>()?;
+        let next = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| PageCursor {
+                created_at_ms: r.created_at.timestamp_millis(),
+                id: r.id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(SandboxPage { rows, next })
+    }
+
+    /// Delete rows that are `stopped` or `error` and have not changed since `before`
+    /// (retention). Returns how many went.
+    pub async fn prune_finished_sandboxes(&self, before: DateTime<Utc>) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM sandboxes WHERE state IN ('stopped', 'error') AND updated_at < $1",
+        )
+        .bind(before.timestamp_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// `starting` -> `running`, with the lifetime counted from now: `expires_at` is
+    /// set to `expires_at` here. Returns false when the row was no longer `starting`.
+    pub async fn mark_sandbox_running(
+        &self,
+        id: &SandboxId,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET state = 'running', error = NULL, expires_at = $1, updated_at = $2 \
+             WHERE id = $3 AND state = 'starting'",
+        )
+        .bind(expires_at.timestamp_millis())
+        .bind(now_ms())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Delete the row of sandbox `id` (any team): a create that was refused after its
+    /// row was reserved leaves nothing behind.
+    pub async fn delete_sandbox_unscoped(&self, id: &SandboxId) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sandboxes WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// Every sandbox in one of `states`, any team (reconciler, scheduler).
@@ -188,6 +259,49 @@ impl Db {
             .await?;
         Ok(r.rows_affected() > 0)
     }
+}
+
+/// Insert the row of `s` through `exec` (the pool or an open transaction).
+pub(crate) async fn insert_row<'e, E>(exec: E, s: &NewSandbox) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let env = serde_json::to_string(&s.env).map_err(|e| DbError::Corrupt {
+        column: "sandboxes.env_json",
+        source: Box::new(e),
+    })?;
+    let metadata = serde_json::to_string(&s.metadata).map_err(|e| DbError::Corrupt {
+        column: "sandboxes.metadata_json",
+        source: Box::new(e),
+    })?;
+    let now = now_ms();
+    sqlx::query(&format!(
+        "INSERT INTO sandboxes ({COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14)"
+    ))
+    .bind(s.id.as_str())
+    .bind(s.team_id.to_string())
+    .bind(s.template.as_str())
+    .bind(s.state.as_str())
+    .bind(i64::from(s.vcpus))
+    .bind(i64::from(s.memory_mb))
+    .bind(i64::from(s.disk_size_mb))
+    .bind(i64::from(s.timeout_s))
+    .bind(env)
+    .bind(metadata)
+    .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
+    .bind(s.created_at.timestamp_millis())
+    .bind(s.expires_at.timestamp_millis())
+    .bind(now)
+    .execute(exec)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => DbError::AlreadyExists {
+            what: format!("sandbox {}", s.id),
+        },
+        _ => DbError::Query(e),
+    })?;
+    Ok(())
 }
 
 fn u32_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<u32> {

@@ -214,3 +214,176 @@ async fn hosts_upsert() {
     assert_eq!(hosts[0].url, "http://b");
     assert_eq!(hosts[0].accel, "kvm");
 }
+
+fn file_url(dir: &tempfile::TempDir) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("hearth.db").display()
+    )
+}
+
+#[tokio::test]
+async fn concurrent_admissions_never_pass_the_quota_together() {
+    use hearth_types::{QuotaExceeded, TeamQuota};
+    // A file database with a pool of 8: admissions really run in parallel.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&file_url(&dir)).await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let quota = TeamQuota {
+        max_sandboxes: 5,
+        ..TeamQuota::default()
+    };
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.insert_sandbox_within_quota(&new_sandbox(team, None), &quota)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            crate::Admission::Admitted => admitted += 1,
+            crate::Admission::Refused(r) => {
+                assert_eq!(r, QuotaExceeded::Sandboxes { max: 5 })
+            }
+        }
+    }
+    assert_eq!(admitted, 5);
+    assert_eq!(db.list_sandboxes(team).await.unwrap().len(), 5);
+    assert_eq!(db.team_usage(team).await.unwrap().sandboxes, 5);
+
+    // Finished sandboxes do not count; other teams are not affected.
+    let rows = db.list_sandboxes(team).await.unwrap();
+    db.mark_sandbox_stopped(&rows[0].id).await.unwrap();
+    assert_eq!(
+        db.insert_sandbox_within_quota(&new_sandbox(team, None), &quota)
+            .await
+            .unwrap(),
+        crate::Admission::Admitted
+    );
+    let other = db.create_team("u").await.unwrap().id;
+    assert_eq!(
+        db.insert_sandbox_within_quota(&new_sandbox(other, None), &quota)
+            .await
+            .unwrap(),
+        crate::Admission::Admitted
+    );
+}
+
+#[tokio::test]
+async fn a_team_quota_row_overrides_the_defaults() {
+    use hearth_types::{QuotaExceeded, TeamQuota};
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let default = TeamQuota::default();
+    assert_eq!(db.team_quota(team, &default).await.unwrap(), default);
+    let own = TeamQuota {
+        max_sandboxes: 9,
+        max_vcpus: 1,
+        max_memory_mb: 100_000,
+        max_disk_mb: 100_000,
+    };
+    db.set_team_quota(team, Some(&own)).await.unwrap();
+    assert_eq!(db.team_quota(team, &default).await.unwrap(), own);
+    let mut two = new_sandbox(team, None);
+    two.vcpus = 2;
+    assert_eq!(
+        db.insert_sandbox_within_quota(&two, &default)
+            .await
+            .unwrap(),
+        crate::Admission::Refused(QuotaExceeded::Vcpus {
+            max: 1,
+            used: 0,
+            asked: 2
+        })
+    );
+    assert!(db.list_sandboxes(team).await.unwrap().is_empty());
+    db.set_team_quota(team, None).await.unwrap();
+    assert_eq!(db.team_quota(team, &default).await.unwrap(), default);
+}
+
+#[tokio::test]
+async fn pages_filter_by_state_and_cover_every_row_once() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let base = Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut s = new_sandbox(team, None);
+        // Two rows share each creation time: the cursor must break ties by ID.
+        s.created_at = base + Duration::milliseconds(i / 2);
+        if i % 3 == 0 {
+            s.state = SandboxState::Stopped;
+        }
+        db.insert_sandbox(&s).await.unwrap();
+        ids.push(s.id);
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = db
+            .list_sandboxes_page(team, &[], 3, after.as_ref())
+            .await
+            .unwrap();
+        assert!(page.rows.len() <= 3);
+        seen.extend(page.rows.iter().map(|r| r.id.clone()));
+        match page.next {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 7, "a row came twice");
+    let active = db
+        .list_sandboxes_page(team, &[SandboxState::Starting], 100, None)
+        .await
+        .unwrap();
+    assert_eq!(active.rows.len(), 4);
+    assert!(active.next.is_none());
+    let other = db.create_team("u").await.unwrap().id;
+    let none = db.list_sandboxes_page(other, &[], 100, None).await.unwrap();
+    assert!(none.rows.is_empty());
+}
+
+#[tokio::test]
+async fn pruning_removes_only_old_finished_rows() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let running = new_sandbox(team, None);
+    let stopped = new_sandbox(team, None);
+    db.insert_sandbox(&running).await.unwrap();
+    db.insert_sandbox(&stopped).await.unwrap();
+    db.mark_sandbox_stopped(&stopped.id).await.unwrap();
+    // Nothing is older than an hour ago.
+    let hour_ago = Utc::now() - Duration::hours(1);
+    assert_eq!(db.prune_finished_sandboxes(hour_ago).await.unwrap(), 0);
+    let later = Utc::now() + Duration::seconds(1);
+    assert_eq!(db.prune_finished_sandboxes(later).await.unwrap(), 1);
+    let left = db.list_sandboxes(team).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, running.id);
+}
+
+#[tokio::test]
+async fn running_sets_the_expiry_from_then() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let s = new_sandbox(team, None);
+    db.insert_sandbox(&s).await.unwrap();
+    let exp = Utc::now() + Duration::seconds(1000);
+    assert!(db.mark_sandbox_running(&s.id, exp).await.unwrap());
+    let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert_eq!(row.state, SandboxState::Running);
+    assert_eq!(row.expires_at.timestamp_millis(), exp.timestamp_millis());
+    // Only from starting.
+    assert!(!db.mark_sandbox_running(&s.id, exp).await.unwrap());
+    assert!(db.delete_sandbox_unscoped(&s.id).await.unwrap());
+    assert!(db.get_sandbox(team, &s.id).await.unwrap().is_none());
+}
