@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 pub use app::bootstrap;
 pub use app::hosts::{AgentHostClient, HostClient};
 pub use app::App;
+pub use http::server::ServerLimits;
 pub use http::{router, AppState};
 
 /// Default largest file upload: 256 MiB.
@@ -43,6 +44,8 @@ pub struct ControlConfig {
     pub limits: SandboxLimits,
     pub max_upload_bytes: u64,
     pub reconcile_interval: Duration,
+    /// Timeouts and connection cap of the API listener.
+    pub server_limits: ServerLimits,
 }
 
 impl ControlConfig {
@@ -55,6 +58,7 @@ impl ControlConfig {
             limits: SandboxLimits::default(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             reconcile_interval: Duration::from_secs(2),
+            server_limits: ServerLimits::default(),
         }
     }
 }
@@ -142,16 +146,12 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
 
     let mut rx = stop_rx.clone();
     let app = router(state.clone());
+    let limits = config.server_limits.clone();
     let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "API server failed");
-        }
+        http::server::serve(listener, app, limits, shutdown).await;
     });
 
     let mut rx = stop_rx;

@@ -5,14 +5,15 @@
 pub mod error;
 mod handlers;
 pub mod openapi;
+pub mod reject;
+pub mod server;
 pub mod types;
 mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -21,6 +22,7 @@ use hearth_db::Principal;
 
 use crate::app::{App, AppError};
 use error::ApiError;
+pub use reject::ApiJson;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 1024 * 1024;
@@ -71,6 +73,7 @@ pub fn router(state: AppState) -> Router {
             ApiError(AppError::NotFound("no such API endpoint".into())).into_response()
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(middleware::from_fn(reject::json_errors))
         .with_state(state)
 }
 
@@ -98,30 +101,6 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
         }
         Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
         Err(e) => ApiError(AppError::Db(e)).into_response(),
-    }
-}
-
-/// `axum::Json` whose rejections are API errors (serde's message, 413 for big bodies).
-pub struct ApiJson<T>(pub T);
-
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(ApiError(if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge(format!(
-                    "request body is larger than {MAX_JSON_BODY} bytes"
-                ))
-            } else {
-                AppError::InvalidArgument(rej.body_text())
-            })),
-        }
     }
 }
 

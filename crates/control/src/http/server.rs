@@ -1,0 +1,178 @@
+//! The control plane's HTTP/1.1 listener, with the limits `axum::serve` lacks.
+//!
+//! - **Header timeout**: a connection that has not sent a complete request head within
+//!   [`ServerLimits::header_read_timeout`] is closed. hyper applies the same timer while a
+//!   keep-alive connection waits for its next request, so it is also the **idle timeout**.
+//! - **Body idle timeout**: a request body that delivers no bytes for
+//!   [`ServerLimits::body_idle_timeout`] fails (a slow drip is cut; a big upload that keeps
+//!   moving is not: there is no total limit).
+//! - **Connection cap**: at most [`ServerLimits::max_connections`] connections are served
+//!   at once; beyond that the listener stops accepting, so new connections wait in the
+//!   kernel's backlog until one ends.
+//!
+//! HTTP/2 is not served (no client of the API needs it, and hyper has no idle timeout
+//! for it). This module owns only the transport; routing and errors are in [`super`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// Transport limits of the API listener.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time to send a whole request head; also how long an idle keep-alive connection
+    /// is kept.
+    pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body.
+    pub body_idle_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests before it drops them.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The error a request body reports when it stalled for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled: no data for {0:?}")]
+pub struct BodyIdleTimeout(pub Duration);
+
+/// A request body that fails when no frame arrives for `idle`.
+struct IdleTimeoutBody {
+    inner: Incoming,
+    idle: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HttpBody for IdleTimeoutBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(f) => {
+                this.sleep = None;
+                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.sleep = None;
+                        Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(idle)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serve `app` on `listener` under `limits` until `shutdown` resolves; then stop
+/// accepting, let in-flight requests finish (up to `shutdown_grace`) and return.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let idle = limits.body_idle_timeout;
+        let svc = app
+            .clone()
+            .map_request(move |req: http::Request<Incoming>| {
+                req.map(|inner| {
+                    Body::new(IdleTimeoutBody {
+                        inner,
+                        idle,
+                        sleep: None,
+                    })
+                })
+            });
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let conn = http.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(svc),
+            );
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open at shutdown; not waiting for them");
+    }
+}
