@@ -1,9 +1,15 @@
 //! envd's plain HTTP endpoints: `GET /health`, `GET|POST /files`, `POST /init`, `GET /envs`,
 //! and the app that puts them in front of the Connect services.
 //!
-//! Uploads are streamed to disk chunk by chunk (no whole-file buffering); errors are
-//! `{"code":N,"message":...}` as envd sends them.
+//! Files are opened with the requesting user's permissions ([`crate::as_user`]) and then
+//! streamed: uploads chunk by chunk (no whole-file buffering), downloads to end of file
+//! (never trusting the size `stat` gives, which is wrong for /proc and /sys). Only regular
+//! files are read or written; directories, FIFOs, sockets and devices are refused without
+//! ever blocking on them. Errors are `{"code":N,"message":...}` as envd sends them.
+//! Everything but `GET /health` and `POST /init` needs the access token ([`crate::auth`]).
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +23,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use crate::fs::{chown, create_dirs_for, FsError};
+use crate::as_user::run_as;
+use crate::fs::{create_dirs, FsError};
 use crate::state::{resolve_path, user_from_basic_auth, AgentState};
 use crate::users::User;
 
@@ -36,9 +43,16 @@ pub fn app(state: AgentState) -> axum::Router {
         .route("/init", post(init))
         .route("/envs", get(envs))
         .layer(DefaultBodyLimit::disable())
-        .with_state(state)
         .fallback_service(connect.into_axum_service())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_token,
+        ))
+        .with_state(state)
 }
+
+/// Largest `POST /init` body accepted.
+pub const MAX_INIT_BODY: usize = 1024 * 1024;
 
 /// An error answered as envd does.
 #[derive(Debug)]
@@ -70,6 +84,7 @@ impl From<FsError> for HttpError {
             C::NotFound => StatusCode::NOT_FOUND,
             C::PermissionDenied => StatusCode::FORBIDDEN,
             C::InvalidArgument | C::AlreadyExists => StatusCode::BAD_REQUEST,
+            C::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError::new(status, e.message())
@@ -95,6 +110,48 @@ fn query_user(state: &AgentState, q: &FileQuery, headers: &HeaderMap) -> Result<
         .map_err(|e| HttpError::new(StatusCode::UNAUTHORIZED, e.to_string()))
 }
 
+/// What a path is, in words for an error message, when it is not a regular file.
+fn not_regular(ft: std::fs::FileType) -> Option<&'static str> {
+    if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_block_device() || ft.is_char_device() {
+        Some("a device")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+fn refuse_kind(path: &Path, what: &str) -> FsError {
+    FsError::InvalidArgument {
+        message: format!("{} is {what}, not a regular file", path.display()),
+    }
+}
+
+/// Opens a regular file for reading (run it as the user). `O_NONBLOCK` keeps a FIFO
+/// swapped in after the `stat` from blocking the open.
+fn open_for_read(path: &Path) -> Result<std::fs::File, FsError> {
+    let meta = std::fs::metadata(path).map_err(|e| FsError::io("stat", path, e))?;
+    if let Some(what) = not_regular(meta.file_type()) {
+        return Err(refuse_kind(path, what));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| FsError::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| FsError::io("stat", path, e))?;
+    if let Some(what) = not_regular(meta.file_type()) {
+        return Err(refuse_kind(path, what));
+    }
+    Ok(file)
+}
+
 async fn download(
     State(state): State<AgentState>,
     Query(q): Query<FileQuery>,
@@ -105,27 +162,20 @@ async fn download(
         return Err(HttpError::new(StatusCode::BAD_REQUEST, "path is required"));
     };
     let path = resolve_path(&user, path);
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| FsError::io("stat", &path, e))?;
-    if meta.is_dir() {
-        return Err(HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{} is a directory", path.display()),
-        ));
-    }
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| FsError::io("open", &path, e))?;
     let name = path
         .file_name()
-        .map(|n| n.to_string_lossy().replace('"', ""))
+        .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], ""))
         .unwrap_or_default();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
+    let file = run_as(&user, move || open_for_read(&path)).await?;
+    // No Content-Length: pseudo-files report sizes unrelated to their content, so the
+    // body is streamed (chunked) to end of file.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::from_std(file),
+        64 * 1024,
+    ));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_LENGTH, meta.len().to_string()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{name}\""),
@@ -144,27 +194,39 @@ pub struct EntryRef {
     r#type: &'static str,
 }
 
+/// Creates missing parents and opens `path` for writing (truncating), as `user`: the
+/// kernel checks the user's rights, and what is created belongs to the user.
 async fn open_for_write(user: &User, path: &Path) -> Result<tokio::fs::File, FsError> {
-    if let Some(parent) = path.parent() {
-        create_dirs_for(user, parent)?;
-    }
-    if tokio::fs::metadata(path)
-        .await
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
-    {
-        return Err(FsError::InvalidArgument {
-            message: format!("{} is a directory", path.display()),
-        });
-    }
-    let existed = tokio::fs::symlink_metadata(path).await.is_ok();
-    let f = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| FsError::io("create", path, e))?;
-    if !existed {
-        chown(user, path);
-    }
-    Ok(f)
+    let path = path.to_path_buf();
+    let file = run_as(user, move || {
+        if let Some(parent) = path.parent() {
+            create_dirs(parent)?;
+        }
+        match std::fs::metadata(&path) {
+            Ok(m) => {
+                if let Some(what) = not_regular(m.file_type()) {
+                    return Err(refuse_kind(&path, what));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FsError::io("stat", &path, e)),
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|e| FsError::io("create", &path, e))?;
+        let meta = file.metadata().map_err(|e| FsError::io("stat", &path, e))?;
+        if let Some(what) = not_regular(meta.file_type()) {
+            return Err(refuse_kind(&path, what));
+        }
+        Ok(file)
+    })
+    .await?;
+    Ok(tokio::fs::File::from_std(file))
 }
 
 fn entry_ref(path: &Path) -> EntryRef {
@@ -263,11 +325,48 @@ pub struct InitRequest {
     default_workdir: Option<String>,
 }
 
-async fn init(
-    State(state): State<AgentState>,
-    body: Option<Json<InitRequest>>,
-) -> Result<StatusCode, HttpError> {
-    let Json(req) = body.unwrap_or_default();
+async fn init(State(state): State<AgentState>, request: Request) -> Result<StatusCode, HttpError> {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_INIT_BODY)
+        .await
+        .map_err(|_| {
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the /init body is larger than {MAX_INIT_BODY} bytes or was cut off"),
+            )
+        })?;
+    // Never echo the body: it holds the token.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let req: InitRequest = if first.is_none() {
+        InitRequest::default()
+    } else if first != Some(&b'{') {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "the /init body must be a JSON object",
+        ));
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            HttpError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the /init body is not a valid init request ({}) at line {} column {}",
+                    json_category(&e),
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })?
+    };
+    let default_user = match req.default_user.filter(|u| !u.is_empty()) {
+        Some(u) => Some(
+            crate::users::lookup(&u)
+                .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?
+                .name,
+        ),
+        None => None,
+    };
+    crate::auth::accept_init(&state, &parts.headers, req.access_token)
+        .map_err(|e| HttpError::new(e.status(), e.to_string()))?;
     if let Some(ts) = req.timestamp.as_deref() {
         set_clock_forward(ts)?;
     }
@@ -275,18 +374,24 @@ async fn init(
     if let Some(env) = req.env_vars {
         d.env.extend(env);
     }
-    if let Some(t) = req.access_token {
-        d.access_token = Some(t);
-    }
-    if let Some(u) = req.default_user.filter(|u| !u.is_empty()) {
-        crate::users::lookup(&u)
-            .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if let Some(u) = default_user {
         d.user = u;
     }
     if let Some(w) = req.default_workdir.filter(|w| !w.is_empty()) {
         d.workdir = Some(PathBuf::from(w));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Names a JSON error without its text, which can quote the body (and so the token).
+fn json_category(e: &serde_json::Error) -> &'static str {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "wrong type or value",
+        Category::Eof => "unexpected end",
+    }
 }
 
 /// Sets the system clock to `ts` (RFC 3339) when that is later than now (after a resume

@@ -1,7 +1,8 @@
 //! The `filesystem.Filesystem` Connect service: stat, list, mkdir, move, remove.
 //!
-//! Paths are resolved against the calling user's home directory. Watching is not
-//! implemented yet (`Unimplemented`).
+//! Paths are resolved against the calling user's home directory, and every call runs
+//! with that user's filesystem permissions ([`crate::as_user`]), so the kernel decides
+//! what the user may see and change. Watching is not implemented yet (`Unimplemented`).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use hearth_proto::filesystem::{
     WatchDirResponse,
 };
 
+use crate::as_user::run_as;
 use crate::state::{resolve_path, user_from_basic_auth, AgentState};
 use crate::users::{self, User, UserError};
 
@@ -36,6 +38,12 @@ pub enum FsError {
     InvalidArgument { message: String },
     #[error(transparent)]
     User(#[from] UserError),
+    #[error("cannot act as the user: {what}")]
+    Credentials {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl FsError {
@@ -51,15 +59,28 @@ impl FsError {
     pub fn code(&self) -> ErrorCode {
         use std::io::ErrorKind as K;
         match self {
-            FsError::Io { source, .. } => match source.kind() {
-                K::NotFound => ErrorCode::NotFound,
-                K::PermissionDenied => ErrorCode::PermissionDenied,
-                K::AlreadyExists => ErrorCode::AlreadyExists,
-                K::InvalidInput | K::NotADirectory | K::IsADirectory | K::DirectoryNotEmpty => {
+            FsError::Io { source, .. } => match (source.raw_os_error(), source.kind()) {
+                // A name over 255 bytes, a path over 4096, a symlink loop, a rename into
+                // itself or across filesystems: the request is at fault.
+                (Some(libc::ENAMETOOLONG | libc::ELOOP | libc::EINVAL | libc::EXDEV), _) => {
                     ErrorCode::InvalidArgument
                 }
+                (Some(libc::ENOSPC | libc::EDQUOT), _) => ErrorCode::ResourceExhausted,
+                (Some(libc::EROFS), _) => ErrorCode::PermissionDenied,
+                (_, K::NotFound) => ErrorCode::NotFound,
+                (_, K::PermissionDenied) => ErrorCode::PermissionDenied,
+                (_, K::AlreadyExists) => ErrorCode::AlreadyExists,
+                (
+                    _,
+                    K::InvalidInput
+                    | K::InvalidFilename
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::DirectoryNotEmpty,
+                ) => ErrorCode::InvalidArgument,
                 _ => ErrorCode::Internal,
             },
+            FsError::Credentials { .. } => ErrorCode::Internal,
             FsError::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             FsError::InvalidArgument { .. } | FsError::User(_) => ErrorCode::InvalidArgument,
         }
@@ -146,27 +167,10 @@ pub fn entry_info(path: &Path) -> Result<EntryInfo, FsError> {
     })
 }
 
-/// Creates `dir` and its missing parents, owned by `user`.
-pub fn create_dirs_for(user: &User, dir: &Path) -> Result<(), FsError> {
-    let mut missing = Vec::new();
-    let mut cur = Some(dir);
-    while let Some(d) = cur {
-        if d.exists() {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        cur = d.parent();
-    }
-    std::fs::create_dir_all(dir).map_err(|e| FsError::io("mkdir", dir, e))?;
-    for d in missing.iter().rev() {
-        chown(user, d);
-    }
-    Ok(())
-}
-
-/// Gives `path` to `user` (best effort: only root can).
-pub fn chown(user: &User, path: &Path) {
-    let _ = std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid));
+/// Creates `dir` and its missing parents. Run it inside [`run_as`]: new directories
+/// then belong to the user acting.
+pub fn create_dirs(dir: &Path) -> Result<(), FsError> {
+    std::fs::create_dir_all(dir).map_err(|e| FsError::io("mkdir", dir, e))
 }
 
 fn list(dir: &Path, depth: u32, out: &mut Vec<EntryInfo>) -> Result<(), FsError> {
@@ -179,8 +183,12 @@ fn list(dir: &Path, depth: u32, out: &mut Vec<EntryInfo>) -> Result<(), FsError>
             .map(|m| m.is_dir())
             .unwrap_or(false);
         out.push(info);
+        // A subdirectory the user may not read is listed, but not descended into.
         if depth > 1 && is_real_dir {
-            list(&p, depth - 1, out)?;
+            match list(&p, depth - 1, out) {
+                Err(e) if e.code() == ErrorCode::PermissionDenied => {}
+                other => other?,
+            }
         }
     }
     Ok(())
@@ -217,8 +225,9 @@ impl Filesystem for FilesystemService {
     ) -> ServiceResult<StatResponse> {
         let user = self.user(&ctx)?;
         let path = resolve_path(&user, request.path);
+        let entry = run_as(&user, move || entry_info(&path)).await?;
         Response::ok(StatResponse {
-            entry: buffa::MessageField::some(entry_info(&path)?),
+            entry: buffa::MessageField::some(entry),
             ..Default::default()
         })
     }
@@ -230,12 +239,16 @@ impl Filesystem for FilesystemService {
     ) -> ServiceResult<MakeDirResponse> {
         let user = self.user(&ctx)?;
         let path = resolve_path(&user, request.path);
-        if std::fs::symlink_metadata(&path).is_ok() {
-            return Err(FsError::AlreadyExists { path }.into());
-        }
-        create_dirs_for(&user, &path)?;
+        let entry = run_as(&user, move || {
+            if std::fs::symlink_metadata(&path).is_ok() {
+                return Err(FsError::AlreadyExists { path });
+            }
+            create_dirs(&path)?;
+            entry_info(&path)
+        })
+        .await?;
         Response::ok(MakeDirResponse {
-            entry: buffa::MessageField::some(entry_info(&path)?),
+            entry: buffa::MessageField::some(entry),
             ..Default::default()
         })
     }
@@ -248,13 +261,17 @@ impl Filesystem for FilesystemService {
         let user = self.user(&ctx)?;
         let src = resolve_path(&user, request.source);
         let dst = resolve_path(&user, request.destination);
-        std::fs::symlink_metadata(&src).map_err(|e| FsError::io("move", &src, e))?;
-        if let Some(parent) = dst.parent() {
-            create_dirs_for(&user, parent)?;
-        }
-        std::fs::rename(&src, &dst).map_err(|e| FsError::io("move", &src, e))?;
+        let entry = run_as(&user, move || {
+            std::fs::symlink_metadata(&src).map_err(|e| FsError::io("move", &src, e))?;
+            if let Some(parent) = dst.parent() {
+                create_dirs(parent)?;
+            }
+            std::fs::rename(&src, &dst).map_err(|e| FsError::io("move", &src, e))?;
+            entry_info(&dst)
+        })
+        .await?;
         Response::ok(MoveResponse {
-            entry: buffa::MessageField::some(entry_info(&dst)?),
+            entry: buffa::MessageField::some(entry),
             ..Default::default()
         })
     }
@@ -267,15 +284,18 @@ impl Filesystem for FilesystemService {
         let user = self.user(&ctx)?;
         let path = resolve_path(&user, request.path);
         let depth = request.depth.max(1);
-        let meta = std::fs::metadata(&path).map_err(|e| FsError::io("list", &path, e))?;
-        if !meta.is_dir() {
-            return Err(FsError::InvalidArgument {
-                message: format!("{} is not a directory", path.display()),
+        let entries = run_as(&user, move || {
+            let meta = std::fs::metadata(&path).map_err(|e| FsError::io("list", &path, e))?;
+            if !meta.is_dir() {
+                return Err(FsError::InvalidArgument {
+                    message: format!("{} is not a directory", path.display()),
+                });
             }
-            .into());
-        }
-        let mut entries = Vec::new();
-        list(&path, depth, &mut entries)?;
+            let mut entries = Vec::new();
+            list(&path, depth, &mut entries)?;
+            Ok(entries)
+        })
+        .await?;
         Response::ok(ListDirResponse {
             entries,
             ..Default::default()
@@ -289,13 +309,17 @@ impl Filesystem for FilesystemService {
     ) -> ServiceResult<RemoveResponse> {
         let user = self.user(&ctx)?;
         let path = resolve_path(&user, request.path);
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| FsError::io("remove", &path, e))?;
-        let res = if meta.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        res.map_err(|e| FsError::io("remove", &path, e))?;
+        run_as(&user, move || {
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| FsError::io("remove", &path, e))?;
+            let res = if meta.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            res.map_err(|e| FsError::io("remove", &path, e))
+        })
+        .await?;
         Response::ok(RemoveResponse::default())
     }
 

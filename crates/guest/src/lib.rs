@@ -3,6 +3,8 @@
 //! endpoints) on port 49983.
 #![allow(refining_impl_trait_internal, refining_impl_trait_reachable)]
 
+pub mod as_user;
+pub mod auth;
 pub mod cmdline;
 pub mod files_http;
 pub mod fs;

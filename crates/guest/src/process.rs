@@ -73,6 +73,14 @@ impl From<ProcessError> for ConnectError {
             ProcessError::InvalidArgument { .. } | ProcessError::User(_) => {
                 ErrorCode::InvalidArgument
             }
+            ProcessError::Spawn { source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENAMETOOLONG | libc::E2BIG | libc::ELOOP | libc::ENOTDIR)
+                ) =>
+            {
+                ErrorCode::InvalidArgument
+            }
             ProcessError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorCode::NotFound
             }
@@ -287,6 +295,50 @@ fn set_winsize(master: &File, cols: u32, rows: u32) -> Result<(), ProcessError> 
     Ok(())
 }
 
+/// Who a new process runs as and where it starts, applied in the child between fork
+/// and exec: groups, gid and uid first, then `chdir`, so the kernel checks the working
+/// directory with the user's rights.
+struct Identity {
+    /// `None` when the agent is not root (it cannot switch, the child runs as the agent).
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    cwd: std::ffi::CString,
+}
+
+impl Identity {
+    fn new(user: &User, cwd: &std::path::Path) -> Result<Self, ProcessError> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let cwd = std::ffi::CString::new(cwd.as_os_str().as_bytes()).map_err(|_| {
+            ProcessError::InvalidArgument {
+                message: "cwd contains a NUL byte".into(),
+            }
+        })?;
+        let ids = nix::unistd::geteuid()
+            .is_root()
+            .then(|| (user.uid, user.gid, crate::users::groups_of(user)));
+        Ok(Identity { ids, cwd })
+    }
+
+    /// Runs in the forked child: only async-signal-safe calls, no allocation.
+    fn enter(&self) -> std::io::Result<()> {
+        if let Some((uid, gid, groups)) = &self.ids {
+            // SAFETY: plain syscalls on data owned by `self`, valid for each call.
+            unsafe {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        // SAFETY: `cwd` is a NUL-terminated string owned by `self`.
+        if unsafe { libc::chdir(self.cwd.as_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Options of one start.
 pub struct StartOptions {
     pub user: User,
@@ -349,14 +401,8 @@ pub fn start(
     env.extend(config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
 
     let mut cmd = Command::new(&config.cmd);
-    cmd.args(&config.args)
-        .env_clear()
-        .envs(&env)
-        .current_dir(&cwd);
-    // SAFETY (for `getuid`): no memory is touched.
-    if nix::unistd::getuid().is_root() {
-        cmd.uid(user.uid).gid(user.gid);
-    }
+    cmd.args(&config.args).env_clear().envs(&env);
+    let identity = Identity::new(&user, &cwd)?;
 
     let keep_stdin = request.stdin.unwrap_or(true);
     let mut pty_master: Option<File> = None;
@@ -412,6 +458,12 @@ pub fn start(
                 Ok(())
             });
         }
+    }
+
+    // SAFETY: `Identity::enter` makes only async-signal-safe calls (setgroups, setgid,
+    // setuid, chdir) on data prepared before the fork. It runs after the session setup.
+    unsafe {
+        cmd.pre_exec(move || identity.enter());
     }
 
     let (mut child, exit_rx) = reaper::spawn_and_watch(|| {

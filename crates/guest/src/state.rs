@@ -1,5 +1,5 @@
-//! Agent-wide state shared by the HTTP endpoints and the Connect services: defaults set
-//! by `POST /init` and the table of running processes.
+//! Agent-wide state shared by the HTTP endpoints and the Connect services: defaults and
+//! the access token set by `POST /init`, and the table of running processes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,6 @@ pub struct Defaults {
     pub env: HashMap<String, String>,
     pub user: String,
     pub workdir: Option<PathBuf>,
-    pub access_token: Option<String>,
 }
 
 impl Default for Defaults {
@@ -23,7 +22,6 @@ impl Default for Defaults {
             env: HashMap::new(),
             user: "root".into(),
             workdir: None,
-            access_token: None,
         }
     }
 }
@@ -33,6 +31,8 @@ impl Default for Defaults {
 pub struct AgentState {
     pub defaults: Arc<RwLock<Defaults>>,
     pub processes: ProcessTable,
+    /// Kept apart from [`Defaults`], which is copied into every process start.
+    access_token: Arc<RwLock<Option<String>>>,
 }
 
 impl AgentState {
@@ -41,6 +41,19 @@ impl AgentState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The access token, `None` until the first `POST /init`.
+    pub fn access_token(&self) -> Option<String> {
+        self.access_token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs `f` on the access token under its write lock (check-and-set in one step).
+    pub fn with_access_token<T>(&self, f: impl FnOnce(&mut Option<String>) -> T) -> T {
+        f(&mut self.access_token.write().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Resolves the user for a request: explicit name, else the `/init` default.

@@ -76,3 +76,23 @@ pub fn group_name(gid: u32) -> String {
         })
         .unwrap_or_else(|| gid.to_string())
 }
+
+/// The groups `user` belongs to: its primary group first, then every group of
+/// /etc/group that lists it as a member (what `initgroups` would give it).
+pub fn groups_of(user: &User) -> Vec<u32> {
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let mut groups = vec![user.gid];
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let (Some(gid), Some(members)) = (f.get(2), f.get(3)) else {
+            continue;
+        };
+        let Ok(gid) = gid.parse::<u32>() else {
+            continue;
+        };
+        if members.split(',').any(|m| m.trim() == user.name) && !groups.contains(&gid) {
+            groups.push(gid);
+        }
+    }
+    groups
+}

@@ -23,6 +23,10 @@ struct Agent {
     http: reqwest::Client,
 }
 
+/// Access token the test agents are initialised with.
+const TOKEN: &str = "test-token-0123456789";
+
+/// Starts an agent, initialises it with [`TOKEN`] and returns clients that send it.
 async fn agent() -> Agent {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -30,11 +34,28 @@ async fn agent() -> Agent {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(hearth_guest::serve(listener, AgentState::default()));
     let base = format!("http://{addr}");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-access-token",
+        reqwest::header::HeaderValue::from_static(TOKEN),
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client");
+    let resp = http
+        .post(format!("{base}/init"))
+        .json(&serde_json::json!({"accessToken": TOKEN}))
+        .send()
+        .await
+        .expect("init");
+    assert_eq!(resp.status(), 204);
     let uri: http::Uri = base.parse().expect("uri");
+    let config = ClientConfig::new(uri).with_default_header("x-access-token", TOKEN);
     Agent {
-        process: ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri.clone())),
-        fs: FilesystemClient::new(HttpClient::plaintext(), ClientConfig::new(uri)),
-        http: reqwest::Client::new(),
+        process: ProcessClient::new(HttpClient::plaintext(), config.clone()),
+        fs: FilesystemClient::new(HttpClient::plaintext(), config),
+        http,
         base,
     }
 }
@@ -691,7 +712,7 @@ async fn init_sets_default_env() {
     let resp = a
         .http
         .post(format!("{}/init", a.base))
-        .json(&serde_json::json!({"envVars": {"FROM_INIT": "yes"}, "accessToken": "t"}))
+        .json(&serde_json::json!({"envVars": {"FROM_INIT": "yes"}}))
         .send()
         .await
         .expect("init");

@@ -6,6 +6,9 @@
 //! ip netns exec NS env HEARTH_GUEST_URL=http://169.254.0.21:49983 \
 //!     cargo test -p hearth-guest --test vm -- --ignored
 //! ```
+//!
+//! The test initialises the guest with the access token in `HEARTH_GUEST_TOKEN` (default
+//! `vm-test-token`); a guest already initialised must have that token.
 
 use base64::Engine as _;
 use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
@@ -15,9 +18,29 @@ fn url() -> String {
     std::env::var("HEARTH_GUEST_URL").expect("set HEARTH_GUEST_URL to the guest agent's URL")
 }
 
+fn token() -> String {
+    std::env::var("HEARTH_GUEST_TOKEN").unwrap_or_else(|_| "vm-test-token".into())
+}
+
+/// A client that sends the access token on every request.
+fn http_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-access-token",
+        token().parse().expect("token is a valid header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 async fn exec(user: Option<&str>, cmd: &str, args: &[&str]) -> (Vec<u8>, i32) {
     let uri: http::Uri = url().parse().expect("uri");
-    let client = ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
+    let client = ProcessClient::new(
+        HttpClient::plaintext(),
+        ClientConfig::new(uri).with_default_header("x-access-token", token()),
+    );
     let mut opts = CallOptions::default();
     if let Some(u) = user {
         let auth = format!(
@@ -61,13 +84,26 @@ async fn exec(user: Option<&str>, cmd: &str, args: &[&str]) -> (Vec<u8>, i32) {
 #[tokio::test]
 #[ignore = "needs a booted guest: HEARTH_GUEST_URL"]
 async fn guest_vm_answers() {
-    let http = reqwest::Client::new();
+    let http = http_client();
     let health = http
         .get(format!("{}/health", url()))
         .send()
         .await
         .expect("health");
     assert_eq!(health.status(), 204);
+    let init = http
+        .post(format!("{}/init", url()))
+        .json(&serde_json::json!({"accessToken": token()}))
+        .send()
+        .await
+        .expect("init");
+    assert_eq!(init.status(), 204);
+    let anon = reqwest::Client::new()
+        .get(format!("{}/envs", url()))
+        .send()
+        .await
+        .expect("envs");
+    assert_eq!(anon.status(), 401);
 
     let (out, code) = exec(None, "uname", &["-r"]).await;
     assert_eq!(code, 0);
