@@ -158,8 +158,9 @@ pub fn power_off() -> ! {
     );
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    // With `reboot=t` a restart request ends a VM started with -no-reboot too.
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Never ask for a restart (a VM started without -no-reboot would come back as a fresh
+    // agent): if powering off failed, halt.
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_HALT_SYSTEM);
     loop {
         std::thread::park();
     }
