@@ -89,7 +89,8 @@ struct FakeVmm {
     fail: bool,
     /// Exit right after start (a guest that crashes during boot).
     die: bool,
-    running: Mutex<Option<watch::Sender<bool>>>,
+    /// One "exited" switch per running VM, by name.
+    running: Mutex<std::collections::HashMap<String, watch::Sender<bool>>>,
 }
 
 #[async_trait::async_trait]
@@ -110,7 +111,7 @@ impl Vmm for FakeVmm {
         }
         self.log.push("vmm.spawn");
         let (tx, rx) = watch::channel(self.die);
-        *self.running.lock().unwrap() = Some(tx);
+        self.running.lock().unwrap().insert(spec.name.clone(), tx);
         Ok(VmHandle::owned(
             spec.name.clone(),
             0,
@@ -118,9 +119,9 @@ impl Vmm for FakeVmm {
             rx,
         ))
     }
-    async fn stop(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+    async fn stop(&self, vm: &VmHandle) -> Result<(), VmmError> {
         self.log.push("vmm.stop");
-        if let Some(tx) = self.running.lock().unwrap().take() {
+        if let Some(tx) = self.running.lock().unwrap().remove(&vm.name) {
             let _ = tx.send(true);
         }
         Ok(())
@@ -128,19 +129,19 @@ impl Vmm for FakeVmm {
 }
 
 #[derive(Default, Clone, Copy)]
-struct Faults {
-    net: bool,
-    disk: bool,
-    spawn: bool,
-    die: bool,
+pub(crate) struct Faults {
+    pub net: bool,
+    pub disk: bool,
+    pub spawn: bool,
+    pub die: bool,
     /// The guest answers 503 instead of 204.
-    unhealthy: bool,
+    pub unhealthy: bool,
     /// The guest answers /health but refuses /init.
-    refuse_init: bool,
+    pub refuse_init: bool,
 }
 
-struct Setup {
-    ctx: Arc<Ctx>,
+pub(crate) struct Setup {
+    pub ctx: Arc<Ctx>,
     log: Arc<Log>,
     _dir: tempfile::TempDir,
 }
@@ -170,6 +171,16 @@ async fn guest_server(unhealthy: bool, refuse_init: bool) -> SocketAddr {
 }
 
 async fn setup(f: Faults) -> Setup {
+    setup_with(f, None, |_| ()).await
+}
+
+/// [`setup`] with the "guest" at `guest` (default: a well-behaved fake) and the
+/// config adjusted by `adjust`.
+pub(crate) async fn setup_with(
+    f: Faults,
+    guest: Option<SocketAddr>,
+    adjust: impl FnOnce(&mut AgentConfig),
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir_all(images.join("kernel")).unwrap();
@@ -181,8 +192,12 @@ async fn setup(f: Faults) -> Setup {
     let mut config = AgentConfig::new("127.0.0.1:0".parse().unwrap(), images, run);
     config.slots_dir = dir.path().join("slots");
     config.boot_timeout = Duration::from_millis(800);
+    adjust(&mut config);
     let log = Arc::new(Log::default());
-    let guest = guest_server(f.unhealthy, f.refuse_init).await;
+    let guest = match guest {
+        Some(g) => g,
+        None => guest_server(f.unhealthy, f.refuse_init).await,
+    };
     let ctx = Arc::new(Ctx::new(
         config,
         HostId::generate(),
@@ -190,7 +205,7 @@ async fn setup(f: Faults) -> Setup {
             log: log.clone(),
             fail: f.spawn,
             die: f.die,
-            running: Mutex::new(None),
+            running: Mutex::default(),
         }),
         "fake".into(),
         Arc::new(FakeDisk {
@@ -210,7 +225,7 @@ async fn setup(f: Faults) -> Setup {
     }
 }
 
-fn spec(id: &SandboxId) -> SandboxSpec {
+pub(crate) fn spec(id: &SandboxId) -> SandboxSpec {
     SandboxSpec {
         sandbox_id: id.clone(),
         template: "minimal".parse().unwrap(),
@@ -223,7 +238,7 @@ fn spec(id: &SandboxId) -> SandboxSpec {
     }
 }
 
-fn slot_files(ctx: &Ctx) -> Vec<PathBuf> {
+pub(crate) fn slot_files(ctx: &Ctx) -> Vec<PathBuf> {
     std::fs::read_dir(ctx.slots.dir())
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default()

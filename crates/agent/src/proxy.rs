@@ -2,8 +2,18 @@
 //! agent at `http://<guest_address>/{rest}` (query kept). Bodies stream both ways
 //! without buffering; hop-by-hop headers are stripped. Unknown sandboxes get a
 //! JSON 404. It owns no sandbox state: it reads the registry.
+//!
+//! The guest is hostile: the request carries the sandbox's access token
+//! (`X-Access-Token`, replacing any the caller sent) and never the agent token;
+//! the guest must send its response head within
+//! [`crate::AgentConfig::guest_header_timeout`] of the request body's end, in at
+//! most [`crate::GUEST_MAX_HEAD_BYTES`]; redirects are passed back, never
+//! followed; anything else (garbage, a reset, a timeout) is a JSON 502 whose
+//! message is short and escaped.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -11,8 +21,11 @@ use axum::response::{IntoResponse, Response};
 use hearth_types::SandboxId;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
-use tracing::debug;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
 
+use crate::sandbox::{escape_guest_text, ACCESS_TOKEN_HEADER};
 use crate::Ctx;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -65,11 +78,10 @@ pub(crate) async fn handle(
     let Ok(sid) = id.parse::<SandboxId>() else {
         return not_found();
     };
-    let Some(addr) = ctx
-        .registry
-        .get(&sid)
-        .and_then(|h| h.snapshot().guest_address)
-    else {
+    let Some((addr, token)) = ctx.registry.get(&sid).and_then(|h| {
+        let r = h.record.borrow();
+        Some((r.guest_address?, r.access_token.clone()))
+    }) else {
         return not_found();
     };
     let pq = match req.uri().query() {
@@ -84,26 +96,107 @@ pub(crate) async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     // The host's secret never reaches a guest.
     parts.headers.remove(crate::AGENT_TOKEN_HEADER);
+    // Only the agent speaks for the sandbox: a caller's own token is replaced.
+    parts.headers.remove(ACCESS_TOKEN_HEADER);
+    if let Some(token) = token {
+        if let Ok(v) = HeaderValue::from_str(token.as_str()) {
+            parts.headers.insert(ACCESS_TOKEN_HEADER, v);
+        }
+    }
     if let Ok(host) = HeaderValue::from_str(&addr.to_string()) {
         parts.headers.insert(http::header::HOST, host);
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
+    let (sent_tx, sent_rx) = oneshot::channel();
+    let body = Body::new(NotifyEnd {
+        inner: body,
+        done: Some(sent_tx),
+    });
     let upstream = http::Request::from_parts(parts, body);
-    match ctx.http.request(upstream).await {
-        Ok(resp) => {
+    let head_timeout = ctx.config.guest_header_timeout;
+    let request = ctx.http.request(upstream);
+    // The head deadline starts once the request body is sent (an upload's answer
+    // only comes after it); a dropped body counts as sent.
+    let deadline = async {
+        let _ = sent_rx.await;
+        tokio::time::sleep(head_timeout).await;
+    };
+    let outcome = tokio::select! {
+        r = request => Some(r),
+        () = deadline => None,
+    };
+    match outcome {
+        Some(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => {
-            debug!(sandbox_id = %sid, error = %e, "guest agent unreachable");
+        Some(Err(e)) => {
+            let chain = crate::error_chain(&e);
+            if e.is_connect() {
+                debug!(sandbox_id = %sid, error = %chain, "guest agent unreachable");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "unavailable",
+                    format!("guest agent of {sid} is unreachable"),
+                )
+            } else {
+                warn!(sandbox_id = %sid, error = %escape_guest_text(&chain, 500), "guest agent sent no valid answer");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "unavailable",
+                    format!(
+                        "guest agent of {sid} sent no valid answer: {}",
+                        escape_guest_text(&chain, 120)
+                    ),
+                )
+            }
+        }
+        None => {
+            warn!(sandbox_id = %sid, ?head_timeout, "guest agent sent no response head in time");
             error(
                 StatusCode::BAD_GATEWAY,
                 "unavailable",
-                format!("guest agent of {sid} is unreachable: {e}"),
+                format!(
+                    "guest agent of {sid} did not answer within {}s",
+                    head_timeout.as_secs_f64()
+                ),
             )
         }
+    }
+}
+
+/// A request body that says when it has been sent completely (or dropped).
+struct NotifyEnd {
+    inner: Body,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl HttpBody for NotifyEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.inner.is_end_stream()
+        {
+            if let Some(done) = self.done.take() {
+                let _ = done.send(());
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The in-memory map `SandboxId -> actor handle`: the truth about what runs on
-//! this host. Owns insertion (with the duplicate check) and removal; it never
+//! this host. Owns insertion (with the duplicate check and host admission, both
+//! under one lock so check and reservation are atomic) and removal; it never
 //! touches a VM, disk or network itself.
 
 use std::collections::HashMap;
@@ -8,6 +9,7 @@ use std::sync::Mutex;
 use hearth_types::SandboxId;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::admission::{Capacity, Refusal, Usage};
 use crate::state::SandboxRecord;
 
 /// A request to a sandbox actor.
@@ -52,6 +54,15 @@ pub struct AlreadyExists {
     pub id: SandboxId,
 }
 
+/// Why a sandbox could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    #[error(transparent)]
+    Exists(#[from] AlreadyExists),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
 /// The live sandboxes of this host.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -74,6 +85,30 @@ impl Registry {
         Ok(())
     }
 
+    /// Insert `handle` if `capacity` admits its spec beside every registered
+    /// sandbox. Check and insertion happen under one lock: concurrent creates
+    /// can never both take the last place.
+    pub fn insert_admitted(
+        &self,
+        id: SandboxId,
+        handle: SandboxHandle,
+        capacity: &Capacity,
+    ) -> Result<(), InsertError> {
+        let mut map = self.lock();
+        if map.contains_key(&id) {
+            return Err(AlreadyExists { id }.into());
+        }
+        let used = usage_of(&map);
+        capacity.admit(&used, &handle.record.borrow().spec)?;
+        map.insert(id, handle);
+        Ok(())
+    }
+
+    /// What the registered sandboxes hold.
+    pub fn usage(&self) -> Usage {
+        usage_of(&self.lock())
+    }
+
     pub fn get(&self, id: &SandboxId) -> Option<SandboxHandle> {
         self.lock().get(id).cloned()
     }
@@ -93,4 +128,13 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+}
+
+fn usage_of(map: &HashMap<SandboxId, SandboxHandle>) -> Usage {
+    let mut used = Usage::default();
+    for h in map.values() {
+        let r = h.record.borrow();
+        used.add(&r.spec, r.state);
+    }
+    used
 }

@@ -13,7 +13,8 @@ use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::{SandboxId, SandboxShape, TemplateName};
 use tracing::{info, warn};
 
-use crate::sandbox::{start_create, SandboxError};
+use crate::registry::InsertError;
+use crate::sandbox::{start_create, SandboxError, StartError};
 use crate::state::{SandboxRecord, SandboxSpec, SandboxState};
 use crate::Ctx;
 
@@ -29,6 +30,22 @@ fn invalid(msg: impl Into<String>) -> ConnectError {
 
 fn parse_id(raw: &str) -> Result<SandboxId, ConnectError> {
     raw.parse::<SandboxId>().map_err(|e| invalid(e.to_string()))
+}
+
+/// Connect error for a create that was not started (duplicate, over capacity).
+pub(crate) fn start_error(e: &StartError) -> ConnectError {
+    match e {
+        StartError::Registry(InsertError::Exists(e)) => {
+            ConnectError::new(ErrorCode::AlreadyExists, e.to_string())
+        }
+        StartError::Registry(InsertError::Refused(r)) => {
+            ConnectError::new(ErrorCode::ResourceExhausted, r.to_string())
+        }
+        StartError::Token(_) => ConnectError::new(
+            ErrorCode::Internal,
+            "could not generate the sandbox's access token",
+        ),
+    }
 }
 
 /// Connect code for a failed create.
@@ -138,6 +155,7 @@ impl pb::HostAgent for AgentService {
         _request: ServiceRequest<'_, pb::InfoRequest>,
     ) -> ServiceResult<pb::InfoResponse> {
         let ctx = &self.ctx;
+        let used = ctx.registry.usage();
         Response::ok(pb::InfoResponse {
             host_id: ctx.host_id.to_string(),
             vmm: ctx.vmm.kind().to_owned(),
@@ -146,6 +164,17 @@ impl pb::HostAgent for AgentService {
             templates: ctx.templates(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             running: u32::try_from(ctx.registry.len()).unwrap_or(u32::MAX),
+            memory_capacity_mb: ctx.capacity.memory_mb,
+            memory_used_mb: used.memory_mb,
+            vcpus_capacity: ctx.capacity.vcpus,
+            vcpus_used: used.vcpus,
+            disk_free_mb: ctx
+                .capacity
+                .disk_free_mb()
+                .unwrap_or(0)
+                .saturating_sub(used.disk_pending_mb),
+            max_sandboxes: u32::try_from(ctx.capacity.max_sandboxes).unwrap_or(u32::MAX),
+            memory_overcommit: ctx.capacity.overcommit,
             ..Default::default()
         })
     }
@@ -161,19 +190,12 @@ impl pb::HostAgent for AgentService {
             .as_option()
             .ok_or_else(|| invalid("spec is required"))?;
         let spec = self.validate(wire)?;
-        if self.ctx.registry.len() >= self.ctx.config.max_sandboxes {
-            return Err(ConnectError::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "this host runs its maximum of {} sandboxes",
-                    self.ctx.config.max_sandboxes
-                ),
-            ));
-        }
         let id = spec.sandbox_id.clone();
         info!(sandbox_id = %id, template = %spec.template, "create requested");
-        let reply = start_create(&self.ctx, spec)
-            .map_err(|e| ConnectError::new(ErrorCode::AlreadyExists, e.to_string()))?;
+        let reply = start_create(&self.ctx, spec).map_err(|e| {
+            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create refused");
+            start_error(&e)
+        })?;
         match reply.await {
             Ok(Ok(record)) => Response::ok(pb::CreateSandboxResponse {
                 sandbox: to_pb_status(&record).into(),
@@ -181,10 +203,7 @@ impl pb::HostAgent for AgentService {
             }),
             Ok(Err(e)) => {
                 warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create failed");
-                Err(ConnectError::new(
-                    create_error_code(&e),
-                    crate::error_chain(&e),
-                ))
+                Err(ConnectError::new(create_error_code(&e), e.public_message()))
             }
             Err(_) => Err(ConnectError::new(
                 ErrorCode::Internal,

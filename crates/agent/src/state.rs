@@ -46,10 +46,55 @@ pub enum SandboxState {
     Error,
 }
 
-/// What the agent knows about one sandbox; persisted as `state.json`.
+/// The per-sandbox secret the host agent sends the guest agent in envd's
+/// `X-Access-Token` header: 32 random bytes, hex. Generated at create, given to the
+/// guest at `/init`, never shown to the control plane. `Debug` does not print it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AccessToken(String);
+
+impl AccessToken {
+    /// A fresh token from the kernel's CSPRNG (getrandom(2)).
+    pub fn generate() -> std::io::Result<Self> {
+        let mut buf = [0u8; 32];
+        let mut filled = 0;
+        while filled < buf.len() {
+            // SAFETY: writes at most `buf.len() - filled` bytes into our own buffer.
+            let n = unsafe {
+                libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            filled += n as usize;
+        }
+        Ok(Self(buf.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
+/// What the agent knows about one sandbox; persisted as `state.json` (mode 0600:
+/// it holds the sandbox's env vars and access token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     pub spec: SandboxSpec,
+    /// Sent as `X-Access-Token` on every call to the guest agent but `/health`.
+    /// `None` only in state files written before tokens existed.
+    #[serde(default)]
+    pub access_token: Option<AccessToken>,
     pub state: SandboxState,
     pub run_dir: PathBuf,
     pub slot: Option<u32>,
@@ -63,9 +108,10 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
-    pub fn new(spec: SandboxSpec, run_dir: PathBuf) -> Self {
+    pub fn new(spec: SandboxSpec, run_dir: PathBuf, access_token: Option<AccessToken>) -> Self {
         Self {
             spec,
+            access_token,
             state: SandboxState::Starting,
             run_dir,
             slot: None,
@@ -146,17 +192,31 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<SandboxRecord, StateError> {
     serde_json::from_value(env.record).map_err(parse)
 }
 
-/// Write `<run_dir>/state.json` atomically (temp file + rename).
+/// Write `<run_dir>/state.json` atomically (temp file + rename), mode 0600: it
+/// holds env vars and the access token, readable by root only.
 pub fn save(record: &SandboxRecord) -> Result<(), StateError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = record.run_dir.join(STATE_FILE);
     let tmp = record.run_dir.join(".state.json.tmp");
     let bytes = encode(record).map_err(|source| StateError::Parse {
         path: path.clone(),
         source,
     })?;
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| StateError::Io { path, source })
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // A temp file left by an older agent keeps its mode: set it explicitly.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(&bytes)?;
+        drop(f);
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|source| StateError::Io { path, source })
 }
 
 /// Read `<run_dir>/state.json`.
@@ -207,6 +267,7 @@ mod tests {
                 team_id: "t".into(),
             },
             dir.to_owned(),
+            Some(AccessToken::generate().unwrap()),
         );
         r.slot = Some(3);
         r.net = SandboxNet::planned(3, &id);
@@ -231,6 +292,35 @@ mod tests {
         assert_eq!(raw["format_version"], STATE_FORMAT_VERSION);
         assert_eq!(raw["record"]["pid"], 1234);
         assert!(r.expired(5) && !r.expired(4));
+    }
+
+    #[test]
+    fn state_file_is_root_only_and_keeps_the_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = record(dir.path());
+        save(&r).unwrap();
+        let mode = std::fs::metadata(dir.path().join(STATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let token = r.access_token.clone().unwrap();
+        assert_eq!(token.as_str().len(), 64);
+        assert!(token.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(AccessToken::generate().unwrap(), token);
+        assert!(!format!("{r:?}").contains(token.as_str()));
+        assert_eq!(load(dir.path()).unwrap().access_token, Some(token));
+    }
+
+    #[test]
+    fn state_files_without_a_token_still_load() {
+        let r = record(Path::new("/x"));
+        let mut v: serde_json::Value = serde_json::from_slice(&encode(&r).unwrap()).unwrap();
+        v["record"].as_object_mut().unwrap().remove("access_token");
+        v["checksum"] = format!("{:016x}", fnv64(v["record"].to_string().as_bytes())).into();
+        let back = decode(&serde_json::to_vec(&v).unwrap(), Path::new("s")).unwrap();
+        assert_eq!(back.access_token, None);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! Every agent on the host (and every test running in parallel) claims from the
 //! same directory, so two sandboxes never share addresses. A claim file holds the
 //! sandbox ID and its run directory; release checks the ID so a slot re-claimed
-//! by someone else is never freed by mistake.
+//! by someone else is never freed by mistake. Claim files are 0600 (root only).
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use hearth_types::SandboxId;
@@ -64,6 +65,7 @@ impl Slots {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
             {
                 Ok(mut f) => {
@@ -135,6 +137,12 @@ mod tests {
         let sa = slots.claim(&a, Path::new("/r/a")).unwrap();
         let sb = slots.claim(&b, Path::new("/r/b")).unwrap();
         assert_eq!((sa, sb), (1, 2));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(slots.path(sa))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         assert_eq!(slots.owner(sa).unwrap().sandbox_id, a.as_str());
         assert!(!slots.release(sa, &b).unwrap());
         assert!(slots.release(sa, &a).unwrap());
