@@ -11,7 +11,6 @@
 //! Its in-memory registry is the truth about what runs; `state.json` files let a
 //! restarted agent re-adopt its VMs (graceful shutdown leaves them running).
 
-pub mod admission;
 pub mod disk;
 pub mod net;
 pub mod proxy;
@@ -21,14 +20,11 @@ mod registry;
 pub mod sandbox;
 pub mod service;
 pub mod state;
+mod tools;
 pub mod vmm;
 
 #[cfg(test)]
-mod admission_tests;
-#[cfg(test)]
 mod fake_tests;
-#[cfg(test)]
-mod hostile_tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,16 +70,13 @@ pub struct AgentConfig {
     pub kernel: Option<PathBuf>,
     pub limits: SandboxLimits,
     pub max_sandboxes: usize,
-    /// Host capacity for admission (memory, vCPUs, disk); see [`admission`].
-    pub capacity: admission::CapacityConfig,
-    /// How long a guest agent gets to send response headers (after the request
-    /// body was sent) on proxied calls. Bodies have no total timeout: streams are long-lived.
-    pub guest_header_timeout: Duration,
     /// How long a create waits for the guest agent's `/health`.
     pub boot_timeout: Duration,
     /// Shared secret the control plane must send in [`AGENT_TOKEN_HEADER`] on every
     /// request (RPC and proxy). `None` leaves the port open: only for loopback.
     pub token: Option<String>,
+    /// VM confinement (uids, cgroups) and console bounds.
+    pub vm: vmm::VmHostConfig,
 }
 
 pub use hearth_proto::AGENT_TOKEN_HEADER;
@@ -104,10 +97,9 @@ impl AgentConfig {
             kernel: None,
             limits: SandboxLimits::default(),
             max_sandboxes: 64,
-            capacity: admission::CapacityConfig::default(),
-            guest_header_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
             token: None,
+            vm: vmm::VmHostConfig::default(),
         }
     }
 
@@ -132,6 +124,10 @@ impl AgentConfig {
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("missing or broken host tools: {}; run `bash scripts/setup.sh` to install them", missing.join("; "))]
+    MissingTools { missing: Vec<String> },
+    #[error("cannot confine VMs with cgroups (set the VM cgroup parent to none to run without)")]
+    Cgroups(#[source] vmm::cgroup::CgroupError),
     #[error("could not create {path}")]
     Dir {
         path: PathBuf,
@@ -184,11 +180,6 @@ impl Tasks {
     }
 }
 
-/// Bound on a guest's response head (status line and headers), bytes.
-pub(crate) const GUEST_MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Bound on the number of headers in a guest's response.
-pub(crate) const GUEST_MAX_HEADERS: usize = 64;
-
 pub(crate) type HttpClient = Client<HttpConnector, axum::body::Body>;
 
 /// State shared by the service, the proxy, the actors and the background tasks.
@@ -203,7 +194,6 @@ pub(crate) struct Ctx {
     pub registry: registry::Registry,
     pub tasks: Tasks,
     pub http: HttpClient,
-    pub capacity: admission::Capacity,
 }
 
 impl Ctx {
@@ -220,15 +210,9 @@ impl Ctx {
         connector.set_nodelay(true);
         // No idle pooling: a guest address is reused by the next sandbox in the
         // same slot, and a pooled connection to a dead guest would hang.
-        // Guests are hostile: bounded response heads (buffer and header count);
-        // redirects are never followed (hyper's client does not).
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .http1_max_buf_size(GUEST_MAX_HEAD_BYTES)
-            .http1_max_headers(GUEST_MAX_HEADERS)
             .build(connector);
-        let capacity =
-            admission::Capacity::resolve(&config.capacity, config.max_sandboxes, &config.run_dir);
         Self {
             vmm,
             accel_reason,
@@ -239,7 +223,6 @@ impl Ctx {
             registry: registry::Registry::default(),
             tasks: Tasks::default(),
             http,
-            capacity,
             config,
         }
     }
@@ -294,8 +277,12 @@ impl Agent {
     /// Probe the accelerator, recover what a previous run left, start the reaper
     /// and serve on `config.listen`.
     pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+        let missing = tools::missing(&config).await;
+        if !missing.is_empty() {
+            return Err(AgentError::MissingTools { missing });
+        }
         for dir in [&config.run_dir, &config.run_dir.join("sandboxes")] {
-            std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
+            private_dir(dir).map_err(|source| AgentError::Dir {
                 path: dir.clone(),
                 source,
             })?;
@@ -320,10 +307,18 @@ impl Agent {
             &config.run_dir,
         )
         .await;
+        let confinement = config
+            .vm
+            .confinement(host_id.as_str())
+            .map_err(AgentError::Cgroups)?;
         let ctx = Arc::new(Ctx::new(
             config.clone(),
             host_id,
-            Arc::new(vmm::qemu::QemuVmm::new(config.qemu_binary.clone(), accel)),
+            Arc::new(vmm::qemu::QemuVmm::new(
+                config.qemu_binary.clone(),
+                accel,
+                confinement,
+            )),
             accel_reason,
             disk::provisioner(config.disk),
             Arc::new(net::NetnsProvider),
@@ -374,6 +369,14 @@ impl Agent {
             recovery,
         })
     }
+}
+
+/// Create `dir` (and parents) and make it 0700: run directories hold sockets,
+/// disks and state that only the agent may reach.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Take `<run_dir>/agent.lock` (flock, exclusive): two agents must never manage

@@ -1,10 +1,13 @@
 //! Start-up reconciliation of what a previous run of this agent left behind.
 //!
-//! Scans `<run_dir>/sandboxes/*`: a sandbox whose recorded QEMU process still runs
-//! (and whose command line names the sandbox, so a reused PID is never taken for
-//! ours) is re-adopted as `Running`; everything else recorded — process, network
-//! namespace, slot, disk, directory — is released. Slot claims that point into
-//! this run directory without an adopted sandbox are released too. A sandbox whose
+//! Scans `<run_dir>/sandboxes/*`: a sandbox whose QEMU process still runs is
+//! re-adopted as `Running` (its console is followed again). The process is found
+//! by the pid in `state.json`, or by QEMU's own pid file when the agent died before
+//! recording it, and taken only when its command line carries `-name <sb-id>`, so
+//! a reused PID is never taken for ours. Everything else recorded — process,
+//! cgroup, network namespace, slot, disk, directory (with its sockets) — is
+//! released. Slot claims that point into this run directory and VM cgroups of
+//! this agent without an adopted sandbox are released too. A sandbox whose
 //! deadline has passed is destroyed rather than adopted. Idempotent.
 
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use crate::net::SandboxNet;
 use crate::sandbox::{adopt, release_recorded};
 use crate::state::{self, now_unix_ms, SandboxState};
 use crate::vmm::qmp::QmpClient;
-use crate::vmm::{pid_alive, pid_cmdline_contains, VmHandle};
+use crate::vmm::{pid_alive, pid_cmdline_has_name, read_pid_file, VmHandle, PID_FILE};
 use crate::Ctx;
 
 /// What recovery did.
@@ -49,9 +52,11 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
             }
         };
         let id = record.spec.sandbox_id.clone();
+        let is_ours = |pid: &u32| pid_alive(*pid) && pid_cmdline_has_name(*pid, id.as_str());
         let ours = record
             .pid
-            .filter(|&pid| pid_alive(pid) && pid_cmdline_contains(pid, id.as_str()));
+            .filter(is_ours)
+            .or_else(|| read_pid_file(&dir.join(PID_FILE)).filter(is_ours));
         let vm = ours.map(|pid| VmHandle::adopted(id.to_string(), pid, dir.join("qmp.sock")));
         let adoptable = record.state == SandboxState::Running && !record.expired(now_unix_ms());
         match vm {
@@ -107,6 +112,26 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
             }
             Ok(false) => {}
             Err(e) => warn!(error = %crate::error_chain(&e), "orphan slot release failed"),
+        }
+    }
+    // VM cgroups of this agent whose sandbox was not adopted (e.g. its directory
+    // is gone): whatever still runs in them is an orphaned VMM.
+    for name in ctx.vmm.leftovers() {
+        let adopted = name
+            .parse::<SandboxId>()
+            .map(|id| ctx.registry.get(&id).is_some())
+            .unwrap_or(false);
+        if adopted {
+            continue;
+        }
+        match ctx.vmm.forget(&name).await {
+            Ok(()) => {
+                info!(vm = %name, "removed a stale VM cgroup");
+                report.cleaned.push(name);
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %crate::error_chain(&e), "stale VM cgroup removal failed")
+            }
         }
     }
     info!(

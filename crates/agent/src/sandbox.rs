@@ -27,22 +27,20 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::disk::{Disk, DiskError};
 use crate::net::slots::SlotError;
 use crate::net::{NetError, SandboxNet};
-use crate::registry::{AlreadyExists, Command, InsertError, SandboxHandle};
-use crate::state::{self, AccessToken, SandboxRecord, SandboxSpec, SandboxState, StateError};
+use crate::registry::{AlreadyExists, Command, SandboxHandle};
+use crate::state::{self, SandboxRecord, SandboxSpec, SandboxState, StateError};
 use crate::vmm::qemu::tail;
-use crate::vmm::{guest_cmdline, VmHandle, VmSpec, VmmError};
+use crate::vmm::{console, guest_cmdline, Nic, VmHandle, VmSpec, VmmError};
 use crate::Ctx;
 
 /// Bound on the guest's `/init` call after it answered health.
 const GUEST_INIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this much of a `/init` or `/health` response body is read.
-pub(crate) const GUEST_BODY_LIMIT: usize = 4096;
-/// envd's header carrying the sandbox's access token.
-pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 /// How often the guest's health endpoint is polled while booting.
 const HEALTH_POLL: Duration = Duration::from_millis(15);
 /// Bound on one health request (the guest may not answer ARP yet).
 const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
+/// The error of a sandbox whose VM ended without being asked to.
+pub const VM_GONE: &str = "the VM shut down or rebooted itself";
 /// How long QEMU gets to exit after `quit` before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_millis(1500);
 
@@ -75,34 +73,6 @@ pub enum SandboxError {
     VmExited { qemu_log: String, console: String },
     #[error("destroyed while starting")]
     Cancelled,
-}
-
-impl SandboxError {
-    /// What failed, for the control plane and its users: no host paths, no tool
-    /// output, no guest text (the full chain goes to the agent log).
-    pub fn public_message(&self) -> String {
-        match self {
-            Self::RunDir { .. } => "could not prepare the sandbox's run directory".into(),
-            Self::KernelMissing { .. } => "the guest kernel is missing on this host".into(),
-            Self::Slot(SlotError::Exhausted { max, .. }) => {
-                format!("all {max} network slots of this host are taken")
-            }
-            Self::Slot(_) => "could not claim a network slot".into(),
-            Self::Net(_) => "could not set up the sandbox network".into(),
-            Self::Disk(_) => "could not create the sandbox disk".into(),
-            Self::Vmm(_) => "could not start the VM".into(),
-            Self::State(_) => "could not write the sandbox state".into(),
-            Self::GuestInit { .. } => {
-                "the guest agent did not accept its initial configuration".into()
-            }
-            Self::BootTimeout { after, .. } => format!(
-                "the guest did not become healthy within {}s",
-                after.as_secs_f64().ceil() as u64
-            ),
-            Self::VmExited { .. } => "the VM exited during boot".into(),
-            Self::Cancelled => "destroyed while starting".into(),
-        }
-    }
 }
 
 /// What a sandbox holds on the host; released in reverse order.
@@ -139,32 +109,23 @@ impl Actor {
 
 type CreateReply = oneshot::Receiver<Result<SandboxRecord, SandboxError>>;
 
-/// Why a create was not even started.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Registry(#[from] InsertError),
-    #[error("could not generate an access token")]
-    Token(#[source] std::io::Error),
-}
-
-/// Admit and register `spec` (atomically, before any resource is taken) and
-/// start its actor. The returned receiver yields once the guest answers (or the
-/// create failed and everything was cleaned up).
-pub(crate) fn start_create(ctx: &Arc<Ctx>, spec: SandboxSpec) -> Result<CreateReply, StartError> {
+/// Register `spec` and start its actor. The returned receiver yields once the
+/// guest answers (or the create failed and everything was cleaned up).
+pub(crate) fn start_create(
+    ctx: &Arc<Ctx>,
+    spec: SandboxSpec,
+) -> Result<CreateReply, AlreadyExists> {
     let id = spec.sandbox_id.clone();
     let run_dir = ctx.sandbox_dir(&id);
-    let token = AccessToken::generate().map_err(StartError::Token)?;
-    let record = SandboxRecord::new(spec, run_dir.clone(), Some(token));
+    let record = SandboxRecord::new(spec, run_dir.clone());
     let (tx, rx) = mpsc::channel(8);
     let (rec_tx, rec_rx) = watch::channel(record);
-    ctx.registry.insert_admitted(
+    ctx.registry.insert(
         id.clone(),
         SandboxHandle {
             tx: tx.clone(),
             record: rec_rx,
         },
-        &ctx.capacity,
     )?;
     let (reply_tx, reply_rx) = oneshot::channel();
     let actor = Actor {
@@ -218,10 +179,28 @@ pub(crate) fn adopt(
         record: rec_tx,
         res,
     };
+    if let Some(vm) = &actor.res.vm {
+        follow_console(ctx, &actor.res.run_dir, vm);
+    }
     let span = info_span!("sandbox", sandbox_id = %id);
     let task = tokio::spawn(serve(actor, rx).instrument(span));
     ctx.tasks.track(task.abort_handle());
     Ok(())
+}
+
+/// Record the VM's console into its capped `console.log` until the VM exits
+/// (also after an agent restart: the VMM serves the socket again).
+fn follow_console(ctx: &Ctx, run_dir: &std::path::Path, vm: &VmHandle) {
+    let task = tokio::spawn(
+        console::follow(
+            run_dir.join(console::CONSOLE_SOCKET),
+            run_dir.join(console::CONSOLE_LOG),
+            ctx.config.vm.console_cap_bytes,
+            vm.clone(),
+        )
+        .in_current_span(),
+    );
+    ctx.tasks.track(task.abort_handle());
 }
 
 async fn run_create(
@@ -267,7 +246,7 @@ async fn run_create(
             warn!(error = %crate::error_chain(&e), "create failed, cleaning up");
             actor.record.send_modify(|r| {
                 r.state = SandboxState::Error;
-                r.error = Some(e.public_message());
+                r.error = Some(crate::error_chain(&e));
             });
             release(&actor.ctx, &actor.id, &mut actor.res).await;
             actor.ctx.registry.remove(&actor.id, &actor.self_tx);
@@ -297,14 +276,25 @@ async fn boot(
     if !kernel.exists() {
         return Err(SandboxError::KernelMissing { path: kernel });
     }
-    std::fs::create_dir_all(ctx.sandboxes_dir()).map_err(|source| SandboxError::RunDir {
-        path: ctx.sandboxes_dir(),
-        source,
-    })?;
-    std::fs::create_dir(&res.run_dir).map_err(|source| SandboxError::RunDir {
-        path: res.run_dir.clone(),
-        source,
-    })?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut private = std::fs::DirBuilder::new();
+        private.mode(0o700);
+        private
+            .recursive(true)
+            .create(ctx.sandboxes_dir())
+            .map_err(|source| SandboxError::RunDir {
+                path: ctx.sandboxes_dir(),
+                source,
+            })?;
+        private
+            .recursive(false)
+            .create(&res.run_dir)
+            .map_err(|source| SandboxError::RunDir {
+                path: res.run_dir.clone(),
+                source,
+            })?;
+    }
     res.run_dir_ours = true;
     save(res)?;
 
@@ -340,11 +330,13 @@ async fn boot(
         cmdline: guest_cmdline(Some(id.as_str())),
         disk: disk.path.clone(),
         disk_format: disk.format,
-        tap: Some(net.tap.clone()),
+        nic: Some(Nic::Tap(net.tap.clone())),
         netns: Some(net.netns.clone()),
         run_dir: res.run_dir.clone(),
+        runas: ctx.config.vm.uid_for_slot(slot),
     };
     let vm = ctx.vmm.spawn(&vm_spec).await.map_err(SandboxError::Vmm)?;
+    follow_console(ctx, &res.run_dir, &vm);
     let pid = vm.pid;
     res.vm = Some(vm.clone());
     record.send_modify(|r| {
@@ -355,90 +347,50 @@ async fn boot(
     info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
 
     wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
-    let token = record.borrow().access_token.clone();
-    init_guest(ctx, &net, &spec.env, None, token.as_ref()).await
+    init_guest(ctx, &net, &spec.env).await
 }
 
 /// Hand the guest agent what it cannot know by itself: the sandbox's environment
-/// variables (defaults for every process), the host's clock and the sandbox's
-/// access token (envd's `POST /init`). `current` is the token the guest already
-/// holds (sent in `X-Access-Token`; `None` on a fresh boot), `new` the one it
-/// must require from now on (after a resume or restore the two differ).
-/// The whole call, body included, is bounded in time and size.
-pub(crate) async fn init_guest(
+/// variables (defaults for every process) and the host's clock (envd's `POST /init`).
+async fn init_guest(
     ctx: &Ctx,
     net: &SandboxNet,
     env: &std::collections::BTreeMap<String, String>,
-    current: Option<&AccessToken>,
-    new: Option<&AccessToken>,
 ) -> Result<(), SandboxError> {
-    let mut body = serde_json::json!({
+    let body = serde_json::json!({
         "envVars": env,
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
-    if let Some(new) = new {
-        body["accessToken"] = new.as_str().into();
-    }
-    let mut req = http::Request::post(format!("http://{}/init", net.guest_address))
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(current) = current {
-        req = req.header(ACCESS_TOKEN_HEADER, current.as_str());
-    }
-    let req = req
+    let req = http::Request::post(format!("http://{}/init", net.guest_address))
+        .header(http::header::CONTENT_TYPE, "application/json")
         .body(axum::body::Body::from(body.to_string()))
         .map_err(|e| SandboxError::GuestInit {
             message: e.to_string(),
         })?;
-    let call = async {
-        let resp = ctx
-            .http
-            .request(req)
-            .await
-            .map_err(|e| format!("request failed: {}", crate::error_chain(&e)))?;
-        let status = resp.status();
-        // Read at most GUEST_BODY_LIMIT bytes of whatever the guest sends.
-        let body = http_body_util::Limited::new(resp.into_body(), GUEST_BODY_LIMIT)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "HTTP {status}: {}",
-                escape_guest_text(&String::from_utf8_lossy(&body), 300)
-            ))
-        }
-    };
-    tokio::time::timeout(GUEST_INIT_TIMEOUT, call)
+    let resp = tokio::time::timeout(GUEST_INIT_TIMEOUT, ctx.http.request(req))
         .await
-        .map_err(|_| format!("no complete answer within {GUEST_INIT_TIMEOUT:?}"))
-        .and_then(|r| r)
-        .map_err(|message| SandboxError::GuestInit { message })
-}
-
-/// Guest text made safe for a log line: control characters escaped, cut to
-/// `max` characters (with a marker).
-pub(crate) fn escape_guest_text(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i >= max {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() || c == '\\' {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
+        .map_err(|_| SandboxError::GuestInit {
+            message: format!("no answer within {GUEST_INIT_TIMEOUT:?}"),
+        })?
+        .map_err(|e| SandboxError::GuestInit {
+            message: e.to_string(),
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+        let text = body
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        return Err(SandboxError::GuestInit {
+            message: format!("HTTP {status}: {}", tail(&text, 300)),
+        });
     }
-    out
+    Ok(())
 }
 
+/// The end of the VM's console, escaped (never reads the whole log).
 fn console_tail(run_dir: &std::path::Path) -> String {
-    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
-    tail(&console, 1500)
+    console::read_tail(run_dir, 1500)
 }
 
 async fn wait_healthy(
@@ -451,20 +403,20 @@ async fn wait_healthy(
     let started = Instant::now();
     let mut ready_seen = false;
     loop {
-        if !ready_seen && tracing::enabled!(tracing::Level::DEBUG) {
-            let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
-            if console.contains("HEARTH_GUEST_READY") {
-                ready_seen = true;
-                tracing::debug!(
-                    ms = started.elapsed().as_millis() as u64,
-                    "guest printed READY"
-                );
-            }
+        if !ready_seen
+            && tracing::enabled!(tracing::Level::DEBUG)
+            && console::tail_contains(run_dir, "HEARTH_GUEST_READY", 64 * 1024)
+        {
+            ready_seen = true;
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "guest printed READY"
+            );
         }
         if !vm.is_alive() {
-            let qemu_log = std::fs::read_to_string(run_dir.join("qemu.log")).unwrap_or_default();
+            let qemu_log = console::tail_bytes(&run_dir.join("qemu.log"), 500);
             return Err(SandboxError::VmExited {
-                qemu_log: tail(&qemu_log, 500),
+                qemu_log: crate::vmm::escape_guest_text(qemu_log.trim_ascii()),
                 console: console_tail(run_dir),
             });
         }
@@ -479,9 +431,7 @@ async fn wait_healthy(
             let attempt = tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, async {
                 let resp = ctx.http.request(req).await.ok()?;
                 let status = resp.status();
-                let _ = http_body_util::Limited::new(resp.into_body(), GUEST_BODY_LIMIT)
-                    .collect()
-                    .await;
+                let _ = resp.into_body().collect().await;
                 Some(status)
             });
             // A VM that dies ends the attempt at once rather than at its timeout.
@@ -531,11 +481,13 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
             },
             () = exited => {
                 watching = false;
+                // With -no-reboot a guest reboot, power-off or PID 1 death ends
+                // the VMM: the sandbox stays in Error, never comes back by itself.
                 let console = console_tail(&actor.res.run_dir);
                 warn!(%console, "VM exited while running");
                 actor.update(|r| {
                     r.state = SandboxState::Error;
-                    r.error = Some(format!("VM exited unexpectedly; console: {console}"));
+                    r.error = Some(format!("{VM_GONE}; console: {console}"));
                 });
             }
         }
@@ -547,6 +499,9 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
 async fn release(ctx: &Ctx, id: &SandboxId, res: &mut Resources) {
     if let Some(vm) = res.vm.take() {
         stop_vm(ctx, &vm).await;
+    }
+    if let Err(e) = ctx.vmm.forget(id.as_str()).await {
+        warn!(error = %crate::error_chain(&e), "VM cgroup removal failed");
     }
     if let Some(net) = res.net.take() {
         if let Err(e) = ctx.net.teardown(&net).await {

@@ -4,8 +4,13 @@
 //! that identifies a running VM. Drivers own the process and its control socket;
 //! they do not own disks, networks or the run directory (the sandbox actor does).
 //! `qemu` (microvm machine type, QMP control) is the only driver today; Firecracker
-//! comes later behind the same trait.
+//! comes later behind the same trait. Drivers confine their VMM process (own uid,
+//! seccomp, one cgroup per VM: [`cgroup`]) and expose the serial console as a
+//! socket that [`console`] turns into a capped log. Guest text is hostile: pass it
+//! through [`escape_guest_text`] before it goes into a log line or an error.
 
+pub mod cgroup;
+pub mod console;
 pub mod qemu;
 pub mod qmp;
 
@@ -85,17 +90,37 @@ pub struct VmSpec {
     pub cmdline: String,
     pub disk: PathBuf,
     pub disk_format: DiskFormat,
-    /// Tap device inside `netns`; `None` boots without a network (probe).
-    pub tap: Option<String>,
+    /// The guest's network card; `None` boots without one (probe).
+    pub nic: Option<Nic>,
     /// Network namespace (name under /run/netns) to start the VMM in.
     pub netns: Option<String>,
-    /// Directory for the console log, control socket and pid file.
+    /// Directory for the console, control socket and pid file.
     pub run_dir: PathBuf,
+    /// Unprivileged uid (and gid) the VMM drops to once set up; `None` keeps the
+    /// agent's (only for the KVM probe and tests without root).
+    pub runas: Option<u32>,
+}
+
+/// Where the guest's network card is plugged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Nic {
+    /// A tap device inside the VM's network namespace.
+    Tap(String),
+    /// A hub with no other port: the guest sees a NIC, no packet leaves the VMM
+    /// (raw boot benchmarks).
+    Isolated,
 }
 
 impl VmSpec {
     pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
+        self.run_dir.join(console::CONSOLE_LOG)
+    }
+    pub fn console_socket(&self) -> PathBuf {
+        self.run_dir.join(console::CONSOLE_SOCKET)
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir.join(PID_FILE)
     }
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir.join("qmp.sock")
@@ -131,6 +156,132 @@ pub enum VmmError {
     },
     #[error("VM {name} (pid {pid}) did not exit after SIGKILL")]
     Unkillable { name: String, pid: u32 },
+    #[error("cgroup of VM {name}")]
+    Cgroup {
+        name: String,
+        #[source]
+        source: cgroup::CgroupError,
+    },
+    #[error("disk {path} for VM {name}")]
+    Disk {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How VMs are confined and bounded on this host (part of the agent's config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmHostConfig {
+    /// The VMM of the sandbox in network slot `n` runs as uid and gid
+    /// `uid_base + n` (slots are host-wide, so no two VMs share a uid). Pick a
+    /// range no real user or container has. `None`: the VMM keeps the agent's uid.
+    pub uid_base: Option<u32>,
+    /// cgroup mount point (`/sys/fs/cgroup`; v2 unified or v1 per controller).
+    pub cgroup_mount: PathBuf,
+    /// Parent of the per-VM cgroups inside each hierarchy; the agent adds its host
+    /// ID below it. `None` disables cgroups.
+    pub cgroup_parent: Option<String>,
+    /// Memory a VM's cgroup allows on top of guest memory (MiB).
+    pub memory_overhead_mb: u32,
+    /// Tasks (threads) a VM's cgroup allows.
+    pub pids_max: u32,
+    /// Cap of `console.log` and of its one rotation `console.log.1` (bytes).
+    pub console_cap_bytes: u64,
+}
+
+/// Default `uid_base`: far above login users (< 60000) and the usual subuid
+/// ranges of containers (100000 + 65536 per user).
+pub const DEFAULT_UID_BASE: u32 = 2_000_000;
+
+impl Default for VmHostConfig {
+    fn default() -> Self {
+        Self {
+            uid_base: Some(DEFAULT_UID_BASE),
+            cgroup_mount: "/sys/fs/cgroup".into(),
+            cgroup_parent: Some("hearth".into()),
+            memory_overhead_mb: qemu::DEFAULT_MEMORY_OVERHEAD_MB,
+            pids_max: qemu::DEFAULT_PIDS_MAX,
+            console_cap_bytes: console::DEFAULT_CONSOLE_CAP,
+        }
+    }
+}
+
+impl VmHostConfig {
+    /// The QEMU confinement for the agent with `host_id`: per-VM cgroups under
+    /// `<cgroup_parent>/<host_id>`, so agents sharing a host never touch each
+    /// other's groups.
+    pub fn confinement(&self, host_id: &str) -> Result<qemu::Confinement, cgroup::CgroupError> {
+        let cgroups = match &self.cgroup_parent {
+            Some(parent) => Some(cgroup::Cgroups::new(
+                cgroup::Layout::detect(&self.cgroup_mount)?,
+                PathBuf::from(parent).join(host_id),
+            )),
+            None => None,
+        };
+        Ok(qemu::Confinement {
+            cgroups,
+            memory_overhead_mb: self.memory_overhead_mb,
+            pids_max: self.pids_max,
+        })
+    }
+
+    /// The uid of the VM in `slot`.
+    pub fn uid_for_slot(&self, slot: u32) -> Option<u32> {
+        self.uid_base.and_then(|b| b.checked_add(slot))
+    }
+}
+
+/// The pid file a VMM writes into its run directory.
+pub const PID_FILE: &str = "qemu.pid";
+
+/// The pid recorded in `path` (a VMM's pid file), if any.
+pub fn read_pid_file(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Make guest-controlled text safe for a log line or an error message: control
+/// characters (C0, C1, DEL, so also newlines and ANSI escapes) become `\n`, `\t`,
+/// `\r` or `\xNN`/`\u{NNNN}`, Unicode bidirectional overrides become `\u{NNNN}`,
+/// invalid UTF-8 becomes `\xNN` per byte, and a backslash becomes `\\`.
+pub fn escape_guest_text(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    loop {
+        let (valid, bad) = match std::str::from_utf8(rest) {
+            Ok(s) => (s, &[][..]),
+            Err(e) => {
+                let (ok, bad) = rest.split_at(e.valid_up_to());
+                // `ok` is valid UTF-8 by construction (valid_up_to).
+                (std::str::from_utf8(ok).unwrap_or_default(), bad)
+            }
+        };
+        for c in valid.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if (c as u32) < 0x80 && c.is_control() => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if c.is_control()
+                    || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+                {
+                    let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        if bad.is_empty() {
+            return out;
+        }
+        // One invalid byte at a time, then carry on with what follows.
+        let _ = write!(out, "\\x{:02x}", bad[0]);
+        rest = &bad[1..];
+    }
 }
 
 /// A running (or recently running) VM process.
@@ -225,6 +376,19 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether the live process `pid` was started with `-name <name>` (or `-name
+/// <name>,...`): the PID-reuse guard for VMMs found by pid file.
+pub fn pid_cmdline_has_name(pid: u32, name: &str) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    args.windows(2).any(|w| {
+        w[0] == b"-name"
+            && (w[1] == name.as_bytes() || w[1].starts_with(format!("{name},").as_bytes()))
+    })
+}
+
 /// Whether the live process `pid` has `needle` in its command line (PID-reuse guard).
 pub fn pid_cmdline_contains(pid: u32, needle: &str) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
@@ -276,6 +440,15 @@ pub trait Vmm: Send + Sync + 'static {
     fn pid(&self, vm: &VmHandle) -> u32 {
         vm.pid
     }
+    /// Remove what the driver keeps on the host for VM `name` besides its process
+    /// (its cgroup), killing anything left in it. Idempotent.
+    async fn forget(&self, _name: &str) -> Result<(), VmmError> {
+        Ok(())
+    }
+    /// Names of VMs whose host leftovers ([`Vmm::forget`]) exist, for recovery.
+    fn leftovers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Base kernel command line from docs/contracts.md.
@@ -324,6 +497,22 @@ mod tests {
         }
         assert!(!c.contains("hearth.probe"));
         assert!(probe_cmdline().ends_with("hearth.probe=1"));
+    }
+
+    #[test]
+    fn guest_text_is_escaped() {
+        assert_eq!(escape_guest_text(b"plain text"), "plain text");
+        assert_eq!(
+            escape_guest_text(b"a\nb\r\tc\x1b[2J\x07\\"),
+            "a\\nb\\r\\tc\\x1b[2J\\x07\\\\"
+        );
+        assert_eq!(escape_guest_text(b"ok\xff\xfeok"), "ok\\xff\\xfeok");
+        assert_eq!(
+            escape_guest_text("h\u{e9}\u{202e}x\u{9b}".as_bytes()),
+            "h\u{e9}\\u{202e}x\\u{009b}"
+        );
+        // Truncated multi-byte sequence at the end.
+        assert_eq!(escape_guest_text(&[b'a', 0xc3]), "a\\xc3");
     }
 
     #[test]
