@@ -11,6 +11,7 @@
 //! Its in-memory registry is the truth about what runs; `state.json` files let a
 //! restarted agent re-adopt its VMs (graceful shutdown leaves them running).
 
+pub mod admission;
 pub mod disk;
 pub mod net;
 pub mod proxy;
@@ -24,7 +25,11 @@ mod tools;
 pub mod vmm;
 
 #[cfg(test)]
+mod admission_tests;
+#[cfg(test)]
 mod fake_tests;
+#[cfg(test)]
+mod hostile_tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +75,11 @@ pub struct AgentConfig {
     pub kernel: Option<PathBuf>,
     pub limits: SandboxLimits,
     pub max_sandboxes: usize,
+    /// Host capacity for admission (memory, vCPUs, disk); see [`admission`].
+    pub capacity: admission::CapacityConfig,
+    /// How long a guest agent gets to send response headers (after the request
+    /// body was sent) on proxied calls. Bodies have no total timeout: streams are long-lived.
+    pub guest_header_timeout: Duration,
     /// How long a create waits for the guest agent's `/health`.
     pub boot_timeout: Duration,
     /// Shared secret the control plane must send in [`AGENT_TOKEN_HEADER`] on every
@@ -97,6 +107,8 @@ impl AgentConfig {
             kernel: None,
             limits: SandboxLimits::default(),
             max_sandboxes: 64,
+            capacity: admission::CapacityConfig::default(),
+            guest_header_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
             token: None,
             vm: vmm::VmHostConfig::default(),
@@ -180,6 +192,11 @@ impl Tasks {
     }
 }
 
+/// Bound on a guest's response head (status line and headers), bytes.
+pub(crate) const GUEST_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Bound on the number of headers in a guest's response.
+pub(crate) const GUEST_MAX_HEADERS: usize = 64;
+
 pub(crate) type HttpClient = Client<HttpConnector, axum::body::Body>;
 
 /// State shared by the service, the proxy, the actors and the background tasks.
@@ -194,6 +211,7 @@ pub(crate) struct Ctx {
     pub registry: registry::Registry,
     pub tasks: Tasks,
     pub http: HttpClient,
+    pub capacity: admission::Capacity,
 }
 
 impl Ctx {
@@ -210,9 +228,15 @@ impl Ctx {
         connector.set_nodelay(true);
         // No idle pooling: a guest address is reused by the next sandbox in the
         // same slot, and a pooled connection to a dead guest would hang.
+        // Guests are hostile: bounded response heads (buffer and header count);
+        // redirects are never followed (hyper's client does not).
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
+            .http1_max_buf_size(GUEST_MAX_HEAD_BYTES)
+            .http1_max_headers(GUEST_MAX_HEADERS)
             .build(connector);
+        let capacity =
+            admission::Capacity::resolve(&config.capacity, config.max_sandboxes, &config.run_dir);
         Self {
             vmm,
             accel_reason,
@@ -223,6 +247,7 @@ impl Ctx {
             registry: registry::Registry::default(),
             tasks: Tasks::default(),
             http,
+            capacity,
             config,
         }
     }

@@ -27,14 +27,17 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::disk::{Disk, DiskError};
 use crate::net::slots::SlotError;
 use crate::net::{NetError, SandboxNet};
-use crate::registry::{AlreadyExists, Command, SandboxHandle};
-use crate::state::{self, SandboxRecord, SandboxSpec, SandboxState, StateError};
-use crate::vmm::qemu::tail;
+use crate::registry::{AlreadyExists, Command, InsertError, SandboxHandle};
+use crate::state::{self, AccessToken, SandboxRecord, SandboxSpec, SandboxState, StateError};
 use crate::vmm::{console, guest_cmdline, Nic, VmHandle, VmSpec, VmmError};
 use crate::Ctx;
 
 /// Bound on the guest's `/init` call after it answered health.
 const GUEST_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this much of a `/init` or `/health` response body is read.
+pub(crate) const GUEST_BODY_LIMIT: usize = 4096;
+/// envd's header carrying the sandbox's access token.
+pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 /// How often the guest's health endpoint is polled while booting.
 const HEALTH_POLL: Duration = Duration::from_millis(15);
 /// Bound on one health request (the guest may not answer ARP yet).
@@ -75,6 +78,34 @@ pub enum SandboxError {
     Cancelled,
 }
 
+impl SandboxError {
+    /// What failed, for the control plane and its users: no host paths, no tool
+    /// output, no guest text (the full chain goes to the agent log).
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::RunDir { .. } => "could not prepare the sandbox's run directory".into(),
+            Self::KernelMissing { .. } => "the guest kernel is missing on this host".into(),
+            Self::Slot(SlotError::Exhausted { max, .. }) => {
+                format!("all {max} network slots of this host are taken")
+            }
+            Self::Slot(_) => "could not claim a network slot".into(),
+            Self::Net(_) => "could not set up the sandbox network".into(),
+            Self::Disk(_) => "could not create the sandbox disk".into(),
+            Self::Vmm(_) => "could not start the VM".into(),
+            Self::State(_) => "could not write the sandbox state".into(),
+            Self::GuestInit { .. } => {
+                "the guest agent did not accept its initial configuration".into()
+            }
+            Self::BootTimeout { after, .. } => format!(
+                "the guest did not become healthy within {}s",
+                after.as_secs_f64().ceil() as u64
+            ),
+            Self::VmExited { .. } => "the VM exited during boot".into(),
+            Self::Cancelled => "destroyed while starting".into(),
+        }
+    }
+}
+
 /// What a sandbox holds on the host; released in reverse order.
 #[derive(Debug)]
 struct Resources {
@@ -109,23 +140,32 @@ impl Actor {
 
 type CreateReply = oneshot::Receiver<Result<SandboxRecord, SandboxError>>;
 
-/// Register `spec` and start its actor. The returned receiver yields once the
-/// guest answers (or the create failed and everything was cleaned up).
-pub(crate) fn start_create(
-    ctx: &Arc<Ctx>,
-    spec: SandboxSpec,
-) -> Result<CreateReply, AlreadyExists> {
+/// Why a create was not even started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Registry(#[from] InsertError),
+    #[error("could not generate an access token")]
+    Token(#[source] std::io::Error),
+}
+
+/// Admit and register `spec` (atomically, before any resource is taken) and
+/// start its actor. The returned receiver yields once the guest answers (or the
+/// create failed and everything was cleaned up).
+pub(crate) fn start_create(ctx: &Arc<Ctx>, spec: SandboxSpec) -> Result<CreateReply, StartError> {
     let id = spec.sandbox_id.clone();
     let run_dir = ctx.sandbox_dir(&id);
-    let record = SandboxRecord::new(spec, run_dir.clone());
+    let token = AccessToken::generate().map_err(StartError::Token)?;
+    let record = SandboxRecord::new(spec, run_dir.clone(), Some(token));
     let (tx, rx) = mpsc::channel(8);
     let (rec_tx, rec_rx) = watch::channel(record);
-    ctx.registry.insert(
+    ctx.registry.insert_admitted(
         id.clone(),
         SandboxHandle {
             tx: tx.clone(),
             record: rec_rx,
         },
+        &ctx.capacity,
     )?;
     let (reply_tx, reply_rx) = oneshot::channel();
     let actor = Actor {
@@ -246,7 +286,7 @@ async fn run_create(
             warn!(error = %crate::error_chain(&e), "create failed, cleaning up");
             actor.record.send_modify(|r| {
                 r.state = SandboxState::Error;
-                r.error = Some(crate::error_chain(&e));
+                r.error = Some(e.public_message());
             });
             release(&actor.ctx, &actor.id, &mut actor.res).await;
             actor.ctx.registry.remove(&actor.id, &actor.self_tx);
@@ -347,45 +387,85 @@ async fn boot(
     info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
 
     wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
-    init_guest(ctx, &net, &spec.env).await
+    let token = record.borrow().access_token.clone();
+    init_guest(ctx, &net, &spec.env, None, token.as_ref()).await
 }
 
 /// Hand the guest agent what it cannot know by itself: the sandbox's environment
-/// variables (defaults for every process) and the host's clock (envd's `POST /init`).
-async fn init_guest(
+/// variables (defaults for every process), the host's clock and the sandbox's
+/// access token (envd's `POST /init`). `current` is the token the guest already
+/// holds (sent in `X-Access-Token`; `None` on a fresh boot), `new` the one it
+/// must require from now on (after a resume or restore the two differ).
+/// The whole call, body included, is bounded in time and size.
+pub(crate) async fn init_guest(
     ctx: &Ctx,
     net: &SandboxNet,
     env: &std::collections::BTreeMap<String, String>,
+    current: Option<&AccessToken>,
+    new: Option<&AccessToken>,
 ) -> Result<(), SandboxError> {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "envVars": env,
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
-    let req = http::Request::post(format!("http://{}/init", net.guest_address))
-        .header(http::header::CONTENT_TYPE, "application/json")
+    if let Some(new) = new {
+        body["accessToken"] = new.as_str().into();
+    }
+    let mut req = http::Request::post(format!("http://{}/init", net.guest_address))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(current) = current {
+        req = req.header(ACCESS_TOKEN_HEADER, current.as_str());
+    }
+    let req = req
         .body(axum::body::Body::from(body.to_string()))
         .map_err(|e| SandboxError::GuestInit {
             message: e.to_string(),
         })?;
-    let resp = tokio::time::timeout(GUEST_INIT_TIMEOUT, ctx.http.request(req))
-        .await
-        .map_err(|_| SandboxError::GuestInit {
-            message: format!("no answer within {GUEST_INIT_TIMEOUT:?}"),
-        })?
-        .map_err(|e| SandboxError::GuestInit {
-            message: e.to_string(),
-        })?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-        let text = body
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    let call = async {
+        let resp = ctx
+            .http
+            .request(req)
+            .await
+            .map_err(|e| format!("request failed: {}", crate::error_chain(&e)))?;
+        let status = resp.status();
+        // Read at most GUEST_BODY_LIMIT bytes of whatever the guest sends.
+        let body = http_body_util::Limited::new(resp.into_body(), GUEST_BODY_LIMIT)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
             .unwrap_or_default();
-        return Err(SandboxError::GuestInit {
-            message: format!("HTTP {status}: {}", tail(&text, 300)),
-        });
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "HTTP {status}: {}",
+                escape_guest_text(&String::from_utf8_lossy(&body), 300)
+            ))
+        }
+    };
+    tokio::time::timeout(GUEST_INIT_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("no complete answer within {GUEST_INIT_TIMEOUT:?}"))
+        .and_then(|r| r)
+        .map_err(|message| SandboxError::GuestInit { message })
+}
+
+/// Guest text made safe for a log line: control characters escaped, cut to
+/// `max` characters (with a marker).
+pub(crate) fn escape_guest_text(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i >= max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
     }
-    Ok(())
+    out
 }
 
 /// The end of the VM's console, escaped (never reads the whole log).
@@ -431,7 +511,9 @@ async fn wait_healthy(
             let attempt = tokio::time::timeout(HEALTH_ATTEMPT_TIMEOUT, async {
                 let resp = ctx.http.request(req).await.ok()?;
                 let status = resp.status();
-                let _ = resp.into_body().collect().await;
+                let _ = http_body_util::Limited::new(resp.into_body(), GUEST_BODY_LIMIT)
+                    .collect()
+                    .await;
                 Some(status)
             });
             // A VM that dies ends the attempt at once rather than at its timeout.
