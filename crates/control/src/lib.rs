@@ -46,6 +46,9 @@ pub struct ControlConfig {
     pub reconcile_interval: Duration,
     /// Timeouts and connection cap of the API listener.
     pub server_limits: ServerLimits,
+    /// Team quotas (default for teams without their own), create timeout, retention
+    /// of finished sandboxes' rows.
+    pub policy: app::Policy,
 }
 
 impl ControlConfig {
@@ -59,6 +62,7 @@ impl ControlConfig {
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             reconcile_interval: Duration::from_secs(2),
             server_limits: ServerLimits::default(),
+            policy: app::Policy::default(),
         }
     }
 }
@@ -127,7 +131,9 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 .map_err(ControlError::AgentUrl)?,
         ));
     }
-    let state = AppState::new(App::new(db, hosts, config.limits, config.max_upload_bytes));
+    let state = AppState::new(
+        App::new(db, hosts, config.limits, config.max_upload_bytes).with_policy(config.policy),
+    );
     // First pass before serving, so a create right after start finds its host.
     if let Err(e) = state.app().reconcile_once().await {
         tracing::warn!(error = %e, "initial reconcile failed");
@@ -166,10 +172,12 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 _ = tick.tick() => {}
             }
             match app.reconcile_once().await {
-                Ok(r) if !r.lost.is_empty() || !r.expired.is_empty() => {
+                Ok(r) if r.changed() => {
                     tracing::info!(
                         lost = r.lost.len(),
                         expired = r.expired.len(),
+                        stale = r.stale.len(),
+                        pruned = r.pruned,
                         "reconciler pass changed sandboxes"
                     )
                 }

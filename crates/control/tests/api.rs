@@ -13,9 +13,10 @@ use hearth_control::app::hosts::{
     ByteStream, CreateSpec, HostClient, HostError, HostInfo, ProcEvent, ProcEvents, ProcSpec,
     Signal,
 };
+use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
 use hearth_db::{Db, SandboxState};
-use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId};
+use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId, TeamQuota};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -38,6 +39,8 @@ struct FakeState {
     creates: usize,
     destroys: usize,
     fail_create: Option<HostError>,
+    /// How long CreateSandbox takes (a boot).
+    create_delay: Option<std::time::Duration>,
     signals: Vec<(u32, Signal)>,
     stdin: Vec<u8>,
     uploads: Vec<(String, usize)>,
@@ -75,6 +78,10 @@ impl HostClient for FakeHost {
         })
     }
     async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {
+        let delay = self.st().create_delay;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let mut st = self.st();
         st.creates += 1;
         if let Some(e) = st.fail_create.clone() {
@@ -217,6 +224,10 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with(Policy::default()).await
+}
+
+async fn env_with(policy: Policy) -> Env {
     let db = Db::connect_in_memory().await.unwrap();
     let team_a = db.create_team("a").await.unwrap().id;
     let team_b = db.create_team("b").await.unwrap().id;
@@ -228,7 +239,8 @@ async fn env() -> Env {
         vec![host.clone() as Arc<dyn HostClient>],
         SandboxLimits::default(),
         1024,
-    );
+    )
+    .with_policy(policy);
     let state = AppState::new(app);
     // Registers the host and its templates, as at start.
     state.app().reconcile_once().await.unwrap();
@@ -393,7 +405,7 @@ async fn bad_create_requests_are_rejected_and_create_nothing() {
         (
             json!({"template": "minimal", "vcpus": -1}),
             StatusCode::BAD_REQUEST,
-            "vcpus",
+            "vcpus must be between 1 and 8, got -1",
         ),
         (
             json!({"template": "minimal", "memory_mb": 1}),
@@ -403,7 +415,7 @@ async fn bad_create_requests_are_rejected_and_create_nothing() {
         (
             json!({"template": "minimal", "memory_mb": 10_000_000_000u64}),
             StatusCode::BAD_REQUEST,
-            "memory_mb",
+            "got 10000000000",
         ),
         (
             json!({"template": "minimal", "disk_size_mb": 1}),
@@ -551,11 +563,11 @@ async fn create_get_list_and_team_isolation() {
 }
 
 #[tokio::test]
-async fn failed_host_create_marks_the_row_error_and_maps_the_code() {
+async fn host_out_of_capacity_is_409_and_leaves_no_row() {
     let e = env().await;
     e.host.st().fail_create = Some(HostError::Rpc {
         code: connectrpc::ErrorCode::ResourceExhausted,
-        message: "no free network slot".into(),
+        message: "host capacity: at most 4096 MiB of guest memory (3900 in use)".into(),
     });
     let (s, v) = e
         .call(
@@ -568,9 +580,34 @@ async fn failed_host_create_marks_the_row_error_and_maps_the_code() {
     assert_error(
         s,
         &v,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "no free network slot",
+        StatusCode::CONFLICT,
+        "capacity_exceeded",
+        "host capacity: at most 4096 MiB of guest memory",
+    );
+    assert_eq!(e.row_count().await, 0);
+}
+
+#[tokio::test]
+async fn failed_host_create_marks_the_row_error_and_frees_the_host() {
+    let e = env().await;
+    e.host.st().fail_create = Some(HostError::Rpc {
+        code: connectrpc::ErrorCode::Internal,
+        message: "the VM did not boot".into(),
+    });
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_a),
+            Some(json!({"template": "minimal"})),
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the VM did not boot",
     );
     let rows = e.state.app().db.list_sandboxes(e.team_a).await.unwrap();
     assert_eq!(rows.len(), 1);
@@ -579,7 +616,278 @@ async fn failed_host_create_marks_the_row_error_and_maps_the_code() {
         .error
         .as_deref()
         .unwrap()
-        .contains("no free network slot"));
+        .contains("the VM did not boot"));
+    // What the host may hold of it is released at once, and again on delete.
+    assert_eq!(e.host.st().destroys, 1);
+    // Not in the default listing; in ?all=true and ?state=error.
+    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    assert_eq!(list["sandboxes"], json!([]));
+    for q in ["all=true", "state=error", "state=stopped,error"] {
+        let (s, list) = e
+            .call("GET", &format!("/v1/sandboxes?{q}"), Some(&e.key_a), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        assert_eq!(list["sandboxes"][0]["state"], "error", "{q}: {list}");
+    }
+    let id = rows[0].id.to_string();
+    let (s, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(e.host.st().destroys, 2);
+}
+
+#[tokio::test]
+async fn twenty_concurrent_creates_against_a_quota_of_five_give_five() {
+    let e = env_with(Policy {
+        team_quota: TeamQuota {
+            max_sandboxes: 5,
+            ..TeamQuota::default()
+        },
+        ..Policy::default()
+    })
+    .await;
+    e.host.st().create_delay = Some(std::time::Duration::from_millis(50));
+    let calls = (0..20).map(|_| {
+        e.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_a),
+            Some(json!({"template": "minimal"})),
+        )
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut created = 0;
+    for (s, v) in results {
+        if s == StatusCode::CREATED {
+            created += 1;
+        } else {
+            assert_error(
+                s,
+                &v,
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "team quota: at most 5 concurrent sandboxes",
+            );
+        }
+    }
+    assert_eq!(created, 5);
+    assert_eq!(e.row_count().await, 5, "a refused create left a row");
+    assert_eq!(e.host.st().creates, 5);
+    // Another team has its own quota.
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_b),
+            Some(json!({"template": "minimal"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Resources count too (here from the team's own quota row), and the message says
+    // which and how much.
+    let team_b = e
+        .state
+        .app()
+        .db
+        .authenticate(&e.key_b)
+        .await
+        .unwrap()
+        .unwrap()
+        .team_id;
+    let own = TeamQuota {
+        max_vcpus: 10,
+        ..TeamQuota::default()
+    };
+    e.state
+        .app()
+        .db
+        .set_team_quota(team_b, Some(&own))
+        .await
+        .unwrap();
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_b),
+            Some(json!({"template": "minimal", "vcpus": 8})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_b),
+            Some(json!({"template": "minimal", "vcpus": 8})),
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+        "team quota: at most 10 vCPUs in total (9 in use, 8 asked)",
+    );
+}
+
+#[tokio::test]
+async fn a_short_lifetime_starts_when_the_sandbox_runs() {
+    let e = env().await;
+    // A boot longer than the lifetime asked for.
+    e.host.st().create_delay = Some(std::time::Duration::from_millis(1500));
+    let (s, v) = e
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&e.key_a),
+            Some(json!({"template": "minimal", "timeout_s": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["state"], "running");
+    let created = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        expires - created >= chrono::Duration::milliseconds(2400),
+        "expiry counted from the request, not from running: {v}"
+    );
+}
+
+#[tokio::test]
+async fn listing_pages_and_filters() {
+    let e = env().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(e.create().await);
+    }
+    for id in &ids[..2] {
+        let (s, _) = e
+            .call(
+                "DELETE",
+                &format!("/v1/sandboxes/{id}"),
+                Some(&e.key_a),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+    let (_, v) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    assert_eq!(v["sandboxes"].as_array().unwrap().len(), 3, "{v}");
+    assert!(v["next_token"].is_null());
+    let (_, v) = e
+        .call("GET", "/v1/sandboxes?state=stopped", Some(&e.key_a), None)
+        .await;
+    assert_eq!(v["sandboxes"].as_array().unwrap().len(), 2, "{v}");
+
+    // Pages of 2 over all 5, each once.
+    let mut seen = Vec::new();
+    let mut uri = "/v1/sandboxes?all=true&limit=2".to_string();
+    loop {
+        let (s, v) = e.call("GET", &uri, Some(&e.key_a), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let page = v["sandboxes"].as_array().unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|s| s["id"].as_str().unwrap().to_owned()));
+        match v["next_token"].as_str() {
+            Some(t) => uri = format!("/v1/sandboxes?all=true&limit=2&next_token={t}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+
+    for (q, needle) in [
+        ("limit=0", "limit must be between 1 and 1000, got 0"),
+        ("limit=-1", "got -1"),
+        ("limit=1001", "got 1001"),
+        ("state=bogus", "state must be"),
+        ("next_token=garbage", "next_token"),
+    ] {
+        let (s, v) = e
+            .call("GET", &format!("/v1/sandboxes?{q}"), Some(&e.key_a), None)
+            .await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_sandbox_ends_its_exec_streams_at_once() {
+    let e = env().await;
+    let id = e.create().await;
+    // A one-shot exec of a command that runs for a minute.
+    let router = e.router.clone();
+    let key = e.key_a.clone();
+    let path = format!("/v1/sandboxes/{id}/exec");
+    let exec = tokio::spawn(async move {
+        let req = Request::post(path)
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"cmd": ["sleep", "60"], "timeout_s": 60}).to_string(),
+            ))
+            .unwrap();
+        let resp = router.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+    });
+    // And a streaming one, as the WebSocket uses.
+    let sid: SandboxId = id.parse().unwrap();
+    let plan = hearth_control::app::exec::ExecParams {
+        cmd: vec!["sleep".into(), "60".into()],
+        ..Default::default()
+    }
+    .check()
+    .unwrap();
+    let (_, mut events) = e
+        .state
+        .app()
+        .exec_start(e.team_a, &sid, &plan)
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.next().await,
+        Some(Ok(ProcEvent::Started { .. }))
+    ));
+    // Wait until the one-shot exec runs (the fake host has two sleepers).
+    while e.host.st().killers.len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let (s, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), exec)
+        .await
+        .expect("exec ended promptly")
+        .unwrap();
+    assert_error(
+        s,
+        &v,
+        StatusCode::CONFLICT,
+        "conflict",
+        "sandbox was deleted",
+    );
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+        .await
+        .expect("stream ended promptly");
+    match next {
+        Some(Err(err)) => assert!(err.to_string().contains("sandbox was deleted"), "{err}"),
+        other => panic!("expected the deleted error, got {other:?}"),
+    }
+    assert!(events.next().await.is_none());
 }
 
 #[tokio::test]
@@ -826,7 +1134,56 @@ async fn reconciler_marks_lost_sandboxes_stopped_and_destroys_expired_ones() {
     assert_eq!(v["state"], "running");
     // A second pass changes nothing.
     let report = e.state.app().reconcile_once().await.unwrap();
-    assert!(report.lost.is_empty() && report.expired.is_empty());
+    assert!(!report.changed(), "{report:?}");
+}
+
+#[tokio::test]
+async fn reconciler_gives_up_on_stuck_starts_and_prunes_old_rows() {
+    let e = env_with(Policy {
+        create_timeout: std::time::Duration::from_secs(60),
+        retention: std::time::Duration::ZERO,
+        ..Policy::default()
+    })
+    .await;
+    // A row a control plane wrote before it died mid-create, ten minutes ago.
+    let host_id = e.host.host_id.clone().unwrap();
+    let then = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let stuck = hearth_db::NewSandbox {
+        id: SandboxId::generate(),
+        team_id: e.team_a,
+        template: "minimal".parse().unwrap(),
+        state: SandboxState::Starting,
+        vcpus: 1,
+        memory_mb: 256,
+        disk_size_mb: 1024,
+        timeout_s: 3600,
+        env: Default::default(),
+        metadata: Default::default(),
+        host_id: Some(host_id),
+        created_at: then,
+        expires_at: then + chrono::Duration::hours(2),
+    };
+    e.state.app().db.insert_sandbox(&stuck).await.unwrap();
+    let fresh = e.create().await;
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert_eq!(report.stale, vec![stuck.id.clone()]);
+    assert_eq!(e.host.st().destroys, 1, "the host was not asked to free it");
+    let row = e
+        .state
+        .app()
+        .db
+        .get_sandbox(e.team_a, &stuck.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, SandboxState::Error);
+    assert!(row.error.unwrap().contains("did not finish starting"));
+    // With a retention of zero the next pass deletes the error row; the running one stays.
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert_eq!(report.pruned, 1, "{report:?}");
+    let rows = e.state.app().db.list_sandboxes(e.team_a).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].id.to_string(), fresh);
 }
 
 #[tokio::test]

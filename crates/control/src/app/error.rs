@@ -20,6 +20,13 @@ pub enum AppError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The team would pass one of its quotas; the message names it and its value.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The host cannot hold the sandbox (memory, vCPUs, disk, slots); the message is
+    /// the host agent's and names the limit.
+    #[error("{0}")]
+    CapacityExceeded(String),
     /// The host agent (or the guest agent behind it) refused or failed.
     #[error("{context}: {source}")]
     Host {

@@ -10,7 +10,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hearth_types::{SandboxId, TeamId};
 
-use super::hosts::{HostClient, ProcEvent, ProcEvents, ProcSpec, Signal};
+use connectrpc::ErrorCode;
+use tokio_util::sync::CancellationToken;
+
+use super::hosts::{HostClient, HostError, ProcEvent, ProcEvents, ProcSpec, Signal};
 use super::sandboxes::guest_error;
 use super::{validate, App, AppError, AppResult};
 
@@ -28,7 +31,8 @@ pub struct ExecParams {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub user: Option<String>,
-    pub timeout_s: Option<u32>,
+    /// As sent (wide, unclamped), so that an error can quote it.
+    pub timeout_s: Option<i64>,
     pub stdin: Option<String>,
     pub pty: Option<(u32, u32)>,
 }
@@ -133,32 +137,59 @@ impl App {
         params: ExecParams,
     ) -> AppResult<ExecOutcome> {
         let plan = params.check()?;
+        let ended = self.stream_token(id);
         let host = self.running_host(team, id).await?;
-        run_to_completion(host, id, plan).await
+        run_to_completion(host, id, plan, ended).await
     }
 
     /// Start a process for a streaming session; returns the host and the event stream.
+    /// When the sandbox is destroyed, the stream ends at once with an `Aborted` error
+    /// ("the sandbox was deleted").
     pub async fn exec_start(
         &self,
         team: TeamId,
         id: &SandboxId,
         plan: &ExecPlan,
     ) -> AppResult<(Arc<dyn HostClient>, ProcEvents)> {
+        let ended = self.stream_token(id);
         let host = self.running_host(team, id).await?;
         let events = host
             .start_process(id, plan.spec.clone())
             .await
             .map_err(|e| guest_error("starting the process failed", e))?;
-        Ok((host, events))
+        Ok((host, until_deleted(events, ended)))
     }
+}
+
+fn deleted() -> HostError {
+    HostError::Rpc {
+        code: ErrorCode::Aborted,
+        message: "the sandbox was deleted".into(),
+    }
+}
+
+/// `events`, cut short by one `deleted()` error when `ended` is cancelled.
+fn until_deleted(events: ProcEvents, ended: CancellationToken) -> ProcEvents {
+    futures::stream::unfold(Some((events, ended)), |state| async move {
+        let (mut events, ended) = state?;
+        tokio::select! {
+            biased;
+            _ = ended.cancelled() => Some((Err(deleted()), None)),
+            next = events.next() => next.map(|item| (item, Some((events, ended)))),
+        }
+    })
+    .boxed()
 }
 
 /// The one-shot exec loop, separate from [`App`] so that it can be tested against a
 /// fake host.
+///
+/// `ended` cancelled (the sandbox was destroyed) ends the wait at once with a conflict.
 pub async fn run_to_completion(
     host: Arc<dyn HostClient>,
     id: &SandboxId,
     plan: ExecPlan,
+    ended: CancellationToken,
 ) -> AppResult<ExecOutcome> {
     let started = Instant::now();
     let user = plan.spec.user.clone();
@@ -179,7 +210,16 @@ pub async fn run_to_completion(
     let mut kill_deadline = None;
     loop {
         let until = kill_deadline.unwrap_or(deadline);
-        let next = match tokio::time::timeout_at(until, events.next()).await {
+        let next = tokio::select! {
+            biased;
+            _ = ended.cancelled() => {
+                return Err(AppError::Conflict(
+                    "the sandbox was deleted while the command ran".into(),
+                ))
+            }
+            n = tokio::time::timeout_at(until, events.next()) => n,
+        };
+        let next = match next {
             Ok(n) => n,
             Err(_) if kill_deadline.is_some() => {
                 tracing::warn!(sandbox_id = %id, ?pid, "killed process did not report its end");
@@ -224,7 +264,8 @@ pub async fn run_to_completion(
                 if let Some(error) = error.filter(|e| !e.is_empty()) {
                     if !out.timed_out && pid.is_none() {
                         return Err(AppError::InvalidArgument(format!(
-                            "the command could not be started: {error}"
+                            "the command could not be started: {}",
+                            super::hosts::sanitize(&error)
                         )));
                     }
                 }

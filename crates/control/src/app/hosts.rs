@@ -5,6 +5,14 @@
 //! Everything the control plane asks of a host goes through [`HostClient`], so the
 //! scheduler can pick among many hosts and the logic above can be unit-tested with a
 //! hand-written fake. This module does not touch the database.
+//!
+//! Everything that comes back through a host agent's proxy is written by a guest, and
+//! a guest may be hostile: no HTTP redirect is ever followed (a `3xx` is an error,
+//! so the agent token never leaves for another address), error bodies are read up to
+//! [`MAX_ERROR_BODY`] only, every call has a deadline (file bodies, which a user asked
+//! for, stream through with an idle timeout instead of a total one), Connect messages
+//! are bounded by [`MAX_RPC_MESSAGE`], and guest text in error messages is escaped and
+//! cut by [`sanitize`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -28,7 +36,8 @@ pub enum HostError {
     /// The RPC reached the far side and it answered with an error code.
     #[error("{code:?}: {message}")]
     Rpc { code: ErrorCode, message: String },
-    /// A plain HTTP call (files) answered with a non-success status.
+    /// A plain HTTP call (files) answered with a non-success status (a redirect is
+    /// reported as 502: it is never followed).
     #[error("HTTP {status}: {message}")]
     Http { status: u16, message: String },
     /// The call did not get an answer (connection refused, reset, bad URL).
@@ -36,11 +45,40 @@ pub enum HostError {
     Transport(String),
 }
 
+/// Largest error body read from a host or guest; the rest is not read.
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest Connect message accepted from a host or guest (process output arrives in
+/// small chunks; this only stops a hostile peer from making us buffer without end).
+pub const MAX_RPC_MESSAGE: usize = 8 * 1024 * 1024;
+/// Characters of guest or host text kept in an error message.
+pub const MAX_MESSAGE_CHARS: usize = 500;
+/// No byte of a file body for this long ends the transfer.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Guest text made fit for an error message or a log line: control characters
+/// escaped (`\n`, `\u{1b}`), cut to [`MAX_MESSAGE_CHARS`] with a `…` mark.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n >= MAX_MESSAGE_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl HostError {
     fn from_connect(e: connectrpc::ConnectError) -> Self {
         let message = e
             .message
-            .clone()
+            .as_deref()
+            .map(sanitize)
             .unwrap_or_else(|| e.code.as_str().to_owned());
         HostError::Rpc {
             code: e.code,
@@ -210,7 +248,9 @@ impl AgentHostClient {
         let agent = agent::HostAgentClient::new(
             http.clone(),
             with_token(
-                ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+                ClientConfig::new(uri)
+                    .with_default_timeout(SHORT_TIMEOUT)
+                    .with_default_max_message_size(MAX_RPC_MESSAGE),
                 token.as_deref(),
             ),
         );
@@ -222,11 +262,14 @@ impl AgentHostClient {
             v.set_sensitive(true);
             headers.insert(AGENT_TOKEN_HEADER, v);
         }
+        // The connectrpc client (hyper) never follows redirects; this one is told not to.
         let files = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
+            .read_timeout(BODY_IDLE_TIMEOUT)
             .default_headers(headers)
             .build()
-            .map_err(|e| HostError::Transport(e.to_string()))?;
+            .map_err(|e| HostError::Transport(e.without_url().to_string()))?;
         Ok(Self {
             url,
             http,
@@ -248,7 +291,9 @@ impl AgentHostClient {
         Ok(process::ProcessClient::new(
             self.http.clone(),
             with_token(
-                ClientConfig::new(uri).with_default_timeout(SHORT_TIMEOUT),
+                ClientConfig::new(uri)
+                    .with_default_timeout(SHORT_TIMEOUT)
+                    .with_default_max_message_size(MAX_RPC_MESSAGE),
                 self.token.as_deref(),
             ),
         ))
@@ -282,6 +327,10 @@ fn selector(pid: u32) -> process::ProcessSelector {
 fn user_opts(user: &str) -> CallOptions {
     CallOptions::default().with_header("authorization", basic_user(user))
 }
+
+#[cfg(test)]
+#[path = "hosts_tests.rs"]
+mod tests;
 
 #[async_trait]
 impl HostClient for AgentHostClient {
@@ -550,7 +599,7 @@ impl HostClient for AgentHostClient {
             .body(reqwest::Body::wrap_stream(body))
             .send()
             .await
-            .map_err(|e| HostError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         check_status(resp).await.map(|_| ())
     }
 
@@ -568,22 +617,48 @@ impl HostClient for AgentHostClient {
             .header("authorization", basic_user(user))
             .send()
             .await
-            .map_err(|e| HostError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         let resp = check_status(resp).await?;
         let len = resp.content_length();
-        let stream = resp
-            .bytes_stream()
-            .map(|r| r.map_err(|e| HostError::Transport(e.to_string())));
+        let stream = resp.bytes_stream().map(|r| r.map_err(transport));
         Ok((len, stream.boxed()))
     }
 }
 
+/// A failed HTTP exchange, without its URL (no host addresses in API errors).
+fn transport(e: reqwest::Error) -> HostError {
+    let what = if e.is_timeout() {
+        "the guest agent did not answer in time"
+    } else if e.is_connect() {
+        "the host agent is not reachable"
+    } else if e.is_body() || e.is_decode() {
+        "the transfer from the guest broke off"
+    } else {
+        "the call to the guest agent failed"
+    };
+    tracing::debug!(error = %e, "HTTP call through the host agent failed");
+    HostError::Transport(what.to_owned())
+}
+
+/// A success passes; a redirect is refused (never followed); any other answer
+/// becomes [`HostError::Http`] with the far side's message, read up to
+/// [`MAX_ERROR_BODY`] and sanitized.
 async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, HostError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
-    let text = resp.text().await.unwrap_or_default();
+    if status.is_redirection() {
+        // Reported as a bad gateway: the guest agent answered what it must not.
+        return Err(HostError::Http {
+            status: 502,
+            message: format!(
+                "the guest agent answered {} (redirects are not followed)",
+                status.as_u16()
+            ),
+        });
+    }
+    let text = read_bounded(resp, MAX_ERROR_BODY).await;
     // envd answers errors as {"message": "...", "code": N}; fall back to the raw text.
     let message = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
@@ -591,8 +666,25 @@ async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, Host
         .unwrap_or(text);
     Err(HostError::Http {
         status: status.as_u16(),
-        message: message.chars().take(1000).collect(),
+        message: sanitize(&message),
     })
+}
+
+/// At most `limit` bytes of `resp`'s body as (lossy) text, within [`SHORT_TIMEOUT`];
+/// whatever is not read by then is dropped.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> String {
+    let mut buf = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let room = limit.saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() >= limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(SHORT_TIMEOUT, read).await;
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// One registered host: its client and what it last said about itself.

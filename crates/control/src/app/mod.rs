@@ -12,13 +12,39 @@ pub mod reconcile;
 pub mod sandboxes;
 pub mod validate;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hearth_db::Db;
-use hearth_types::SandboxLimits;
+use hearth_types::{SandboxId, SandboxLimits, TeamQuota};
+use tokio_util::sync::CancellationToken;
 
 pub use error::{AppError, AppResult};
 use hosts::{HostClient, Hosts};
+
+/// Admission and housekeeping rules of the control plane (from its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Quota of a team without its own `team_quotas` row.
+    pub team_quota: TeamQuota,
+    /// A sandbox still `starting` this long after its row was written is given up on
+    /// (marked `error`, destroyed on its host) by the reconciler.
+    pub create_timeout: Duration,
+    /// Rows of `stopped` and `error` sandboxes are deleted this long after their last change.
+    pub retention: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            team_quota: TeamQuota::default(),
+            // The host's CreateSandbox deadline (180 s) plus slack.
+            create_timeout: Duration::from_secs(240),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
 
 /// Shared state of the control plane.
 pub struct App {
@@ -26,6 +52,9 @@ pub struct App {
     pub hosts: Hosts,
     pub limits: SandboxLimits,
     pub max_upload_bytes: u64,
+    pub policy: Policy,
+    /// Per sandbox, cancelled when it is destroyed: ends its exec streams at once.
+    streams: Mutex<HashMap<SandboxId, CancellationToken>>,
 }
 
 impl App {
@@ -40,6 +69,31 @@ impl App {
             hosts: Hosts::new(hosts),
             limits,
             max_upload_bytes,
+            policy: Policy::default(),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The same app with other admission and housekeeping rules.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The token that ends the exec streams of `id` when it is destroyed. Take it
+    /// before checking that the sandbox runs, so that a destroy in between is seen.
+    pub(crate) fn stream_token(&self, id: &SandboxId) -> CancellationToken {
+        match self.streams.lock() {
+            Ok(mut m) => m.entry(id.clone()).or_default().clone(),
+            // A poisoned map only loses the early end of streams; the host still ends them.
+            Err(_) => CancellationToken::new(),
+        }
+    }
+
+    /// End every exec stream of `id` now (it was destroyed or lost).
+    pub(crate) fn end_streams(&self, id: &SandboxId) {
+        if let Some(t) = self.streams.lock().ok().and_then(|mut m| m.remove(id)) {
+            t.cancel();
         }
     }
 }

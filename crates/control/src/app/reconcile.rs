@@ -6,6 +6,10 @@
 //! `stopped`; and expired rows are destroyed on their host and marked `stopped`.
 //! A host that does not answer is left alone: its rows keep their state until it is
 //! back (a restarted agent re-adopts its VMs).
+//!
+//! Then, for all hosts: rows still `starting` past the create timeout (a control
+//! plane that died mid-create) become `error` and their host is asked to destroy
+//! them; rows `stopped` or `error` unchanged for the retention period are deleted.
 
 use std::collections::HashSet;
 
@@ -21,6 +25,20 @@ pub struct ReconcileReport {
     pub hosts_seen: usize,
     pub lost: Vec<SandboxId>,
     pub expired: Vec<SandboxId>,
+    /// Left `starting` past the create timeout: now `error`.
+    pub stale: Vec<SandboxId>,
+    /// Rows of finished sandboxes deleted after the retention period.
+    pub pruned: u64,
+}
+
+impl ReconcileReport {
+    /// Whether the pass changed any sandbox.
+    pub fn changed(&self) -> bool {
+        !self.lost.is_empty()
+            || !self.expired.is_empty()
+            || !self.stale.is_empty()
+            || self.pruned > 0
+    }
 }
 
 impl App {
@@ -86,6 +104,7 @@ impl App {
                     {
                         tracing::info!(sandbox_id = %row.id, host = %url,
                             "sandbox no longer on its host (reaped or lost): marked stopped");
+                        self.end_streams(&row.id);
                         report.lost.push(row.id);
                     }
                 } else if row.expires_at <= now {
@@ -101,6 +120,59 @@ impl App {
                 }
             }
         }
+        self.reconcile_stale_starts(&mut report).await?;
+        let keep =
+            chrono::Duration::from_std(self.policy.retention).unwrap_or(chrono::Duration::days(7));
+        report.pruned = self.db.prune_finished_sandboxes(Utc::now() - keep).await?;
+        if report.pruned > 0 {
+            tracing::info!(
+                rows = report.pruned,
+                "deleted rows of sandboxes finished before the retention period"
+            );
+        }
         Ok(report)
+    }
+
+    /// `starting` rows older than the create timeout: no create is waiting on them
+    /// any more (it has its own, shorter deadline), so the control plane that wrote
+    /// them died. Mark them `error` and free what their host may hold.
+    async fn reconcile_stale_starts(&self, report: &mut ReconcileReport) -> AppResult<()> {
+        let timeout = chrono::Duration::from_std(self.policy.create_timeout)
+            .unwrap_or(chrono::Duration::seconds(240));
+        let cutoff = Utc::now() - timeout;
+        let rows = self
+            .db
+            .list_sandboxes_in_states(&[SandboxState::Starting])
+            .await?;
+        for row in rows.into_iter().filter(|r| r.created_at < cutoff) {
+            let message = format!(
+                "did not finish starting within {} s",
+                self.policy.create_timeout.as_secs()
+            );
+            if !self
+                .db
+                .update_sandbox_state(
+                    &row.id,
+                    Some(&[SandboxState::Starting]),
+                    SandboxState::Error,
+                    Some(&message),
+                )
+                .await?
+            {
+                continue;
+            }
+            tracing::warn!(sandbox_id = %row.id, "sandbox stuck in 'starting': marked error");
+            if let Some(client) = row.host_id.as_ref().and_then(|h| self.hosts.get(h)) {
+                match client.destroy_sandbox(&row.id).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        tracing::warn!(sandbox_id = %row.id, error = %e, "destroying a stuck sandbox failed")
+                    }
+                }
+            }
+            report.stale.push(row.id);
+        }
+        Ok(())
     }
 }

@@ -1,31 +1,44 @@
 //! Sandbox lifecycle: create, read, list, destroy.
 //!
-//! Create: validate -> insert row `starting` (with the chosen host) -> host
-//! CreateSandbox -> `running`, or `error` with the host's message. Delete: host
-//! DestroySandbox -> `stopped` (the row stays readable). Host calls run in a task of
-//! their own so that a client that disconnects mid-request cannot leave a row
-//! `starting` forever or a VM without its row updated.
+//! Create: validate -> pick a host -> check the team's quota and insert the row
+//! `starting` in one atomic step (`hearth_db`) -> host CreateSandbox -> `running`, with
+//! the lifetime (`timeout_s`) counted from then. A create that is refused (validation,
+//! quota, unknown template, no host, host out of capacity) leaves no row; a host that
+//! fails otherwise leaves an `error` row (pruned after the retention period) and is
+//! asked to destroy what it may hold. Delete: host DestroySandbox (also for `stopped`
+//! and `error` rows, so their slot and disk are freed) -> `stopped`, and the sandbox's
+//! exec streams end at once. Host calls run in a task of their own so that a client
+//! that disconnects mid-request cannot leave a row `starting` or a VM without its row
+//! updated.
+//!
+//! Expiry: the control plane reaps at `expires_at`, set to "running since + timeout_s"
+//! when the boot finishes, so a short `timeout_s` never ends a sandbox while it boots.
+//! The host agent gets a later backstop deadline (create timeout + `timeout_s`) that
+//! only matters if the control plane is gone.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use base64::Engine;
 use chrono::{Duration, Utc};
-use hearth_db::{NewSandbox, SandboxRow, SandboxState};
-use hearth_types::{SandboxId, SandboxShape, TeamId, TemplateName};
+use connectrpc::ErrorCode;
+use hearth_db::{Admission, NewSandbox, PageCursor, SandboxRow, SandboxState};
+use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
 use super::hosts::{CreateSpec, HostClient, HostError};
 use super::{validate, App, AppError, AppResult};
 
-/// A create request, still unchecked.
+/// A create request, still unchecked. Numbers are as sent (wide, unclamped), so that
+/// an error can quote them.
 #[derive(Debug, Clone, Default)]
 pub struct CreateParams {
     pub template: String,
-    pub vcpus: Option<u32>,
-    pub memory_mb: Option<u32>,
-    pub disk_size_mb: Option<u32>,
-    pub timeout_s: Option<u32>,
+    pub vcpus: Option<i64>,
+    pub memory_mb: Option<i64>,
+    pub disk_size_mb: Option<i64>,
+    pub timeout_s: Option<i64>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
 }
@@ -34,6 +47,58 @@ pub struct CreateParams {
 pub fn parse_id(s: &str) -> AppResult<SandboxId> {
     s.parse()
         .map_err(|e: hearth_types::IdError| AppError::InvalidArgument(e.to_string()))
+}
+
+/// A list request, still unchecked.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    /// Comma-separated states; default: the active ones (pending, starting, running, paused).
+    pub state: Option<String>,
+    /// Every state (ignored when `state` is given).
+    pub all: bool,
+    /// Page size: default 100, 1 to 1000.
+    pub limit: Option<i64>,
+    /// From the previous page's `next_token`.
+    pub next_token: Option<String>,
+}
+
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+/// One page of a listing and the token of the next, if any.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub sandboxes: Vec<SandboxRow>,
+    pub next_token: Option<String>,
+}
+
+const ACTIVE: [SandboxState; 4] = [
+    SandboxState::Pending,
+    SandboxState::Starting,
+    SandboxState::Running,
+    SandboxState::Paused,
+];
+
+/// The opaque page token: base64url of `v1:<created_at ms>:<id>`.
+fn encode_token(c: &PageCursor) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("v1:{}:{}", c.created_at_ms, c.id))
+}
+
+fn decode_token(t: &str) -> AppResult<PageCursor> {
+    let bad = || AppError::InvalidArgument("next_token is not a token this API gave out".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(t)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let mut parts = raw.splitn(3, ':');
+    let (Some("v1"), Some(ms), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    Ok(PageCursor {
+        created_at_ms: ms.parse().map_err(|_| bad())?,
+        id: id.parse().map_err(|_| bad())?,
+    })
 }
 
 fn not_found(id: &SandboxId) -> AppError {
@@ -50,7 +115,7 @@ impl App {
             .template
             .parse()
             .map_err(|e: hearth_types::IdError| AppError::InvalidArgument(e.to_string()))?;
-        let shape = SandboxShape::validate(
+        let shape = SandboxShape::validate_wide(
             &self.limits,
             p.vcpus,
             p.memory_mb,
@@ -77,6 +142,7 @@ impl App {
             .ok_or_else(|| AppError::Unavailable(format!("host {host_id} is not reachable")))?;
 
         let now = Utc::now();
+        let lifetime = Duration::seconds(i64::from(shape.timeout_s));
         let row = NewSandbox {
             id: SandboxId::generate(),
             team_id: team,
@@ -90,9 +156,17 @@ impl App {
             metadata: p.metadata,
             host_id: Some(host_id.clone()),
             created_at: now,
-            expires_at: now + Duration::seconds(i64::from(shape.timeout_s)),
+            // Provisional: reset to "running since + timeout_s" once it runs.
+            expires_at: now + self.create_timeout() + lifetime,
         };
-        self.db.insert_sandbox(&row).await?;
+        match self
+            .db
+            .insert_sandbox_within_quota(&row, &self.policy.team_quota)
+            .await?
+        {
+            Admission::Admitted => {}
+            Admission::Refused(q) => return Err(AppError::QuotaExceeded(q.to_string())),
+        }
         let spec = CreateSpec {
             sandbox_id: row.id.clone(),
             team_id: team,
@@ -100,13 +174,14 @@ impl App {
             vcpus: shape.vcpus,
             memory_mb: shape.memory_mb,
             disk_size_mb: shape.disk_size_mb,
+            // The host's own backstop; the control plane reaps earlier (see module docs).
             expires_at_unix_ms: row.expires_at.timestamp_millis(),
             env: p.env,
         };
         let id = row.id.clone();
         let app = self.clone();
         // Out of the request's cancellation scope: the row must follow the host's answer.
-        let outcome = tokio::spawn(async move { app.finish_create(&client, spec).await })
+        let outcome = tokio::spawn(async move { app.finish_create(&client, spec, lifetime).await })
             .await
             .map_err(|e| AppError::Internal(format!("create task failed: {e}")))?;
         outcome?;
@@ -116,32 +191,61 @@ impl App {
             .ok_or_else(|| not_found(&id))
     }
 
-    async fn finish_create(&self, client: &Arc<dyn HostClient>, spec: CreateSpec) -> AppResult<()> {
+    fn create_timeout(&self) -> Duration {
+        Duration::from_std(self.policy.create_timeout).unwrap_or(Duration::seconds(240))
+    }
+
+    async fn finish_create(
+        &self,
+        client: &Arc<dyn HostClient>,
+        spec: CreateSpec,
+        lifetime: Duration,
+    ) -> AppResult<()> {
         let id = spec.sandbox_id.clone();
         let span = tracing::info_span!("create", sandbox_id = %id, host = client.url());
-        match client.create_sandbox(spec).instrument(span).await {
+        match client.create_sandbox(spec).instrument(span.clone()).await {
             Ok(()) => {
-                let moved = self
+                let _g = span.enter();
+                if self
                     .db
-                    .update_sandbox_state(
-                        &id,
-                        Some(&[SandboxState::Starting]),
-                        SandboxState::Running,
-                        None,
-                    )
-                    .await?;
-                if !moved {
+                    .mark_sandbox_running(&id, Utc::now() + lifetime)
+                    .await?
+                {
+                    tracing::info!("sandbox running");
+                } else {
                     // Someone (a delete, the reconciler) changed it meanwhile: keep theirs.
                     tracing::warn!("sandbox left 'starting' while it booted");
                 }
-                tracing::info!("sandbox running");
                 Ok(())
             }
+            Err(e) if refused_by_host(&e) => {
+                // Nothing was created: leave no row behind.
+                tracing::info!(parent: &span, error = %e, "host refused the sandbox");
+                self.db.delete_sandbox_unscoped(&id).await?;
+                Err(match e {
+                    HostError::Rpc {
+                        code: ErrorCode::ResourceExhausted,
+                        message,
+                    } => AppError::CapacityExceeded(message),
+                    other => AppError::host("creating the sandbox failed")(other),
+                })
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "host failed to create sandbox");
+                tracing::warn!(parent: &span, error = %e, "host failed to create sandbox");
                 self.db
-                    .update_sandbox_state(&id, None, SandboxState::Error, Some(&e.to_string()))
+                    .update_sandbox_state(
+                        &id,
+                        Some(&[SandboxState::Starting]),
+                        SandboxState::Error,
+                        Some(&e.to_string()),
+                    )
                     .await?;
+                // Whatever the host holds of it (disk, slot) is freed now, not at expiry.
+                if let Err(d) = client.destroy_sandbox(&id).await {
+                    if !d.is_not_found() {
+                        tracing::warn!(parent: &span, error = %d, "destroying the failed sandbox failed");
+                    }
+                }
                 Err(AppError::Host {
                     context: "creating the sandbox failed".into(),
                     source: e,
@@ -157,8 +261,34 @@ impl App {
             .ok_or_else(|| not_found(id))
     }
 
-    pub async fn list_sandboxes(&self, team: TeamId) -> AppResult<Vec<SandboxRow>> {
-        Ok(self.db.list_sandboxes(team).await?)
+    /// One page of `team`'s sandboxes, newest first (see [`ListParams`]).
+    pub async fn list_sandboxes(&self, team: TeamId, p: ListParams) -> AppResult<ListPage> {
+        let limit = check_range("limit", p.limit, DEFAULT_PAGE, 1, MAX_PAGE)
+            .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
+        let states: Vec<SandboxState> = match p.state.as_deref() {
+            Some(list) => list
+                .split(',')
+                .map(|s| {
+                    s.trim().parse().map_err(|_| {
+                        AppError::InvalidArgument(format!(
+                            "state must be a comma-separated list of pending, starting, running, paused, stopped, error; got {:?}",
+                            s.chars().take(40).collect::<String>()
+                        ))
+                    })
+                })
+                .collect::<AppResult<_>>()?,
+            None if p.all => Vec::new(),
+            None => ACTIVE.to_vec(),
+        };
+        let after = p.next_token.as_deref().map(decode_token).transpose()?;
+        let page = self
+            .db
+            .list_sandboxes_page(team, &states, limit, after.as_ref())
+            .await?;
+        Ok(ListPage {
+            sandboxes: page.rows,
+            next_token: page.next.as_ref().map(encode_token),
+        })
     }
 
     /// Destroy the VM and mark the row `stopped`. Idempotent.
@@ -170,28 +300,40 @@ impl App {
             .map_err(|e| AppError::Internal(format!("delete task failed: {e}")))?
     }
 
-    /// Ask the row's host to destroy the sandbox, then mark it stopped.
+    /// Ask the row's host to destroy the sandbox (whatever its state: a `stopped` or
+    /// `error` sandbox may still hold a slot or disk there; the call is idempotent), mark
+    /// it stopped unless it is `error`, and end its exec streams.
     pub(crate) async fn destroy_row(&self, row: &SandboxRow) -> AppResult<()> {
         if let Some(host_id) = &row.host_id {
-            if row.state != SandboxState::Stopped {
-                let client = self.hosts.get(host_id).ok_or_else(|| {
-                    AppError::Unavailable(format!(
-                        "host {host_id} of sandbox {} is not reachable",
-                        row.id
-                    ))
-                })?;
-                match client.destroy_sandbox(&row.id).await {
+            match self.hosts.get(host_id) {
+                Some(client) => match client.destroy_sandbox(&row.id).await {
                     Ok(existed) => {
                         tracing::info!(sandbox_id = %row.id, existed, "sandbox destroyed")
                     }
                     Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(AppError::host("destroying the sandbox failed")(e)),
+                    Err(e) if row.state.is_active() => {
+                        return Err(AppError::host("destroying the sandbox failed")(e))
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox_id = %row.id, error = %e, "host did not destroy a finished sandbox")
+                    }
+                },
+                None if row.state.is_active() => {
+                    return Err(AppError::Unavailable(format!(
+                        "host {host_id} of sandbox {} is not reachable",
+                        row.id
+                    )))
+                }
+                // Finished and its host is away: nothing to do here until it is back.
+                None => {
+                    tracing::warn!(sandbox_id = %row.id, host = %host_id, "host of a finished sandbox is not reachable; not destroyed there")
                 }
             }
         }
         if row.state != SandboxState::Error {
             self.db.mark_sandbox_stopped(&row.id).await?;
         }
+        self.end_streams(&row.id);
         Ok(())
     }
 
@@ -218,6 +360,18 @@ impl App {
             .get(&host_id)
             .ok_or_else(|| AppError::Unavailable(format!("host {host_id} is not reachable")))
     }
+}
+
+/// Whether a host's answer to CreateSandbox means it created nothing: it refused the
+/// request (out of capacity, or a spec it does not accept).
+fn refused_by_host(e: &HostError) -> bool {
+    matches!(
+        e,
+        HostError::Rpc {
+            code: ErrorCode::ResourceExhausted | ErrorCode::InvalidArgument | ErrorCode::NotFound,
+            ..
+        }
+    )
 }
 
 /// Map a guest-side failure for an operation on `what` (a file, a process).

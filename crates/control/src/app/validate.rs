@@ -131,15 +131,16 @@ pub fn guest_path(field: &str, path: &str) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Exec timeout: default 60 s, 1 to 3600.
-pub fn exec_timeout(t: Option<u32>) -> Result<u32, AppError> {
-    let t = t.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
-    if !(1..=MAX_EXEC_TIMEOUT_S).contains(&t) {
-        return Err(bad(format!(
-            "timeout_s must be between 1 and {MAX_EXEC_TIMEOUT_S}, got {t}"
-        )));
-    }
-    Ok(t)
+/// Exec timeout: default 60 s, 1 to 3600; an out-of-range value is quoted as sent.
+pub fn exec_timeout(t: Option<i64>) -> Result<u32, AppError> {
+    hearth_types::check_range(
+        "timeout_s",
+        t,
+        DEFAULT_EXEC_TIMEOUT_S,
+        1,
+        MAX_EXEC_TIMEOUT_S,
+    )
+    .map_err(|e| bad(e.to_string()))
 }
 
 fn truncate(s: &str) -> String {
@@ -170,5 +171,7 @@ mod tests {
         assert_eq!(exec_timeout(None).unwrap(), 60);
         assert!(exec_timeout(Some(0)).is_err());
         assert!(exec_timeout(Some(3601)).is_err());
+        let e = exec_timeout(Some(-1)).unwrap_err().to_string();
+        assert!(e.ends_with("got -1"), "{e}");
     }
 }

@@ -18,7 +18,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// invalid_argument | unauthenticated | not_found | conflict | payload_too_large | unavailable | internal
+    /// invalid_argument | unauthenticated | not_found | conflict | payload_too_large | quota_exceeded | capacity_exceeded | unavailable | internal
     pub code: &'static str,
     pub message: String,
 }
@@ -78,6 +78,8 @@ impl ApiError {
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            AppError::CapacityExceeded(_) => (StatusCode::CONFLICT, "capacity_exceeded"),
             AppError::Host { source, .. } => host_status(source),
             AppError::Db(_) | AppError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")

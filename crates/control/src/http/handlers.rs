@@ -22,7 +22,8 @@ pub async fn health() -> Json<Health> {
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
     responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_sandbox(
     State(s): State<AppState>,
@@ -33,15 +34,18 @@ pub async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = SandboxList)),
+#[utoipa::path(get, path = "/v1/sandboxes", params(ListQuery),
+    responses((status = 200, body = SandboxList), (status = 400, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list_sandboxes(
     State(s): State<AppState>,
     caller: Caller,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<SandboxList>> {
-    let rows = s.app.list_sandboxes(caller.team_id).await?;
+    let page = s.app.list_sandboxes(caller.team_id, q.into()).await?;
     Ok(Json(SandboxList {
-        sandboxes: rows.into_iter().map(Into::into).collect(),
+        sandboxes: page.sandboxes.into_iter().map(Into::into).collect(),
+        next_token: page.next_token,
     }))
 }
 

@@ -15,12 +15,6 @@ pub struct Health {
     pub status: &'static str,
 }
 
-/// Out-of-range numbers (also negative or huge ones) reach the range check, which names
-/// the field, instead of failing in the JSON parser.
-fn clamp_u32(v: Option<i64>) -> Option<u32> {
-    v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
-}
-
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateSandboxRequest {
     /// Template name, e.g. "minimal".
@@ -44,10 +38,11 @@ impl From<CreateSandboxRequest> for CreateParams {
     fn from(r: CreateSandboxRequest) -> Self {
         CreateParams {
             template: r.template,
-            vcpus: clamp_u32(r.vcpus),
-            memory_mb: clamp_u32(r.memory_mb),
-            disk_size_mb: clamp_u32(r.disk_size_mb),
-            timeout_s: clamp_u32(r.timeout_s),
+            // Wide and unclamped: the range check quotes what was sent.
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            timeout_s: r.timeout_s,
             env: r.env,
             metadata: r.metadata,
         }
@@ -98,6 +93,33 @@ impl From<SandboxRow> for Sandbox {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SandboxList {
     pub sandboxes: Vec<Sandbox>,
+    /// Pass as `next_token` for the next page; null on the last page.
+    pub next_token: Option<String>,
+}
+
+/// Which sandboxes `GET /v1/sandboxes` returns.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Comma-separated states (pending, starting, running, paused, stopped, error).
+    /// Default: pending, starting, running, paused.
+    pub state: Option<String>,
+    /// true: every state (ignored when `state` is given).
+    pub all: Option<bool>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+    /// The `next_token` of the previous page.
+    pub next_token: Option<String>,
+}
+
+impl From<ListQuery> for crate::app::sandboxes::ListParams {
+    fn from(q: ListQuery) -> Self {
+        Self {
+            state: q.state,
+            all: q.all.unwrap_or(false),
+            limit: q.limit,
+            next_token: q.next_token,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -131,7 +153,7 @@ impl From<ExecRequest> for ExecParams {
             env: r.env,
             cwd: r.cwd,
             user: r.user,
-            timeout_s: clamp_u32(r.timeout_s),
+            timeout_s: r.timeout_s,
             stdin: r.stdin,
             pty: r.pty.map(|p| (p.cols, p.rows)),
         }
