@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +43,9 @@ pub fn app(state: AgentState) -> axum::Router {
         .route("/files", get(download).post(upload))
         .route("/init", post(init))
         .route("/envs", get(envs))
+        .method_not_allowed_fallback(|| async {
+            HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
         .layer(DefaultBodyLimit::disable())
         .fallback_service(connect.into_axum_service())
         .layer(axum::middleware::from_fn_with_state(
@@ -89,6 +93,10 @@ impl From<FsError> for HttpError {
         };
         HttpError::new(status, e.message())
     }
+}
+
+fn bad_query(e: QueryRejection) -> HttpError {
+    HttpError::new(StatusCode::BAD_REQUEST, e.body_text())
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,9 +162,10 @@ fn open_for_read(path: &Path) -> Result<std::fs::File, FsError> {
 
 async fn download(
     State(state): State<AgentState>,
-    Query(q): Query<FileQuery>,
+    q: Result<Query<FileQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
+    let Query(q) = q.map_err(bad_query)?;
     let user = query_user(&state, &q, &headers)?;
     let Some(path) = q.path.as_deref().filter(|p| !p.is_empty()) else {
         return Err(HttpError::new(StatusCode::BAD_REQUEST, "path is required"));
@@ -242,9 +251,10 @@ fn entry_ref(path: &Path) -> EntryRef {
 
 async fn upload(
     State(state): State<AgentState>,
-    Query(q): Query<FileQuery>,
+    q: Result<Query<FileQuery>, QueryRejection>,
     request: Request,
 ) -> Result<Json<Vec<EntryRef>>, HttpError> {
+    let Query(q) = q.map_err(bad_query)?;
     let user = query_user(&state, &q, request.headers())?;
     let target: Option<PathBuf> = q
         .path

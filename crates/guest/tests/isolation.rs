@@ -700,3 +700,21 @@ async fn init_bodies_are_bounded_and_checked() {
         .expect("json");
     assert!(envs.get("BIG").is_none());
 }
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors() {
+    let a = agent().await;
+    let put = a
+        .anon
+        .put(format!("{}/files?path=/tmp/x", a.base))
+        .header("x-access-token", TOKEN)
+        .body("x")
+        .send()
+        .await
+        .expect("put");
+    let (status, _) = status_json(put).await;
+    assert_eq!(status, 405);
+    // A query string that does not parse.
+    let (status, _) = status_json(a.get("/files?path=/a&path=/b").send().await.expect("get")).await;
+    assert_eq!(status, 400);
+}
