@@ -15,8 +15,10 @@ PACKAGES=(
   iproute2             # network namespaces, veth, tap
   ca-certificates
   curl
+  jq                   # the README's API example reads the key with it
   pkg-config
   python3              # build-images.sh parses the kernel's setup header
+  python3-venv         # the venv of the OpenAPI fuzzer (schemathesis, below)
   file                 # build-images.sh checks what it extracted
   binutils             # strip, for the static guest agent
 )
@@ -62,3 +64,17 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 say "Rust: $(cargo --version)"
+
+# The OpenAPI fuzzer of the test suite (crates/cli/tests/fuzz.rs): schemathesis from PyPI,
+# pinned, in a venv of its own so it never touches Debian's Python packages.
+SCHEMATHESIS_VERSION=4.32.5
+VENV=${HEARTH_VENV:-/opt/hearth/venv}
+if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null)" = "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
+  say "schemathesis $SCHEMATHESIS_VERSION: present in $VENV"
+else
+  say "Installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+  rm -rf "$VENV"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  "$VENV/bin/schemathesis" --version
+fi

@@ -1,12 +1,19 @@
-//! The OpenAPI document, generated from the handlers' annotations.
+//! The OpenAPI document: generated from the handlers' annotations, then completed here
+//! with what cuts across handlers, so that it says exactly what the server does:
+//! the errors of the middleware (401 of auth; 414 and 431 of the size limits; 413 and
+//! 415 of JSON bodies; 500 where the database is read), the numeric bounds of
+//! [`SandboxLimits::default`] and the `validate` rules, and required inputs.
 
 use axum::Json;
+use hearth_types::{SandboxLimits, SandboxShape};
+use serde_json::{json, Value};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
 use super::types::*;
+use crate::app::validate;
 
 struct Security;
 
@@ -27,6 +34,8 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "hearth", description = "Public REST API of the hearth control plane. \
+        Every error is {\"error\":{\"code\",\"message\"}}. JSON bodies need \
+        content-type: application/json. \
         The WebSocket exec (GET /v1/sandboxes/{id}/exec/ws) is described in docs/contracts.md."),
     paths(
         handlers::health,
@@ -45,13 +54,177 @@ impl Modify for Security {
 )]
 pub struct ApiDoc;
 
-/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
-pub fn spec_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    })
 }
 
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// Add `status` to an operation's responses unless the handler already lists it.
+fn add(op: &mut Value, status: u16, description: &str) {
+    if let Some(r) = op.get_mut("responses").and_then(Value::as_object_mut) {
+        r.entry(status.to_string())
+            .or_insert_with(|| error_response(description));
+    }
+}
+
+/// Set keys of the schema at `pointer` (in the document).
+fn set(doc: &mut Value, pointer: &str, values: Value) {
+    if let (Some(target), Value::Object(values)) = (doc.pointer_mut(pointer), values) {
+        if let Some(target) = target.as_object_mut() {
+            target.extend(values);
+        }
+    }
+}
+
+/// The document as served and checked in.
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            let Some(ops) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, op) in ops.iter_mut() {
+                add(op, 414, "The request target is longer than 8 KiB.");
+                add(op, 431, "The request headers are larger than 32 KiB.");
+                if op.get("security").is_some() {
+                    add(op, 401, "No API key, or not a valid one.");
+                    add(op, 500, "Internal error (details in the server log).");
+                }
+                let json_body = op
+                    .pointer("/requestBody/content/application~1json")
+                    .is_some();
+                if json_body {
+                    add(op, 400, "Malformed JSON or an invalid field.");
+                    add(op, 413, "The JSON body is larger than 1 MiB.");
+                    add(op, 415, "The body's content type is not JSON.");
+                }
+                if path.contains("{id}") {
+                    add(op, 400, "Malformed ID or parameter.");
+                    add(op, 404, "No such sandbox in this team.");
+                    // Everything but a plain read of the row calls the sandbox's host.
+                    if !(method == "get" && path == "/v1/sandboxes/{id}") {
+                        add(op, 409, "The sandbox is not in a state that allows this.");
+                        add(op, 503, "The sandbox's host or guest does not answer.");
+                    }
+                }
+                if path == "/v1/sandboxes" && method == "post" {
+                    add(op, 404, "No such template.");
+                    add(op, 409, "No host has room for it (capacity_exceeded).");
+                    add(
+                        op,
+                        429,
+                        "The team's quota would be exceeded (quota_exceeded).",
+                    );
+                    add(op, 503, "No host agent answers.");
+                }
+                if path.ends_with("/files") {
+                    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                        for p in params.iter_mut() {
+                            if p["name"] == "path" && p["in"] == "query" {
+                                p["required"] = json!(true);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let limits = SandboxLimits::default();
+    let create = "/components/schemas/CreateSandboxRequest/properties";
+    let numbers = [
+        ("vcpus", 1, limits.max_vcpus, SandboxShape::DEFAULT_VCPUS),
+        (
+            "memory_mb",
+            limits.min_memory_mb,
+            limits.max_memory_mb,
+            SandboxShape::DEFAULT_MEMORY_MB,
+        ),
+        (
+            "disk_size_mb",
+            limits.min_disk_mb,
+            limits.max_disk_mb,
+            SandboxShape::DEFAULT_DISK_MB,
+        ),
+        (
+            "timeout_s",
+            1,
+            limits.max_timeout_s,
+            SandboxShape::DEFAULT_TIMEOUT_S,
+        ),
+    ];
+    for (field, min, max, default) in numbers {
+        set(
+            &mut doc,
+            &format!("{create}/{field}"),
+            json!({"minimum": min, "maximum": max, "default": default}),
+        );
+    }
+    set(
+        &mut doc,
+        &format!("{create}/template"),
+        json!({"example": "minimal", "minLength": 1}),
+    );
+    set(
+        &mut doc,
+        &format!("{create}/env"),
+        json!({"maxProperties": validate::MAX_ENV_VARS}),
+    );
+    set(
+        &mut doc,
+        &format!("{create}/metadata"),
+        json!({"maxProperties": validate::MAX_METADATA_ENTRIES}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/CreateSandboxRequest",
+        json!({"example": {"template": "minimal", "timeout_s": 120}}),
+    );
+
+    let exec = "/components/schemas/ExecRequest/properties";
+    set(
+        &mut doc,
+        &format!("{exec}/cmd"),
+        json!({"minItems": 1, "maxItems": validate::MAX_CMD_ARGS}),
+    );
+    set(
+        &mut doc,
+        &format!("{exec}/timeout_s"),
+        json!({
+            "minimum": 1,
+            "maximum": validate::MAX_EXEC_TIMEOUT_S,
+            "default": validate::DEFAULT_EXEC_TIMEOUT_S
+        }),
+    );
+    set(
+        &mut doc,
+        &format!("{exec}/env"),
+        json!({"maxProperties": validate::MAX_ENV_VARS}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/ExecRequest",
+        json!({"example": {"cmd": ["uname", "-r"]}}),
+    );
+    for dim in ["cols", "rows"] {
+        set(
+            &mut doc,
+            &format!("/components/schemas/PtySize/properties/{dim}"),
+            json!({"minimum": 1, "maximum": 1000}),
+        );
+    }
+    doc
+}
+
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+pub fn spec_json() -> String {
+    serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// `GET /v1/openapi.json`.
+pub async fn serve() -> Json<Value> {
+    Json(document())
 }

@@ -1,0 +1,179 @@
+//! OpenAPI-driven fuzzing of the whole public API over a real stack (real VMs under
+//! TCG): schemathesis (pinned, installed by scripts/install-deps.sh into
+//! /opt/hearth/venv) reads `/v1/openapi.json` and sends generated and boundary
+//! requests; any 5xx, any status the document does not list, any response that does not
+//! match its schema or content type fails the test with schemathesis' report.
+//!
+//! Bounded: few examples per operation, one worker, a wall-clock limit after which the
+//! fuzzer is killed by PID (a failure: the run must fit). Traffic goes only to the
+//! loopback stack. Sandboxes it creates are removed at the end and must leave nothing.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{e2e_available, leftovers, Stack};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// The pinned version; scripts/install-deps.sh installs the same.
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+/// Wall-clock limit of one fuzzer run.
+const FUZZ_WALL_LIMIT: Duration = Duration::from_secs(8 * 60);
+
+/// The schemathesis executable: $HEARTH_SCHEMATHESIS, the venv of install-deps.sh, or
+/// PATH; `None` when none is there in the pinned version.
+fn schemathesis() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("HEARTH_SCHEMATHESIS").map(PathBuf::from),
+        Some(PathBuf::from(
+            std::env::var("HEARTH_VENV").unwrap_or_else(|_| "/opt/hearth/venv".into()),
+        ))
+        .map(|v| v.join("bin/schemathesis")),
+        Some(PathBuf::from("schemathesis")),
+    ];
+    candidates.into_iter().flatten().find(|exe| {
+        Command::new(exe).arg("--version").output().is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim()
+                == format!("schemathesis, version {SCHEMATHESIS_VERSION}")
+        })
+    })
+}
+
+/// Every sandbox of the stack's team, in any state.
+fn all_sandboxes(stack: &Stack) -> Vec<Value> {
+    let r = stack
+        .req(Method::GET, "/v1/sandboxes?all=true&limit=1000")
+        .send()
+        .expect("list");
+    assert!(r.status().is_success(), "list: {:?}", r.text());
+    let v: Value = r.json().expect("list json");
+    v["sandboxes"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn openapi_fuzzing_finds_no_server_error_or_undocumented_answer() {
+    if !e2e_available() {
+        return;
+    }
+    let Some(exe) = schemathesis() else {
+        let msg =
+            format!("schemathesis {SCHEMATHESIS_VERSION} not found (run scripts/install-deps.sh)");
+        if std::env::var("HEARTH_REQUIRE_E2E").is_ok_and(|v| v == "1") {
+            panic!("fuzz test required but cannot run: {msg}");
+        }
+        eprintln!("\n*** SKIPPING fuzz test: {msg} ***\n");
+        return;
+    };
+    let stack = Stack::start();
+
+    // One running sandbox for exec, files and get to reach a real guest; the fuzzer's
+    // own creates (from the document's examples) add a few more.
+    let target = stack.create(json!({"template": "minimal", "timeout_s": 1800}));
+    let id = target["id"].as_str().expect("id").to_string();
+
+    let dir = stack.dir.path();
+    let config = dir.join("schemathesis.toml");
+    // The target sandbox is pinned for exec, files and get (not for delete, which would
+    // end it early); the other operations get generated IDs (400 / 404).
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[operations]]
+include-path-regex = "^/v1/sandboxes/\\{{id\\}}/(exec|files)$"
+parameters = {{ "path.id" = "{id}" }}
+
+[[operations]]
+include-path = "/v1/sandboxes/{{id}}"
+include-method = "GET"
+parameters = {{ "path.id" = "{id}" }}
+
+[[operations]]
+include-path = "/v1/sandboxes"
+include-method = "POST"
+generation = {{ max-examples = 8 }}
+"#
+        ),
+    )
+    .expect("write schemathesis.toml");
+    let report = dir.join("schemathesis.txt");
+    let out = std::fs::File::create(&report).expect("report file");
+    let seed = std::env::var("HEARTH_FUZZ_SEED").unwrap_or_else(|_| "20261123".into());
+    let mut child = Command::new(&exe)
+        .arg("--config-file")
+        .arg(&config)
+        .arg("run")
+        .arg(format!("{}/v1/openapi.json", stack.url))
+        .args(["--url", &stack.url])
+        .args(["--header", &format!("Authorization: Bearer {}", stack.api_key)])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        ])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", "25"])
+        .args(["--workers", "1"])
+        .args(["--seed", &seed])
+        .args(["--request-timeout", "120"])
+        .args(["--max-redirects", "0"])
+        .arg("--no-color")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("report file"))
+        .stderr(out)
+        .spawn()
+        .expect("start schemathesis");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for schemathesis") {
+            break Some(s);
+        }
+        if started.elapsed() > FUZZ_WALL_LIMIT {
+            // Our own child, by PID.
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    eprintln!(
+        "schemathesis took {:.0} s; its report:\n{text}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Clean up whatever the fuzzer created, then check nothing is left on the host.
+    let created: Vec<String> = all_sandboxes(&stack)
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_string))
+        .collect();
+    eprintln!("sandboxes after fuzzing: {}", created.len());
+    for sid in &created {
+        let _ = stack
+            .req(Method::DELETE, &format!("/v1/sandboxes/{sid}"))
+            .send();
+    }
+    let still: Vec<String> = all_sandboxes(&stack)
+        .iter()
+        .filter(|s| !matches!(s["state"].as_str(), Some("stopped" | "error")))
+        .map(|s| format!("{} {}", s["id"], s["state"]))
+        .collect();
+    assert!(still.is_empty(), "not stopped after delete: {still:?}");
+    for sid in &created {
+        let left = leftovers(sid, &stack.run_dir());
+        assert!(left.is_empty(), "{sid} left {left:?}");
+    }
+
+    match status {
+        None => {
+            panic!("schemathesis did not finish within {FUZZ_WALL_LIMIT:?}; report so far above")
+        }
+        Some(s) => assert!(
+            s.success(),
+            "schemathesis found problems ({s}); its report is above"
+        ),
+    }
+}
