@@ -3,16 +3,23 @@
 //! `create` compares, in one run, a cold sandbox create through the whole stack
 //! (REST API -> host agent -> QEMU -> guest agent answering) with the same kernel and
 //! image booted by QEMU directly, and measures exec round trips of `true`.
+//!
+//! The raw boot goes through the host agent's own QEMU driver (`hearth_agent::vmm`):
+//! the same command line and the same confinement as a sandbox (own uid, seccomp,
+//! a cgroup with the same limits, disk as a qcow2 overlay passed by descriptor,
+//! console on a socket), without the agent, the network namespace and the API.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use hearth_agent::vmm::cgroup::Cgroups;
+use hearth_agent::vmm::qemu::QemuVmm;
+use hearth_agent::vmm::{Accel, Nic, VmHostConfig, VmSpec, Vmm};
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 
 use crate::output::print_json;
 use crate::{client, Global};
@@ -46,6 +53,13 @@ pub struct CreateBench {
     /// Where to write the results file.
     #[arg(long, default_value = "bench/results")]
     pub out_dir: PathBuf,
+    /// Accelerator for the raw boots (use what the agent uses; auto probes KVM
+    /// as the agent does).
+    #[arg(long, default_value = "auto")]
+    pub accel: Accel,
+    /// QEMU binary for the raw boots.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
 }
 
 pub async fn run(g: &Global, cmd: BenchCmd) -> Result<()> {
@@ -77,7 +91,20 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
         bail!("--count, --raw-count and --exec-count must be at least 1");
     }
     let c = client(g)?;
+    let rb = RawBoot::new(&b).await?;
+    let result = run_create(&c, &b, &rb).await;
+    rb.finish();
+    result.map(|r| report(g, &b, r))?
+}
 
+/// Raw boots alternate with creates, then exec round trips.
+struct Samples {
+    raw: Vec<f64>,
+    creates: Vec<f64>,
+    execs: Vec<f64>,
+}
+
+async fn run_create(c: &crate::client::Client, b: &CreateBench, rb: &RawBoot) -> Result<Samples> {
     // Raw boots and creates alternate, one VM at a time, so that both see the same
     // load on a shared, noisy host; the ratio of their medians is what counts.
     let mut raw = Vec::new();
@@ -85,7 +112,7 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
     let mut exec_sandbox: Option<String> = None;
     for i in 0..b.count.max(b.raw_count) {
         if i < b.raw_count {
-            let ms = raw_boot(&b.images_dir, &b.template).await?;
+            let ms = rb.boot(i).await?;
             progress(&format!("raw boot {}/{}: {ms:.0} ms", i + 1, b.raw_count));
             raw.push(ms);
         }
@@ -135,7 +162,19 @@ async fn create(g: &Global, b: CreateBench) -> Result<()> {
     }
     c.send(c.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
         .await?;
+    Ok(Samples {
+        raw,
+        creates,
+        execs,
+    })
+}
 
+fn report(g: &Global, b: &CreateBench, s: Samples) -> Result<()> {
+    let Samples {
+        raw,
+        creates,
+        execs,
+    } = s;
     let (raw_p50, raw_p95) = summary(raw.clone());
     let (create_p50, create_p95) = summary(creates.clone());
     let (exec_p50, exec_p95) = summary(execs.clone());
@@ -176,73 +215,162 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// Boot the template's kernel and root disk with QEMU directly (no agent, no network)
-/// and time it until the guest agent says it serves.
-async fn raw_boot(images: &Path, template: &str) -> Result<f64> {
-    let kernel = images.join("kernel/vmlinux");
-    let initrd = images.join("kernel/initrd.cpio");
-    let disk = images.join("templates").join(template).join("rootfs.ext4");
-    for p in [&kernel, &initrd, &disk] {
-        if !p.exists() {
-            bail!(
-                "{} not found: build images with scripts/build-images.sh or pass --images-dir",
-                p.display()
-            );
-        }
-    }
-    let cmdline = hearth_agent::guest_cmdline(None);
-    let t = Instant::now();
-    let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &cmdline])
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,snapshot=on",
-            disk.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        // The same NIC as a sandbox, on a QEMU hub with no other port: the guest
-        // configures eth0 exactly as in a sandbox, and no packet leaves QEMU.
-        .args(["-netdev", "hubport,id=n0,hubid=0", "-device"])
-        .arg(format!(
-            "virtio-net-device,netdev=n0,mac={}",
-            hearth_agent::net::GUEST_MAC
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting qemu-system-x86_64 (scripts/install-deps.sh installs it)")?;
-    let stdout = child.stdout.take().context("no qemu stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("HEARTH_GUEST_READY") {
-                return true;
+/// Boots the template with the agent's QEMU driver and confinement, outside the agent.
+struct RawBoot {
+    vmm: QemuVmm,
+    cgroups: Option<Cgroups>,
+    uid: Option<u32>,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    base: PathBuf,
+    confined: String,
+}
+
+impl RawBoot {
+    async fn new(b: &CreateBench) -> Result<Self> {
+        let images = &b.images_dir;
+        let kernel = images.join("kernel/vmlinux");
+        let initrd = images.join("kernel/initrd.cpio");
+        let base = images
+            .join("templates")
+            .join(&b.template)
+            .join("rootfs.ext4");
+        for p in [&kernel, &initrd, &base] {
+            if !p.exists() {
+                bail!(
+                    "{} not found: build images with scripts/build-images.sh or pass --images-dir",
+                    p.display()
+                );
             }
         }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    let ms = t.elapsed().as_secs_f64() * 1000.0;
-    let _ = child.kill().await;
-    if !found {
-        bail!("the raw boot did not reach the guest agent within 120 s");
+        let (accel, why) = hearth_agent::vmm::qemu::resolve_accel(
+            b.accel,
+            &b.qemu,
+            &kernel,
+            Some(&initrd),
+            Some(&base),
+            &std::env::temp_dir(),
+        )
+        .await;
+        progress(&format!("raw boots use {} ({why})", accel.as_str()));
+        // The agent's defaults: a uid no sandbox has (slot 0 is never handed out),
+        // cgroups under a parent of our own.
+        let host = VmHostConfig::default();
+        let confinement = host
+            .confinement(&format!("bench-{}", std::process::id()))
+            .context("setting up cgroups for the raw boots (run as root)")?;
+        let confined = format!(
+            "uid {}, seccomp, cgroup v{}",
+            host.uid_for_slot(0).unwrap_or(0),
+            confinement
+                .cgroups
+                .as_ref()
+                .map(|c| c.layout().version())
+                .unwrap_or(0)
+        );
+        Ok(Self {
+            cgroups: confinement.cgroups.clone(),
+            vmm: QemuVmm::new(b.qemu.clone(), accel, confinement),
+            uid: host.uid_for_slot(0),
+            kernel,
+            initrd,
+            base,
+            confined,
+        })
     }
-    Ok(ms)
+
+    /// One boot: a fresh qcow2 overlay (not timed), then from QEMU's start until
+    /// the guest agent prints that it serves.
+    async fn boot(&self, i: usize) -> Result<f64> {
+        let name = format!("hearth-bench-{}-{i}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let result = self.boot_in(&name, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    async fn boot_in(&self, name: &str, dir: &Path) -> Result<f64> {
+        let disk = hearth_agent::disk::provisioner(hearth_agent::DiskKind::Qcow2)
+            .create(&self.base, &dir.join("disk"), 0)
+            .await
+            .context("creating the overlay disk")?;
+        let spec = VmSpec {
+            name: name.to_owned(),
+            vcpus: 1,
+            memory_mb: 256,
+            kernel: self.kernel.clone(),
+            initrd: Some(self.initrd.clone()),
+            cmdline: hearth_agent::guest_cmdline(None),
+            disk: disk.path,
+            disk_format: disk.format,
+            // The same NIC as a sandbox, on a QEMU hub with no other port: the guest
+            // configures eth0 exactly as in a sandbox, and no packet leaves QEMU.
+            nic: Some(Nic::Isolated),
+            netns: None,
+            run_dir: dir.to_owned(),
+            runas: self.uid,
+        };
+        let t = Instant::now();
+        let vm = self
+            .vmm
+            .spawn(&spec)
+            .await
+            .context("starting QEMU (scripts/setup.sh installs it)")?;
+        let found = tokio::time::timeout(
+            Duration::from_secs(120),
+            wait_ready(&spec.console_socket(), &vm),
+        )
+        .await
+        .unwrap_or(false);
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let _ = self.vmm.kill(&vm).await;
+        let _ = self.vmm.forget(name).await;
+        if !found {
+            bail!("the raw boot did not reach the guest agent within 120 s");
+        }
+        Ok(ms)
+    }
+
+    fn finish(&self) {
+        progress(&format!("raw boots were confined: {}", self.confined));
+        if let Some(cg) = &self.cgroups {
+            cg.remove_parent();
+        }
+    }
+}
+
+/// Read the VM's console socket until the guest agent says it serves.
+async fn wait_ready(socket: &Path, vm: &hearth_agent::vmm::VmHandle) -> bool {
+    const READY: &[u8] = b"HEARTH_GUEST_READY";
+    let mut stream = loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => break s,
+            Err(_) if vm.is_alive() => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(_) => return false,
+        }
+    };
+    let mut window: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                window.extend_from_slice(&buf[..n]);
+                if window.windows(READY.len()).any(|w| w == READY) {
+                    return true;
+                }
+                // Keep only what could start a match.
+                let keep = window.len().min(READY.len());
+                window.drain(..window.len() - keep);
+            }
+        }
+    }
 }

@@ -281,6 +281,17 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Remove the (empty) parent directory in every hierarchy, e.g. when a
+    /// benchmark is done with its own parent. A parent still holding VM groups
+    /// stays; errors are ignored.
+    pub fn remove_parent(&self) {
+        for m in self.mounts() {
+            let _ = std::fs::remove_dir(m.join(&self.parent));
+        }
+    }
+}
+
 /// Read one number from a cgroup file (tests and diagnostics).
 pub fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
