@@ -92,6 +92,22 @@ pub async fn api_error(resp: Response) -> ApiError {
     }
 }
 
+/// What to do next about an API error, for the codes where the user can act.
+pub fn hint(e: &ApiError) -> Option<&'static str> {
+    match e.code.as_str() {
+        "quota_exceeded" => Some(
+            "your team is at its quota: destroy sandboxes you no longer need \
+             (`hearth sandbox list`, then `hearth sandbox rm ID`), ask for smaller ones \
+             (--vcpus, --memory-mb, --disk-size-mb), or ask an admin for a larger quota",
+        ),
+        "capacity_exceeded" => Some(
+            "the host cannot hold this sandbox now: ask for a smaller one \
+             (--vcpus, --memory-mb, --disk-size-mb) or retry once other sandboxes end",
+        ),
+        _ => None,
+    }
+}
+
 /// `ID:/path` -> (ID, path); anything else is a local path.
 pub fn split_remote(s: &str) -> Option<(&str, &str)> {
     let (id, path) = s.split_once(':')?;
@@ -99,5 +115,31 @@ pub fn split_remote(s: &str) -> Option<(&str, &str)> {
         Some((id, path))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: &str) -> ApiError {
+        ApiError {
+            status: 429,
+            code: code.into(),
+            message: "team quota: at most 5 concurrent sandboxes".into(),
+        }
+    }
+
+    #[test]
+    fn quota_and_capacity_errors_say_what_to_do() {
+        assert!(hint(&err("quota_exceeded"))
+            .unwrap()
+            .contains("hearth sandbox rm"));
+        assert!(hint(&err("capacity_exceeded")).unwrap().contains("smaller"));
+        assert!(hint(&err("not_found")).is_none());
+        assert_eq!(
+            err("quota_exceeded").to_string(),
+            "team quota: at most 5 concurrent sandboxes (quota_exceeded, HTTP 429)"
+        );
     }
 }

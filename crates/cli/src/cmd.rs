@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 use crate::client::split_remote;
 use crate::output::{print_json, print_object, print_table};
-use crate::{client, kv_map, CpArgs, CreateArgs, ExecArgs, Global};
+use crate::{client, kv_map, CpArgs, CreateArgs, ExecArgs, Global, ListArgs};
 
 /// A progress spinner on stderr, shown only when stderr is a terminal.
 struct Spinner(Option<indicatif::ProgressBar>);
@@ -71,13 +71,34 @@ pub async fn sandbox_create(g: &Global, a: CreateArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn sandbox_list(g: &Global) -> Result<()> {
+/// Every page of the listing (the API gives at most 1000 rows a page).
+pub async fn sandbox_list(g: &Global, a: ListArgs) -> Result<()> {
     let c = client(g)?;
-    let v: Value = c.json(c.request(Method::GET, "/v1/sandboxes")).await?;
+    let mut rows: Vec<Value> = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", "1000".into())];
+        if a.all {
+            query.push(("all", "true".into()));
+        }
+        if let Some(s) = &a.state {
+            query.push(("state", s.clone()));
+        }
+        if let Some(t) = &token {
+            query.push(("next_token", t.clone()));
+        }
+        let v: Value = c
+            .json(c.request(Method::GET, "/v1/sandboxes").query(&query))
+            .await?;
+        rows.extend(v["sandboxes"].as_array().cloned().unwrap_or_default());
+        match v["next_token"].as_str() {
+            Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+            _ => break,
+        }
+    }
     if g.json {
-        print_json(&v);
+        print_json(&json!({ "sandboxes": rows }));
     } else {
-        let rows = v["sandboxes"].as_array().cloned().unwrap_or_default();
         print_table(&rows, SANDBOX_COLUMNS);
     }
     Ok(())

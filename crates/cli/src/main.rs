@@ -70,9 +70,9 @@ enum Command {
 enum SandboxCmd {
     /// Boot a new sandbox and print it once its guest agent answers.
     Create(CreateArgs),
-    /// List your team's sandboxes.
+    /// List your team's sandboxes (those not stopped or failed, as `docker ps`).
     #[command(alias = "ls")]
-    List,
+    List(ListArgs),
     /// Show one sandbox.
     Get { id: String },
     /// Destroy sandboxes (their VM, disk and network are released).
@@ -81,6 +81,16 @@ enum SandboxCmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Also stopped and failed sandboxes (kept for a retention period).
+    #[arg(long, short)]
+    pub all: bool,
+    /// Only these states, comma-separated (e.g. `stopped,error`).
+    #[arg(long, conflicts_with = "all")]
+    pub state: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -163,6 +173,9 @@ pub fn kv_map(v: &[(String, String)]) -> BTreeMap<String, String> {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.command.is_client() {
+        restore_sigpipe();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -177,6 +190,28 @@ fn main() {
     std::process::exit(code);
 }
 
+impl Command {
+    /// Commands that only talk to the API and print: they may end quietly when their
+    /// output pipe closes (`hearth sandbox list | head -1`). Not the servers, which
+    /// write to pipes of child processes and must not die of a reader that went away.
+    fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::Sandbox(_) | Command::Template(_) | Command::Exec(_) | Command::Cp(_)
+        )
+    }
+}
+
+/// Let a write to a closed pipe end the process as for any Unix filter (Rust ignores
+/// SIGPIPE, so `println!` would panic on EPIPE instead).
+fn restore_sigpipe() {
+    // SAFETY: called at the start of main before any thread exists; setting a signal's
+    // disposition to SIG_DFL has no other effect on this process's memory.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 async fn run(cli: Cli) -> i32 {
     let g = cli.global;
     let result = match cli.command {
@@ -184,7 +219,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Server(a) => serve::server(a).await.map(|_| 0),
         Command::Agent(a) => serve::agent(a).await.map(|_| 0),
         Command::Sandbox(SandboxCmd::Create(a)) => cmd::sandbox_create(&g, a).await.map(|_| 0),
-        Command::Sandbox(SandboxCmd::List) => cmd::sandbox_list(&g).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::List(a)) => cmd::sandbox_list(&g, a).await.map(|_| 0),
         Command::Sandbox(SandboxCmd::Get { id }) => cmd::sandbox_get(&g, &id).await.map(|_| 0),
         Command::Sandbox(SandboxCmd::Rm { ids }) => cmd::sandbox_rm(&g, &ids).await.map(|_| 0),
         Command::Template(TemplateCmd::List) => cmd::template_list(&g).await.map(|_| 0),
@@ -196,6 +231,9 @@ async fn run(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = e.downcast_ref::<client::ApiError>().and_then(client::hint) {
+                eprintln!("hint: {hint}");
+            }
             1
         }
     }
