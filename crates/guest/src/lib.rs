@@ -13,6 +13,7 @@ pub mod init;
 pub mod net;
 pub mod process;
 pub mod reaper;
+pub mod server;
 pub mod state;
 pub mod users;
 
@@ -26,6 +27,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: state::AgentState,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, server::ServerLimits::default()).await
+}
+
+/// [`serve`] with explicit transport limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: state::AgentState,
+    limits: server::ServerLimits,
+) -> std::io::Result<()> {
     reaper::start();
-    axum::serve(listener, files_http::app(state)).await
+    server::serve(listener, files_http::app(state), limits).await;
+    Ok(())
 }

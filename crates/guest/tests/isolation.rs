@@ -718,3 +718,72 @@ async fn malformed_requests_get_json_errors() {
     let (status, _) = status_json(a.get("/files?path=/a&path=/b").send().await.expect("get")).await;
     assert_eq!(status, 400);
 }
+
+/// Starts an agent with explicit transport limits; returns its address.
+async fn limited_agent(limits: hearth_guest::server::ServerLimits) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(hearth_guest::serve_with(
+        listener,
+        AgentState::default(),
+        limits,
+    ));
+    addr
+}
+
+#[tokio::test]
+async fn half_sent_request_heads_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = limited_agent(hearth_guest::server::ServerLimits {
+        header_read_timeout: Duration::from_millis(500),
+        max_connections: 16,
+    })
+    .await;
+    // A partial head, nothing at all, and a keep-alive connection gone idle.
+    let whole = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    for sent in [&b"GET /health HTTP/1.1\r\nHost: x\r\n"[..], b"", whole] {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(sent).await.expect("write");
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection still open after 10 s ({sent:?} sent)"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        if sent == whole {
+            let text = String::from_utf8_lossy(&buf);
+            assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = limited_agent(hearth_guest::server::ServerLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 1,
+    })
+    .await;
+    let first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    second
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(700), second.read_to_end(&mut buf)).await;
+    assert!(early.is_err(), "served beyond the cap: {buf:?}");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut buf))
+        .await
+        .expect("served once a slot is free")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+}
