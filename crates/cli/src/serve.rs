@@ -53,6 +53,41 @@ impl TokenOpts {
     }
 }
 
+/// Team quotas and row retention of the control plane.
+#[derive(Args, Clone)]
+pub struct PolicyOpts {
+    /// Concurrent sandboxes per team (teams without their own quota).
+    #[arg(long, env = "HEARTH_TEAM_MAX_SANDBOXES", default_value_t = hearth_types::TeamQuota::default().max_sandboxes)]
+    pub team_max_sandboxes: u32,
+    /// vCPUs per team, over its active sandboxes.
+    #[arg(long, env = "HEARTH_TEAM_MAX_VCPUS", default_value_t = hearth_types::TeamQuota::default().max_vcpus)]
+    pub team_max_vcpus: u32,
+    /// Memory MiB per team, over its active sandboxes.
+    #[arg(long, env = "HEARTH_TEAM_MAX_MEMORY_MB", default_value_t = hearth_types::TeamQuota::default().max_memory_mb)]
+    pub team_max_memory_mb: u64,
+    /// Disk MiB per team, over its active sandboxes.
+    #[arg(long, env = "HEARTH_TEAM_MAX_DISK_MB", default_value_t = hearth_types::TeamQuota::default().max_disk_mb)]
+    pub team_max_disk_mb: u64,
+    /// Days a stopped or failed sandbox stays listed (`--all`) before its row is deleted.
+    #[arg(long, env = "HEARTH_RETENTION_DAYS", default_value_t = 7)]
+    pub retention_days: u32,
+}
+
+impl PolicyOpts {
+    fn policy(&self) -> hearth_control::app::Policy {
+        hearth_control::app::Policy {
+            team_quota: hearth_types::TeamQuota {
+                max_sandboxes: self.team_max_sandboxes,
+                max_vcpus: self.team_max_vcpus,
+                max_memory_mb: self.team_max_memory_mb,
+                max_disk_mb: self.team_max_disk_mb,
+            },
+            retention: std::time::Duration::from_secs(u64::from(self.retention_days) * 24 * 3600),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct UpArgs {
     /// Address of the REST API.
@@ -66,6 +101,8 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub agent: AgentOpts,
+    #[command(flatten)]
+    pub policy: PolicyOpts,
 }
 
 #[derive(Args)]
@@ -84,6 +121,8 @@ pub struct ServerArgs {
     pub agent_urls: Vec<String>,
     #[command(flatten)]
     pub token: TokenOpts,
+    #[command(flatten)]
+    pub policy: PolicyOpts,
 }
 
 #[derive(Args)]
@@ -151,6 +190,7 @@ async fn start_control(
     database_url: Option<String>,
     agent_urls: Vec<String>,
     agent_token: Option<String>,
+    policy: &PolicyOpts,
 ) -> Result<hearth_control::RunningControl> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -159,6 +199,7 @@ async fn start_control(
     let mut cfg = hearth_control::ControlConfig::new(listen, database_url);
     cfg.agent_urls = agent_urls;
     cfg.agent_token = agent_token;
+    cfg.policy = policy.policy();
     let control = hearth_control::start(cfg).await?;
     if let Some(key) = control.bootstrap_key() {
         let url = format!("http://{}", control.local_addr());
@@ -191,7 +232,15 @@ pub async fn up(a: UpArgs) -> Result<()> {
     let cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent, Some(token.clone()))?;
     let agent = hearth_agent::Agent::start(cfg).await?;
     let agent_url = format!("http://{}", agent.local_addr());
-    let control = start_control(a.listen, &a.data_dir, None, vec![agent_url], Some(token)).await?;
+    let control = start_control(
+        a.listen,
+        &a.data_dir,
+        None,
+        vec![agent_url],
+        Some(token),
+        &a.policy,
+    )
+    .await?;
     println!(
         "hearth is up: API http://{} (host agent {})",
         control.local_addr(),
@@ -215,6 +264,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         a.database_url,
         a.agent_urls,
         a.token.resolve()?,
+        &a.policy,
     )
     .await?;
     shutdown_signal().await;
