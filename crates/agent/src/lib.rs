@@ -140,6 +140,8 @@ pub enum AgentError {
     MissingTools { missing: Vec<String> },
     #[error("cannot confine VMs with cgroups (set the VM cgroup parent to none to run without)")]
     Cgroups(#[source] vmm::cgroup::CgroupError),
+    #[error("could not install the host network guard (nftables table inet hearth_host)")]
+    HostGuard(#[source] net::NetError),
     #[error("could not create {path}")]
     Dir {
         path: PathBuf,
@@ -313,6 +315,10 @@ impl Agent {
             })?;
         }
         let lock = lock_run_dir(&config.run_dir)?;
+        // Before any VM is adopted or started: only root reaches guests.
+        net::host_guard::install()
+            .await
+            .map_err(AgentError::HostGuard)?;
         let host_id = match &config.host_id {
             Some(id) => id.clone(),
             None => load_or_create_host_id(&config.run_dir)?,

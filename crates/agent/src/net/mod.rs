@@ -12,7 +12,10 @@
 //! ```
 //! The namespace's forward chain admits new connections only from `eth0` to the
 //! guest plus established/related replies: everything the guest starts is dropped.
+//! On the host, [`host_guard`]'s table lets only root's sockets reach the guest
+//! and veth ranges.
 
+pub mod host_guard;
 pub mod slots;
 
 use std::net::{Ipv4Addr, SocketAddr};
