@@ -146,10 +146,11 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Delete the row of sandbox `id` (any team): a create that was refused after its
-    /// row was reserved leaves nothing behind.
-    pub async fn delete_sandbox_unscoped(&self, id: &SandboxId) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM sandboxes WHERE id = $1")
+    /// Delete the row of sandbox `id` (any team) if it is still `starting`: a create
+    /// that was refused after its row was reserved leaves nothing behind (a row that a
+    /// delete has meanwhile marked `stopped` stays).
+    pub async fn delete_starting_sandbox(&self, id: &SandboxId) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sandboxes WHERE id = $1 AND state = 'starting'")
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;

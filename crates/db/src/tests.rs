@@ -384,6 +384,10 @@ async fn running_sets_the_expiry_from_then() {
     assert_eq!(row.expires_at.timestamp_millis(), exp.timestamp_millis());
     // Only from starting.
     assert!(!db.mark_sandbox_running(&s.id, exp).await.unwrap());
-    assert!(db.delete_sandbox_unscoped(&s.id).await.unwrap());
-    assert!(db.get_sandbox(team, &s.id).await.unwrap().is_none());
+    assert!(!db.delete_starting_sandbox(&s.id).await.unwrap());
+    let t = new_sandbox(team, None);
+    db.insert_sandbox(&t).await.unwrap();
+    assert!(db.delete_starting_sandbox(&t.id).await.unwrap());
+    assert!(db.get_sandbox(team, &t.id).await.unwrap().is_none());
+    assert!(db.get_sandbox(team, &s.id).await.unwrap().is_some());
 }

@@ -137,8 +137,7 @@ impl App {
         params: ExecParams,
     ) -> AppResult<ExecOutcome> {
         let plan = params.check()?;
-        let ended = self.stream_token(id);
-        let host = self.running_host(team, id).await?;
+        let (host, ended) = self.running_stream(team, id).await?;
         run_to_completion(host, id, plan, ended).await
     }
 
@@ -151,8 +150,7 @@ impl App {
         id: &SandboxId,
         plan: &ExecPlan,
     ) -> AppResult<(Arc<dyn HostClient>, ProcEvents)> {
-        let ended = self.stream_token(id);
-        let host = self.running_host(team, id).await?;
+        let (host, ended) = self.running_stream(team, id).await?;
         let events = host
             .start_process(id, plan.spec.clone())
             .await

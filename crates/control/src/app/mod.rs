@@ -80,8 +80,8 @@ impl App {
         self
     }
 
-    /// The token that ends the exec streams of `id` when it is destroyed. Take it
-    /// before checking that the sandbox runs, so that a destroy in between is seen.
+    /// The token that ends the exec streams of `id` when it is destroyed (see
+    /// `running_stream`, which takes it between two checks that the sandbox runs).
     pub(crate) fn stream_token(&self, id: &SandboxId) -> CancellationToken {
         match self.streams.lock() {
             Ok(mut m) => m.entry(id.clone()).or_default().clone(),

@@ -221,7 +221,7 @@ impl App {
             Err(e) if refused_by_host(&e) => {
                 // Nothing was created: leave no row behind.
                 tracing::info!(parent: &span, error = %e, "host refused the sandbox");
-                self.db.delete_sandbox_unscoped(&id).await?;
+                self.db.delete_starting_sandbox(&id).await?;
                 Err(match e {
                     HostError::Rpc {
                         code: ErrorCode::ResourceExhausted,
@@ -335,6 +335,26 @@ impl App {
         }
         self.end_streams(&row.id);
         Ok(())
+    }
+
+    /// The host of a running sandbox and the token that ends this operation's stream
+    /// when the sandbox is destroyed. The state is checked again after the token is
+    /// taken, so a destroy in between is never missed; only running sandboxes get an
+    /// entry (destroy and the reconciler remove it).
+    pub(crate) async fn running_stream(
+        &self,
+        team: TeamId,
+        id: &SandboxId,
+    ) -> AppResult<(Arc<dyn HostClient>, tokio_util::sync::CancellationToken)> {
+        self.running_host(team, id).await?;
+        let ended = self.stream_token(id);
+        match self.running_host(team, id).await {
+            Ok(host) => Ok((host, ended)),
+            Err(e) => {
+                self.end_streams(id);
+                Err(e)
+            }
+        }
     }
 
     /// The host of a sandbox that must be running for the operation (exec, files).
