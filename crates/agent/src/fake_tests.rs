@@ -142,6 +142,7 @@ pub(crate) struct Faults {
 
 pub(crate) struct Setup {
     pub ctx: Arc<Ctx>,
+    vmm: Arc<FakeVmm>,
     log: Arc<Log>,
     _dir: tempfile::TempDir,
 }
@@ -198,15 +199,16 @@ pub(crate) async fn setup_with(
         Some(g) => g,
         None => guest_server(f.unhealthy, f.refuse_init).await,
     };
+    let vmm = Arc::new(FakeVmm {
+        log: log.clone(),
+        fail: f.spawn,
+        die: f.die,
+        running: Mutex::default(),
+    });
     let ctx = Arc::new(Ctx::new(
         config,
         HostId::generate(),
-        Arc::new(FakeVmm {
-            log: log.clone(),
-            fail: f.spawn,
-            die: f.die,
-            running: Mutex::default(),
-        }),
+        vmm.clone(),
         "fake".into(),
         Arc::new(FakeDisk {
             log: log.clone(),
@@ -220,6 +222,7 @@ pub(crate) async fn setup_with(
     ));
     Setup {
         ctx,
+        vmm,
         log,
         _dir: dir,
     }
@@ -389,4 +392,39 @@ async fn reaper_destroys_only_expired_sandboxes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(s.ctx.registry.get(&keep).is_some());
+}
+
+#[tokio::test]
+async fn a_vm_gone_while_running_is_an_error_and_delete_frees_it_twice_safely() {
+    let s = setup(Faults::default()).await;
+    let id = SandboxId::generate();
+    let rec = start_create(&s.ctx, spec(&id))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    // The guest powers itself off.
+    let tx = s.vmm.running.lock().unwrap().remove(id.as_str()).unwrap();
+    tx.send(true).unwrap();
+    let h = s.ctx.registry.get(&id).unwrap();
+    let mut rx = h.record.clone();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|r| r.state == SandboxState::Error),
+    )
+    .await
+    .expect("error state within 5s")
+    .unwrap()
+    .clone();
+    // The API sees what happened, not the guest's console.
+    assert_eq!(r.error.as_deref(), Some(crate::sandbox::VM_GONE));
+    // It keeps its slot and disk until deleted; delete frees them.
+    assert_eq!(slot_files(&s.ctx).len(), 1);
+    h.destroy("test").await;
+    assert!(s.ctx.registry.get(&id).is_none());
+    assert!(slot_files(&s.ctx).is_empty());
+    assert!(!rec.run_dir.exists());
+    // A second delete finds nothing and does nothing.
+    h.destroy("again").await;
+    assert!(s.ctx.registry.get(&id).is_none());
 }

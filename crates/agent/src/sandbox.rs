@@ -565,11 +565,12 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                 watching = false;
                 // With -no-reboot a guest reboot, power-off or PID 1 death ends
                 // the VMM: the sandbox stays in Error, never comes back by itself.
+                // The console (guest text) goes to the log only, never to the API.
                 let console = console_tail(&actor.res.run_dir);
                 warn!(%console, "VM exited while running");
                 actor.update(|r| {
                     r.state = SandboxState::Error;
-                    r.error = Some(format!("{VM_GONE}; console: {console}"));
+                    r.error = Some(VM_GONE.to_owned());
                 });
             }
         }
