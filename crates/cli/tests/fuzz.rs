@@ -177,3 +177,141 @@ generation = {{ max-examples = 8 }}
         ),
     }
 }
+
+/// What fuzzing by hand found before (issue 5), over the real stack: each must stay a
+/// clear 4xx (or a success), never a 5xx, a plain-text error or a hang.
+#[test]
+fn hand_found_fuzz_cases_stay_fixed() {
+    if !e2e_available() {
+        return;
+    }
+    let stack = Stack::start();
+    let sb = stack.create(json!({"template": "minimal", "timeout_s": 600}));
+    let id = sb["id"].as_str().expect("id").to_string();
+
+    let json_error = |r: reqwest::blocking::Response, what: &str| -> (u16, Value) {
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let text = r.text().unwrap_or_default();
+        assert_eq!(ct, "application/json", "{what}: {status} {text:?}");
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        (status, v)
+    };
+
+    // A path component over NAME_MAX (255 bytes): 4xx, not 500.
+    let long = format!("/tmp/{}", "a".repeat(300));
+    let r = stack.get_file(&id, &[("path", &long)]);
+    let (status, v) = json_error(r, "download of a 300-byte name");
+    assert!((400..500).contains(&status), "download: {status} {v}");
+    let r = stack.put_file(&id, &[("path", &long)], "x");
+    let (status, v) = json_error(r, "upload of a 300-byte name");
+    assert!((400..500).contains(&status), "upload: {status} {v}");
+    let r = stack
+        .req(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({"cmd": ["true"], "cwd": long}))
+        .send()
+        .expect("exec");
+    assert!(
+        r.status().as_u16() < 500,
+        "exec with a 300-byte cwd: {} {:?}",
+        r.status(),
+        r.text()
+    );
+    let r = stack
+        .req(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({"cmd": ["a".repeat(300)]}))
+        .send()
+        .expect("exec");
+    assert!(
+        r.status().as_u16() < 500,
+        "exec of a 300-byte program name: {} {:?}",
+        r.status(),
+        r.text()
+    );
+
+    // A sysfs file (size 4096 in stat, shorter when read): its bytes, not a 503.
+    let r = stack.get_file(&id, &[("path", "/sys/class/net/eth0/address")]);
+    let status = r.status().as_u16();
+    let body = r.text().unwrap_or_default();
+    assert_eq!(status, 200, "sysfs download: {body}");
+    assert_eq!(body.trim().len(), 17, "a MAC address: {body:?}");
+
+    // Limits of the listener answer in JSON over the real server too.
+    let r = stack
+        .req(
+            Method::GET,
+            &format!("/v1/sandboxes?next_token={}", "a".repeat(9000)),
+        )
+        .send()
+        .expect("long URI");
+    let (status, v) = json_error(r, "9 KB request target");
+    assert_eq!(status, 414, "{v}");
+    let r = stack
+        .req(Method::GET, "/v1/templates")
+        .header("x-big", "b".repeat(40 * 1024))
+        .send()
+        .expect("big header");
+    let (status, v) = json_error(r, "40 KB header");
+    assert_eq!(status, 431, "{v}");
+    let r = stack
+        .req(Method::PATCH, "/v1/sandboxes")
+        .send()
+        .expect("patch");
+    let (status, v) = json_error(r, "unknown method");
+    assert_eq!(status, 405, "{v}");
+
+    // An out-of-range number is reported as sent.
+    let r = stack
+        .req(Method::POST, "/v1/sandboxes")
+        .json(&json!({"template": "minimal", "vcpus": -1}))
+        .send()
+        .expect("create");
+    let (status, v) = json_error(r, "vcpus -1");
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("-1"),
+        "the message quotes what was sent: {msg}"
+    );
+
+    // A lifetime shorter than a TCG boot still gives a sandbox (which then expires).
+    let short = stack.create(json!({"template": "minimal", "timeout_s": 1}));
+    assert_eq!(short["state"], "running", "{short}");
+
+    // Deleting a sandbox ends an exec that waits in it at once, not when it times out.
+    let exec = {
+        let (url, key, id) = (stack.url.clone(), stack.api_key.clone(), id.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = reqwest::blocking::Client::new()
+                .post(format!("{url}/v1/sandboxes/{id}/exec"))
+                .bearer_auth(key)
+                .json(&json!({"cmd": ["sleep", "120"], "timeout_s": 300}))
+                .timeout(Duration::from_secs(200))
+                .send();
+            (t.elapsed(), r.map(|r| r.status().as_u16()))
+        })
+    };
+    // The exec is running once `sleep 120` shows up in the guest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = stack.sh(&id, "ps | grep -c '[s]leep 120' || true");
+        if ps["stdout"].as_str().unwrap_or("0").trim() != "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the exec never started");
+    }
+    let deleted = Instant::now();
+    stack.delete(&id);
+    let (_, status) = exec.join().expect("exec thread");
+    let after = deleted.elapsed();
+    assert!(
+        after < Duration::from_secs(15),
+        "exec went on {after:?} after its sandbox was deleted ({status:?})"
+    );
+}

@@ -69,6 +69,32 @@ fn add(op: &mut Value, status: u16, description: &str) {
     }
 }
 
+/// Set keys of the object `target`.
+fn set_in(target: &mut Value, values: Value) {
+    if let (Some(target), Value::Object(values)) = (target.as_object_mut(), values) {
+        target.extend(values);
+    }
+}
+
+/// An absolute guest path, as `validate::guest_path` accepts it.
+fn guest_path() -> Value {
+    json!({"pattern": "^/[^\\u0000]*$", "maxLength": validate::MAX_PATH_LEN})
+}
+
+/// A guest user name, as `validate::user` accepts it.
+fn user() -> Value {
+    json!({"pattern": "^[a-z0-9_][a-z0-9_-]{0,31}$"})
+}
+
+/// An env map, as `validate::env` accepts it.
+fn env_map() -> Value {
+    json!({
+        "maxProperties": validate::MAX_ENV_VARS,
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,255}$"},
+        "additionalProperties": {"type": "string", "maxLength": validate::MAX_ENV_VALUE}
+    })
+}
+
 /// Set keys of the schema at `pointer` (in the document).
 fn set(doc: &mut Value, pointer: &str, values: Value) {
     if let (Some(target), Value::Object(values)) = (doc.pointer_mut(pointer), values) {
@@ -122,9 +148,12 @@ pub fn document() -> Value {
                 }
                 if path.ends_with("/files") {
                     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
-                        for p in params.iter_mut() {
-                            if p["name"] == "path" && p["in"] == "query" {
+                        for p in params.iter_mut().filter(|p| p["in"] == "query") {
+                            if p["name"] == "path" {
                                 p["required"] = json!(true);
+                                set_in(&mut p["schema"], guest_path());
+                            } else if p["name"] == "user" {
+                                set_in(&mut p["schema"], user());
                             }
                         }
                     }
@@ -168,15 +197,15 @@ pub fn document() -> Value {
         &format!("{create}/template"),
         json!({"example": "minimal", "minLength": 1}),
     );
-    set(
-        &mut doc,
-        &format!("{create}/env"),
-        json!({"maxProperties": validate::MAX_ENV_VARS}),
-    );
+    set(&mut doc, &format!("{create}/env"), env_map());
     set(
         &mut doc,
         &format!("{create}/metadata"),
-        json!({"maxProperties": validate::MAX_METADATA_ENTRIES}),
+        json!({
+            "maxProperties": validate::MAX_METADATA_ENTRIES,
+            "propertyNames": {"minLength": 1, "maxLength": validate::MAX_METADATA_KEY},
+            "additionalProperties": {"type": "string", "maxLength": validate::MAX_METADATA_VALUE}
+        }),
     );
     set(
         &mut doc,
@@ -199,11 +228,9 @@ pub fn document() -> Value {
             "default": validate::DEFAULT_EXEC_TIMEOUT_S
         }),
     );
-    set(
-        &mut doc,
-        &format!("{exec}/env"),
-        json!({"maxProperties": validate::MAX_ENV_VARS}),
-    );
+    set(&mut doc, &format!("{exec}/env"), env_map());
+    set(&mut doc, &format!("{exec}/cwd"), guest_path());
+    set(&mut doc, &format!("{exec}/user"), user());
     set(
         &mut doc,
         "/components/schemas/ExecRequest",
