@@ -46,7 +46,12 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-async fn serve_conn(mut s: TcpStream, seen: Arc<Mutex<Seen>>, redirect_to: SocketAddr) {
+async fn serve_conn(
+    mut s: TcpStream,
+    seen: Arc<Mutex<Seen>>,
+    redirect_to: SocketAddr,
+    evil_init: bool,
+) {
     let Some((head, mut rest)) = read_head(&mut s).await else {
         return;
     };
@@ -66,7 +71,20 @@ async fn serve_conn(mut s: TcpStream, seen: Arc<Mutex<Seen>>, redirect_to: Socke
                 }
             }
             seen.lock().unwrap().init_body = Some(String::from_utf8_lossy(&rest).into_owned());
-            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await
+            if evil_init {
+                // Refuses with an endless body full of terminal escapes.
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("1000\r\n{}\r\n", "\u{1b}[2J\n".repeat(1024));
+                loop {
+                    if s.write_all(chunk.as_bytes()).await.is_err() {
+                        break Ok(());
+                    }
+                }
+            } else {
+                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await
+            }
         }
         "/echo" => {
             let body = format!(
@@ -154,7 +172,8 @@ struct Hostile {
 
 const AGENT_TOKEN: &str = "agent-secret-for-tests";
 
-async fn hostile() -> Hostile {
+/// The fake guest's address and what it sees.
+async fn fake_guest(evil_init: bool) -> (SocketAddr, Arc<Mutex<Seen>>, Arc<Mutex<u32>>) {
     let (redirect_to, redirect_hits) = counting_listener().await;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let guest = l.local_addr().unwrap();
@@ -162,9 +181,14 @@ async fn hostile() -> Hostile {
     let seen2 = seen.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(serve_conn(s, seen2.clone(), redirect_to));
+            tokio::spawn(serve_conn(s, seen2.clone(), redirect_to, evil_init));
         }
     });
+    (guest, seen, redirect_hits)
+}
+
+async fn hostile() -> Hostile {
+    let (guest, seen, redirect_hits) = fake_guest(false).await;
     let s = setup_with(Faults::default(), Some(guest), |c| {
         c.guest_header_timeout = Duration::from_secs(1);
         c.token = Some(AGENT_TOKEN.into());
@@ -317,4 +341,27 @@ async fn a_redirect_goes_back_to_the_caller_and_is_never_followed() {
     // Give a (wrong) follow-up request every chance to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(*h.redirect_hits.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn an_endless_init_refusal_fails_the_create_quickly_and_cleanly() {
+    let (guest, _seen, _) = fake_guest(true).await;
+    let s = setup_with(Faults::default(), Some(guest), |_| ()).await;
+    let id = SandboxId::generate();
+    let t = Instant::now();
+    let err = start_create(&s.ctx, spec(&id))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let chain = crate::error_chain(&err);
+    assert!(chain.contains("HTTP 400"), "{chain}");
+    assert!(chain.len() < 500, "{} bytes", chain.len());
+    assert!(!chain.contains('\u{1b}'), "unescaped guest text: {chain:?}");
+    assert_eq!(
+        err.public_message(),
+        "the guest agent did not accept its initial configuration"
+    );
+    assert!(s.ctx.registry.get(&id).is_none());
 }

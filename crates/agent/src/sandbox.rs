@@ -428,12 +428,7 @@ pub(crate) async fn init_guest(
             .await
             .map_err(|e| format!("request failed: {}", crate::error_chain(&e)))?;
         let status = resp.status();
-        // Read at most GUEST_BODY_LIMIT bytes of whatever the guest sends.
-        let body = http_body_util::Limited::new(resp.into_body(), GUEST_BODY_LIMIT)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = read_at_most(resp.into_body(), GUEST_BODY_LIMIT).await;
         if status.is_success() {
             Ok(())
         } else {
@@ -450,20 +445,35 @@ pub(crate) async fn init_guest(
         .map_err(|message| SandboxError::GuestInit { message })
 }
 
-/// Guest text made safe for a log line: control characters escaped, cut to
-/// `max` characters (with a marker).
+/// The first `limit` bytes of `body` (less if it ends or fails first); the rest
+/// is never read.
+async fn read_at_most(mut body: hyper::body::Incoming, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let take = data.len().min(limit - out.len());
+                    out.extend_from_slice(&data[..take]);
+                }
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Guest text made safe for a log line or an error ([`crate::vmm::escape_guest_text`]),
+/// cut to at most `max` bytes (plus a "..." marker).
 pub(crate) fn escape_guest_text(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i >= max {
-            out.push_str("...");
-            break;
+    let mut out = crate::vmm::escape_guest_text(s.as_bytes());
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
         }
-        if c.is_control() || c == '\\' {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
+        out.truncate(cut);
+        out.push_str("...");
     }
     out
 }
