@@ -120,8 +120,18 @@ impl Stack {
             .expect("spawn hearth server");
         s.server = Some(server);
         wait_http(&format!("{}/v1/health", s.url), Duration::from_secs(60));
-        let c: Value = serde_json::from_slice(&std::fs::read(&creds).expect("credentials written"))
-            .expect("credentials json");
+        // The server stores the key just after its API starts answering: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c: Value = loop {
+            let parsed = std::fs::read(&creds)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            match parsed {
+                Some(c) if c["api_key"].is_string() => break c,
+                _ if Instant::now() > deadline => panic!("no credentials in {creds:?} after 30 s"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         s.api_key = c["api_key"].as_str().expect("api_key").to_string();
         s
     }
