@@ -956,6 +956,11 @@ async fn bad_exec_requests_are_rejected() {
         ),
         (json!({"cmd": ["ls"], "timeout_s": 0}), "timeout_s"),
         (json!({"cmd": ["ls"], "timeout_s": 3601}), "timeout_s"),
+        (json!({"cmd": ["ls"], "timeout_s": -1}), "got -1"),
+        (
+            json!({"cmd": ["ls"], "cwd": format!("/{}", "d".repeat(300))}),
+            "cwd has a name longer than 255 bytes",
+        ),
         (json!({"cmd": ["ls"], "user": "../root"}), "user"),
         (json!({"cmd": ["ls"], "env": {"A=B": "x"}}), "env key"),
     ];
@@ -1085,7 +1090,13 @@ async fn files_round_trip_and_limits() {
         "1024",
     );
 
-    for (path, needle) in [("tmp/rel", "absolute"), ("/a%00b", "NUL"), ("", "absolute")] {
+    let long_name = format!("/tmp/{}", "a".repeat(256));
+    for (path, needle) in [
+        ("tmp/rel", "absolute"),
+        ("/a%00b", "NUL"),
+        ("", "absolute"),
+        (long_name.as_str(), "longer than 255 bytes"),
+    ] {
         let (s, v) = e.send(put(path, vec![1])).await;
         assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
     }

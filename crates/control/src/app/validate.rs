@@ -14,6 +14,8 @@ pub const MAX_METADATA_VALUE: usize = 1024;
 pub const MAX_CMD_ARGS: usize = 1024;
 pub const MAX_CMD_BYTES: usize = 128 * 1024;
 pub const MAX_PATH_LEN: usize = 4096;
+/// Longest name of one path component (Linux NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_STDIN_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_EXEC_TIMEOUT_S: u32 = 60;
 pub const MAX_EXEC_TIMEOUT_S: u32 = 3600;
@@ -128,6 +130,13 @@ pub fn guest_path(field: &str, path: &str) -> Result<(), AppError> {
     if path.len() > MAX_PATH_LEN {
         return Err(bad(format!("{field} is longer than {MAX_PATH_LEN} bytes")));
     }
+    if let Some(long) = path.split('/').find(|c| c.len() > MAX_NAME_LEN) {
+        return Err(bad(format!(
+            "{field} has a name longer than {MAX_NAME_LEN} bytes ({} bytes: {:?}…)",
+            long.len(),
+            truncate(long)
+        )));
+    }
     Ok(())
 }
 
@@ -161,6 +170,14 @@ mod tests {
         assert!(guest_path("path", "/a\0b").is_err());
         assert!(guest_path("path", &format!("/{}", "a".repeat(5000))).is_err());
         assert!(guest_path("path", "/tmp/x").is_ok());
+        assert!(guest_path("path", &format!("/tmp/{}", "a".repeat(255))).is_ok());
+        let e = guest_path("cwd", &format!("/tmp/{}/x", "a".repeat(256)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cwd has a name longer than 255 bytes (256 bytes"),
+            "{e}"
+        );
         assert!(user("root").is_ok());
         assert!(user("Root").is_err());
         assert!(user("../x").is_err());
