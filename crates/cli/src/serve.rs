@@ -88,6 +88,31 @@ impl PolicyOpts {
     }
 }
 
+/// Limits of the REST API's listener (slow or idle clients, connection count).
+#[derive(Args, Clone)]
+pub struct ListenerOpts {
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = hearth_control::ServerLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request head (also the idle keep-alive time).
+    #[arg(long, env = "HEARTH_HEADER_TIMEOUT_S", default_value_t = hearth_control::ServerLimits::default().header_read_timeout.as_secs())]
+    pub header_timeout_s: u64,
+    /// Seconds a request body may send nothing before the request fails.
+    #[arg(long, env = "HEARTH_BODY_IDLE_TIMEOUT_S", default_value_t = hearth_control::ServerLimits::default().body_idle_timeout.as_secs())]
+    pub body_idle_timeout_s: u64,
+}
+
+impl ListenerOpts {
+    fn limits(&self) -> hearth_control::ServerLimits {
+        hearth_control::ServerLimits {
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: std::time::Duration::from_secs(self.header_timeout_s.max(1)),
+            body_idle_timeout: std::time::Duration::from_secs(self.body_idle_timeout_s.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct UpArgs {
     /// Address of the REST API.
@@ -103,6 +128,8 @@ pub struct UpArgs {
     pub agent: AgentOpts,
     #[command(flatten)]
     pub policy: PolicyOpts,
+    #[command(flatten)]
+    pub listener: ListenerOpts,
 }
 
 #[derive(Args)]
@@ -123,6 +150,8 @@ pub struct ServerArgs {
     pub token: TokenOpts,
     #[command(flatten)]
     pub policy: PolicyOpts,
+    #[command(flatten)]
+    pub listener: ListenerOpts,
 }
 
 #[derive(Args)]
@@ -191,6 +220,7 @@ async fn start_control(
     agent_urls: Vec<String>,
     agent_token: Option<String>,
     policy: &PolicyOpts,
+    listener: &ListenerOpts,
 ) -> Result<hearth_control::RunningControl> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -200,6 +230,7 @@ async fn start_control(
     cfg.agent_urls = agent_urls;
     cfg.agent_token = agent_token;
     cfg.policy = policy.policy();
+    cfg.server_limits = listener.limits();
     let control = hearth_control::start(cfg).await?;
     if let Some(key) = control.bootstrap_key() {
         let url = format!("http://{}", control.local_addr());
@@ -239,6 +270,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         vec![agent_url],
         Some(token),
         &a.policy,
+        &a.listener,
     )
     .await?;
     println!(
@@ -265,6 +297,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         a.agent_urls,
         a.token.resolve()?,
         &a.policy,
+        &a.listener,
     )
     .await?;
     shutdown_signal().await;
