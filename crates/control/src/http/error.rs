@@ -18,7 +18,9 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// invalid_argument | unauthenticated | not_found | conflict | payload_too_large | quota_exceeded | capacity_exceeded | unavailable | internal
+    /// invalid_argument | unauthenticated | not_found | method_not_allowed | conflict |
+    /// payload_too_large | uri_too_long | unsupported_media_type | quota_exceeded |
+    /// capacity_exceeded | headers_too_large | unavailable | internal (see docs/contracts.md)
     pub code: &'static str,
     pub message: String,
 }
