@@ -216,6 +216,19 @@ async fn only_the_host_agent_reaches_a_guest() {
     let (ga, gb) = tokio::join!(create(a.clone()), create(b.clone()));
 
     let outcome = std::panic::AssertUnwindSafe(async {
+        // Info reports capacity and what the two sandboxes use (for scheduling).
+        let info = client
+            .info(pb::InfoRequest::default())
+            .await
+            .expect("info")
+            .into_owned();
+        assert_eq!(
+            (info.running, info.memory_used_mb, info.vcpus_used),
+            (2, 512, 2)
+        );
+        assert!(info.memory_capacity_mb > 0 && info.vcpus_capacity >= 4);
+        assert_eq!((info.max_sandboxes, info.memory_overcommit), (64, 1.0));
+
         // Host users: root (the agent's uid) gets an answer, uid 65534 nothing,
         // at once (rejected, not left to time out).
         for g in [ga, gb] {
