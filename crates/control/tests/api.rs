@@ -1149,10 +1149,9 @@ async fn reconciler_marks_lost_sandboxes_stopped_and_destroys_expired_ones() {
 }
 
 #[tokio::test]
-async fn reconciler_gives_up_on_stuck_starts_and_prunes_old_rows() {
+async fn reconciler_gives_up_on_stuck_starts() {
     let e = env_with(Policy {
         create_timeout: std::time::Duration::from_secs(60),
-        retention: std::time::Duration::ZERO,
         ..Policy::default()
     })
     .await;
@@ -1178,6 +1177,7 @@ async fn reconciler_gives_up_on_stuck_starts_and_prunes_old_rows() {
     let fresh = e.create().await;
     let report = e.state.app().reconcile_once().await.unwrap();
     assert_eq!(report.stale, vec![stuck.id.clone()]);
+    assert_eq!(report.pruned, 0);
     assert_eq!(e.host.st().destroys, 1, "the host was not asked to free it");
     let row = e
         .state
@@ -1189,12 +1189,49 @@ async fn reconciler_gives_up_on_stuck_starts_and_prunes_old_rows() {
         .unwrap();
     assert_eq!(row.state, SandboxState::Error);
     assert!(row.error.unwrap().contains("did not finish starting"));
-    // With a retention of zero the next pass deletes the error row; the running one stays.
+    let (_, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{fresh}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(v["state"], "running");
+    // Nothing more to do on the next pass.
+    assert!(!e.state.app().reconcile_once().await.unwrap().changed());
+}
+
+#[tokio::test]
+async fn reconciler_prunes_finished_rows_after_the_retention() {
+    let e = env_with(Policy {
+        retention: std::time::Duration::ZERO,
+        ..Policy::default()
+    })
+    .await;
+    let gone = e.create().await;
+    let kept = e.create().await;
+    let (s, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{gone}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let report = e.state.app().reconcile_once().await.unwrap();
     assert_eq!(report.pruned, 1, "{report:?}");
-    let rows = e.state.app().db.list_sandboxes(e.team_a).await.unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].id.to_string(), fresh);
+    let (_, v) = e
+        .call("GET", "/v1/sandboxes?all=true", Some(&e.key_a), None)
+        .await;
+    let ids: Vec<&str> = v["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![kept.as_str()]);
 }
 
 #[tokio::test]

@@ -115,11 +115,11 @@ impl Db {
         Ok(SandboxPage { rows, next })
     }
 
-    /// Delete rows that are `stopped` or `error` and have not changed since `before`
+    /// Delete rows that are `stopped` or `error` and have not changed after `before`
     /// (retention). Returns how many went.
     pub async fn prune_finished_sandboxes(&self, before: DateTime<Utc>) -> Result<u64> {
         let r = sqlx::query(
-            "DELETE FROM sandboxes WHERE state IN ('stopped', 'error') AND updated_at < $1",
+            "DELETE FROM sandboxes WHERE state IN ('stopped', 'error') AND updated_at <= $1",
         )
         .bind(before.timestamp_millis())
         .execute(&self.pool)
