@@ -365,3 +365,29 @@ async fn an_endless_init_refusal_fails_the_create_quickly_and_cleanly() {
     );
     assert!(s.ctx.registry.get(&id).is_none());
 }
+
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[tokio::test]
+async fn an_endless_body_to_a_caller_that_does_not_read_stays_bounded() {
+    let h = hostile().await;
+    let resp = h.get("/endless").await;
+    assert_eq!(resp.status(), 200);
+    let before = rss_mib();
+    // The caller stalls; a buffering proxy would now fill memory at loopback speed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_mib().saturating_sub(before);
+    assert!(
+        grown < 200,
+        "RSS grew {grown} MiB while the caller did not read"
+    );
+    drop(resp);
+}
