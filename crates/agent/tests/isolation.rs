@@ -66,6 +66,11 @@ async fn guest_sh(agent: SocketAddr, id: &SandboxId, script: &str) -> String {
 /// `curl` to the guest's `/health` as the given uid (None = root), with an
 /// optional netns; returns (exit code, HTTP code printed, time taken).
 fn curl_health(netns: Option<&str>, uid: Option<u32>, addr: &str) -> (i32, String, Duration) {
+    curl(netns, uid, &format!("http://{addr}/health"))
+}
+
+/// `curl` of `url`; returns (exit code, HTTP code printed, time taken).
+fn curl(netns: Option<&str>, uid: Option<u32>, url: &str) -> (i32, String, Duration) {
     let mut argv: Vec<String> = Vec::new();
     if let Some(ns) = netns {
         argv.extend(["ip", "netns", "exec", ns].map(String::from));
@@ -91,7 +96,7 @@ fn curl_health(netns: Option<&str>, uid: Option<u32>, addr: &str) -> (i32, Strin
         ]
         .map(String::from),
     );
-    argv.push(format!("http://{addr}/health"));
+    argv.push(url.to_owned());
     let t = Instant::now();
     let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
     (
@@ -242,6 +247,11 @@ async fn only_the_host_agent_reaches_a_guest() {
                 "not rejected at once: {took:?}"
             );
         }
+
+        // Even root on the host gets nothing but /health from a guest agent
+        // without the sandbox's access token (which only the agent holds).
+        let (rc, code, _) = curl(None, None, &format!("http://{ga}/files?path=/etc/hostname"));
+        assert_eq!((rc, code.as_str()), (0, "401"), "no token must be 401");
 
         // A LAN peer routing through this host: its packets reach the host's
         // forward path and are dropped there.
