@@ -114,7 +114,7 @@ generation = {{ max-examples = 8 }}
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--max-examples", "25"])
+        .args(["--max-examples", "50"])
         .args(["--workers", "1"])
         .args(["--seed", &seed])
         .args(["--request-timeout", "120"])
