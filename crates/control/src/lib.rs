@@ -175,6 +175,7 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 Ok(r) if r.changed() => {
                     tracing::info!(
                         lost = r.lost.len(),
+                        failed = r.failed.len(),
                         expired = r.expired.len(),
                         stale = r.stale.len(),
                         pruned = r.pruned,

@@ -1,7 +1,7 @@
 //! Handler tests: the real router, auth and a real (in-memory) SQLite, in-process via
 //! `tower::ServiceExt::oneshot`. Host-agent-dependent paths use [`FakeHost`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -10,8 +10,8 @@ use axum::http::{Request, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt;
 use hearth_control::app::hosts::{
-    ByteStream, CreateSpec, HostClient, HostError, HostInfo, ProcEvent, ProcEvents, ProcSpec,
-    Signal,
+    ByteStream, CreateSpec, HostClient, HostError, HostInfo, HostSandbox, ProcEvent, ProcEvents,
+    ProcSpec, Signal,
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
@@ -36,6 +36,8 @@ struct FakeHost {
 #[derive(Default)]
 struct FakeState {
     sandboxes: HashSet<SandboxId>,
+    /// Sandboxes the host holds in error, with its message.
+    failed: HashMap<SandboxId, String>,
     creates: usize,
     destroys: usize,
     fail_create: Option<HostError>,
@@ -93,10 +95,19 @@ impl HostClient for FakeHost {
     async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError> {
         let mut st = self.st();
         st.destroys += 1;
+        st.failed.remove(id);
         Ok(st.sandboxes.remove(id))
     }
-    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError> {
-        Ok(self.st().sandboxes.iter().cloned().collect())
+    async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError> {
+        let st = self.st();
+        Ok(st
+            .sandboxes
+            .iter()
+            .map(|id| HostSandbox {
+                id: id.clone(),
+                failure: st.failed.get(id).cloned(),
+            })
+            .collect())
     }
     async fn start_process(
         &self,
@@ -1146,6 +1157,47 @@ async fn reconciler_marks_lost_sandboxes_stopped_and_destroys_expired_ones() {
     // A second pass changes nothing.
     let report = e.state.app().reconcile_once().await.unwrap();
     assert!(!report.changed(), "{report:?}");
+}
+
+#[tokio::test]
+async fn reconciler_marks_sandboxes_failed_on_their_host_error() {
+    let e = env().await;
+    let id = e.create().await;
+    let sid: SandboxId = id.parse().unwrap();
+    // The VM rebooted itself: the host keeps it, in error.
+    e.host
+        .st()
+        .failed
+        .insert(sid.clone(), "the VM shut down or rebooted itself".into());
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert_eq!(report.failed, vec![sid]);
+    let (_, v) = e
+        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
+        .await;
+    assert_eq!(v["state"], "error", "{v}");
+    assert_eq!(v["error"], "the VM shut down or rebooted itself", "{v}");
+    // No exec on it; delete still asks the host to free what it holds.
+    let (status, _) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(serde_json::json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, 409);
+    let destroys = e.host.st().destroys;
+    let (status, _) = e
+        .call(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(e.host.st().destroys, destroys + 1);
+    assert!(!e.state.app().reconcile_once().await.unwrap().changed());
 }
 
 #[tokio::test]

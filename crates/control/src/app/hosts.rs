@@ -161,6 +161,15 @@ pub enum Signal {
     Kill,
 }
 
+/// A sandbox as its host reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSandbox {
+    pub id: SandboxId,
+    /// `Some` when the host holds it in error (its VM died, shut down or rebooted
+    /// itself): the host's message, already free of host details.
+    pub failure: Option<String>,
+}
+
 /// Everything the control plane asks of one host agent.
 #[async_trait]
 pub trait HostClient: Send + Sync + 'static {
@@ -171,8 +180,8 @@ pub trait HostClient: Send + Sync + 'static {
     async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError>;
     /// Destroy a sandbox; `Ok(false)` when the host did not know it. Idempotent.
     async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError>;
-    /// Sandboxes the host holds that are not stopped or failed.
-    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError>;
+    /// Sandboxes the host holds that are not stopped; failed ones carry why.
+    async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError>;
 
     async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError>;
     async fn send_signal(
@@ -399,7 +408,7 @@ impl HostClient for AgentHostClient {
         Ok(r.existed)
     }
 
-    async fn list_sandboxes(&self) -> Result<Vec<SandboxId>, HostError> {
+    async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError> {
         let r = self
             .agent
             .list_sandboxes(agent::ListSandboxesRequest::default())
@@ -412,10 +421,23 @@ impl HostClient for AgentHostClient {
                 !matches!(
                     s.state.as_known(),
                     Some(agent::SandboxState::SANDBOX_STATE_STOPPED)
-                        | Some(agent::SandboxState::SANDBOX_STATE_ERROR)
                 )
             })
-            .filter_map(|s| s.spec.as_option()?.sandbox_id.parse().ok())
+            .filter_map(|s| {
+                let id = s.spec.as_option()?.sandbox_id.parse().ok()?;
+                let failure = matches!(
+                    s.state.as_known(),
+                    Some(agent::SandboxState::SANDBOX_STATE_ERROR)
+                )
+                .then(|| {
+                    if s.error.is_empty() {
+                        "the sandbox failed on its host".to_owned()
+                    } else {
+                        sanitize(&s.error)
+                    }
+                });
+                Some(HostSandbox { id, failure })
+            })
             .collect())
     }
 

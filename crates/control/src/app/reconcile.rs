@@ -3,7 +3,9 @@
 //!
 //! Each pass, per configured host: Info (record the host and its templates as platform
 //! templates); then rows `running` on that host that the host no longer lists become
-//! `stopped`; and expired rows are destroyed on their host and marked `stopped`.
+//! `stopped`, rows the host reports failed (VM died, shut down or rebooted itself)
+//! become `error` with the host's message; and expired rows are destroyed on their
+//! host and marked `stopped`.
 //! A host that does not answer is left alone: its rows keep their state until it is
 //! back (a restarted agent re-adopts its VMs).
 //!
@@ -11,7 +13,7 @@
 //! plane that died mid-create) become `error` and their host is asked to destroy
 //! them; rows `stopped` or `error` unchanged for the retention period are deleted.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use chrono::Utc;
 use hearth_db::SandboxState;
@@ -25,6 +27,8 @@ pub struct ReconcileReport {
     pub hosts_seen: usize,
     pub lost: Vec<SandboxId>,
     pub expired: Vec<SandboxId>,
+    /// Reported failed by their host (VM died or rebooted itself): now `error`.
+    pub failed: Vec<SandboxId>,
     /// Left `starting` past the create timeout: now `error`.
     pub stale: Vec<SandboxId>,
     /// Rows of finished sandboxes deleted after the retention period.
@@ -35,6 +39,7 @@ impl ReconcileReport {
     /// Whether the pass changed any sandbox.
     pub fn changed(&self) -> bool {
         !self.lost.is_empty()
+            || !self.failed.is_empty()
             || !self.expired.is_empty()
             || !self.stale.is_empty()
             || self.pruned > 0
@@ -82,8 +87,12 @@ impl App {
                 .into_iter()
                 .filter(|r| r.host_id.as_ref() == Some(&host_id))
                 .collect();
-            let listed: HashSet<SandboxId> = match entry.client.list_sandboxes().await {
-                Ok(l) => l.into_iter().collect(),
+            let listed: HashMap<SandboxId, Option<String>> = match entry
+                .client
+                .list_sandboxes()
+                .await
+            {
+                Ok(l) => l.into_iter().map(|s| (s.id, s.failure)).collect(),
                 Err(e) => {
                     tracing::warn!(host = %url, error = %e, "host agent did not list its sandboxes");
                     continue;
@@ -91,23 +100,48 @@ impl App {
             };
             let now = Utc::now();
             for row in rows {
-                if !listed.contains(&row.id) {
-                    if self
-                        .db
-                        .update_sandbox_state(
-                            &row.id,
-                            Some(&[SandboxState::Running]),
-                            SandboxState::Stopped,
-                            None,
-                        )
-                        .await?
-                    {
-                        tracing::info!(sandbox_id = %row.id, host = %url,
-                            "sandbox no longer on its host (reaped or lost): marked stopped");
-                        self.end_streams(&row.id);
-                        report.lost.push(row.id);
+                match listed.get(&row.id) {
+                    None => {
+                        if self
+                            .db
+                            .update_sandbox_state(
+                                &row.id,
+                                Some(&[SandboxState::Running]),
+                                SandboxState::Stopped,
+                                None,
+                            )
+                            .await?
+                        {
+                            tracing::info!(sandbox_id = %row.id, host = %url,
+                                "sandbox no longer on its host (reaped or lost): marked stopped");
+                            self.end_streams(&row.id);
+                            report.lost.push(row.id);
+                        }
+                        continue;
                     }
-                } else if row.expires_at <= now {
+                    Some(Some(why)) => {
+                        // Its VM died, shut down or rebooted itself: an error the user
+                        // sees; the host keeps its resources until the row is deleted.
+                        if self
+                            .db
+                            .update_sandbox_state(
+                                &row.id,
+                                Some(&[SandboxState::Running]),
+                                SandboxState::Error,
+                                Some(why),
+                            )
+                            .await?
+                        {
+                            tracing::info!(sandbox_id = %row.id, host = %url, reason = %why,
+                                "sandbox failed on its host: marked error");
+                            self.end_streams(&row.id);
+                            report.failed.push(row.id);
+                        }
+                        continue;
+                    }
+                    Some(None) => {}
+                }
+                if row.expires_at <= now {
                     match self.destroy_row(&row).await {
                         Ok(()) => {
                             tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
