@@ -321,3 +321,63 @@ async fn only_the_host_agent_reaches_a_guest() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_token_survives_an_agent_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(images) = images() else { return };
+    let run = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = AgentConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            images.clone(),
+            run.path().to_owned(),
+        );
+        c.accel = Accel::Tcg;
+        c
+    };
+    let agent = Agent::start(config()).await.expect("agent starts");
+    let uri = format!("http://{}", agent.local_addr()).parse().unwrap();
+    let client = pb::HostAgentClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
+    let id = SandboxId::generate();
+    let req = pb::CreateSandboxRequest {
+        spec: pb::SandboxSpec {
+            sandbox_id: id.to_string(),
+            template: "minimal".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            disk_size_mb: 256,
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    };
+    client.create_sandbox(req).await.expect("create");
+    let state = run
+        .path()
+        .join("sandboxes")
+        .join(id.as_str())
+        .join("state.json");
+    let first = std::panic::AssertUnwindSafe(async {
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "state.json holds env and token");
+        assert_eq!(guest_sh(agent.local_addr(), &id, "echo one").await, "one\n");
+    });
+    if let Err(p) = futures::FutureExt::catch_unwind(first).await {
+        agent.destroy_all().await;
+        std::panic::resume_unwind(p);
+    }
+
+    // A graceful stop leaves the VM; the next agent reads the token back.
+    agent.shutdown().await;
+    let agent = Agent::start(config()).await.expect("agent restarts");
+    assert_eq!(agent.recovery().adopted, vec![id.clone()]);
+    let out = std::panic::AssertUnwindSafe(guest_sh(agent.local_addr(), &id, "echo two"));
+    let result = futures::FutureExt::catch_unwind(out).await;
+    agent.destroy_all().await;
+    agent.shutdown().await;
+    match result {
+        Ok(out) => assert_eq!(out, "two\n"),
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
