@@ -70,6 +70,8 @@ pub struct Stack {
     pub api_port: u16,
     pub url: String,
     pub api_key: String,
+    /// Images directory the agent serves templates from.
+    pub images: PathBuf,
 }
 
 fn wait_http(url: &str, timeout: Duration) {
@@ -91,6 +93,12 @@ fn wait_http(url: &str, timeout: Duration) {
 
 impl Stack {
     pub fn start() -> Stack {
+        Self::start_with_images(images_dir())
+    }
+
+    /// A stack whose agent serves the templates of `images` (tests that need their
+    /// own templates, e.g. a hostile guest).
+    pub fn start_with_images(images: PathBuf) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let agent_port = free_port();
         let api_port = free_port();
@@ -102,6 +110,7 @@ impl Stack {
             api_port,
             url: format!("http://127.0.0.1:{api_port}"),
             api_key: String::new(),
+            images,
         };
         s.start_agent();
         let creds = s.dir.path().join("credentials.json");
@@ -155,7 +164,7 @@ impl Stack {
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("--images-dir")
-            .arg(images_dir())
+            .arg(&self.images)
             .args(["--accel", "tcg", "--destroy-on-shutdown"])
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "info")
