@@ -205,3 +205,30 @@ async fn json_body_without_content_type_is_parsed() {
     assert_ne!(status.as_u16(), 415, "{code} {message}");
     assert_ne!(status.as_u16(), 400, "{code} {message}");
 }
+
+#[tokio::test]
+async fn whole_floats_are_integers_and_fractions_are_refused() {
+    let (app, key) = app().await;
+    let create = |body: &'static str| {
+        req("POST", "/v1/sandboxes", &key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    // 9.0 parses as 9, so the range check answers (and quotes it); 1.5 is not a count.
+    let (status, _, code, message) =
+        error_of(&app, create(r#"{"template":"minimal","vcpus":9.0}"#)).await;
+    assert_eq!((status.as_u16(), code.as_str()), (400, "invalid_argument"));
+    assert!(
+        message.contains("vcpus must be between 1 and 8, got 9"),
+        "{message}"
+    );
+    let (status, _, _, message) =
+        error_of(&app, create(r#"{"template":"minimal","vcpus":1.5}"#)).await;
+    assert_eq!(status.as_u16(), 400);
+    assert!(message.contains("whole number"), "{message}");
+    let (status, _, _, message) =
+        error_of(&app, create(r#"{"template":"minimal","memory_mb":1e300}"#)).await;
+    assert_eq!(status.as_u16(), 400);
+    assert!(message.contains("whole number"), "{message}");
+}

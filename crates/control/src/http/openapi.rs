@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
 use super::types::*;
-use crate::app::validate;
+use crate::app::{sandboxes, validate};
 
 struct Security;
 
@@ -145,6 +145,16 @@ pub fn document() -> Value {
                         "The team's quota would be exceeded (quota_exceeded).",
                     );
                     add(op, 503, "No host agent answers.");
+                }
+                if path == "/v1/sandboxes" && method == "get" {
+                    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                        for p in params.iter_mut().filter(|p| p["name"] == "limit") {
+                            set_in(
+                                &mut p["schema"],
+                                json!({"minimum": 1, "maximum": sandboxes::MAX_PAGE}),
+                            );
+                        }
+                    }
                 }
                 if path.ends_with("/files") {
                     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use hearth_db::{SandboxRow, Template};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use crate::app::exec::{ExecOutcome, ExecParams};
@@ -15,17 +15,42 @@ pub struct Health {
     pub status: &'static str,
 }
 
+/// A JSON integer, also when written as a float without a fraction (`8.0`, as
+/// Python's `json` writes floats; JSON Schema counts it as an integer too).
+/// Out-of-range values pass through as sent, for the range check to quote.
+fn whole_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        // i64::MAX as f64 rounds up to 2^63, which is out of range: hence `<`.
+        Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64 => {
+            Ok(Some(f as i64))
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "expected a whole number between -2^63 and 2^63-1, got {n}"
+        ))),
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateSandboxRequest {
     /// Template name, e.g. "minimal".
     pub template: String,
     /// Default 1.
+    #[serde(default, deserialize_with = "whole_number")]
     pub vcpus: Option<i64>,
     /// Default 256.
+    #[serde(default, deserialize_with = "whole_number")]
     pub memory_mb: Option<i64>,
     /// Default 1024.
+    #[serde(default, deserialize_with = "whole_number")]
     pub disk_size_mb: Option<i64>,
     /// Lifetime in seconds, after which the sandbox is destroyed. Default 300.
+    #[serde(default, deserialize_with = "whole_number")]
     pub timeout_s: Option<i64>,
     /// Environment variables of every process in the sandbox.
     #[serde(default)]
@@ -139,6 +164,7 @@ pub struct ExecRequest {
     /// Unix user in the guest. Default "root".
     pub user: Option<String>,
     /// Default 60, at most 3600. The process is killed when it passes.
+    #[serde(default, deserialize_with = "whole_number")]
     pub timeout_s: Option<i64>,
     /// Text written to the process's stdin, which is then closed.
     pub stdin: Option<String>,
