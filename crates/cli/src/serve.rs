@@ -68,6 +68,12 @@ pub struct PolicyOpts {
     /// Disk MiB per team, over its active sandboxes.
     #[arg(long, env = "HEARTH_TEAM_MAX_DISK_MB", default_value_t = hearth_types::TeamQuota::default().max_disk_mb)]
     pub team_max_disk_mb: u64,
+    /// Exec streams (JSON exec and WebSocket sessions) a team may have open at once.
+    #[arg(long, env = "HEARTH_TEAM_MAX_EXEC_STREAMS", default_value_t = hearth_control::app::concurrency::StreamCaps::default().exec_streams)]
+    pub team_max_exec_streams: u32,
+    /// File uploads and downloads a team may have in flight at once.
+    #[arg(long, env = "HEARTH_TEAM_MAX_TRANSFERS", default_value_t = hearth_control::app::concurrency::StreamCaps::default().transfers)]
+    pub team_max_transfers: u32,
     /// Days a stopped or failed sandbox stays listed (`--all`) before its row is deleted.
     #[arg(long, env = "HEARTH_RETENTION_DAYS", default_value_t = 7)]
     pub retention_days: u32,
@@ -83,6 +89,10 @@ impl PolicyOpts {
                 max_disk_mb: self.team_max_disk_mb,
             },
             retention: std::time::Duration::from_secs(u64::from(self.retention_days) * 24 * 3600),
+            streams: hearth_control::app::concurrency::StreamCaps {
+                exec_streams: self.team_max_exec_streams,
+                transfers: self.team_max_transfers,
+            },
             ..Default::default()
         }
     }

@@ -829,6 +829,83 @@ async fn listing_pages_and_filters() {
 }
 
 #[tokio::test]
+async fn a_team_has_a_cap_on_concurrent_exec_streams_and_transfers() {
+    let e = env_with(Policy {
+        streams: hearth_control::app::concurrency::StreamCaps {
+            exec_streams: 2,
+            transfers: 0,
+        },
+        ..Policy::default()
+    })
+    .await;
+    let id = e.create().await;
+    let sid: SandboxId = id.parse().unwrap();
+    let plan = hearth_control::app::exec::ExecParams {
+        cmd: vec!["sleep".into(), "60".into()],
+        ..Default::default()
+    }
+    .check()
+    .unwrap();
+    let (_, first) = e
+        .state
+        .app()
+        .exec_start(e.team_a, &sid, &plan)
+        .await
+        .unwrap();
+    let (_, _second) = e
+        .state
+        .app()
+        .exec_start(e.team_a, &sid, &plan)
+        .await
+        .unwrap();
+    // A third stream, streaming or one-shot, is refused before any host call.
+    let processes = e.host.st().killers.len();
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+        "at most 2 concurrent exec streams",
+    );
+    assert_eq!(e.host.st().killers.len(), processes);
+    // A stream that ends gives its slot back.
+    drop(first);
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&e.key_a),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Transfers have their own cap (here none at all).
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+        "at most 0 concurrent file transfers",
+    );
+}
+
+#[tokio::test]
 async fn deleting_a_sandbox_ends_its_exec_streams_at_once() {
     let e = env().await;
     let id = e.create().await;

@@ -137,6 +137,7 @@ impl App {
         params: ExecParams,
     ) -> AppResult<ExecOutcome> {
         let plan = params.check()?;
+        let _permit = self.permit(team, super::concurrency::Kind::Exec)?;
         let (host, ended) = self.running_stream(team, id).await?;
         run_to_completion(host, id, plan, ended).await
     }
@@ -150,12 +151,19 @@ impl App {
         id: &SandboxId,
         plan: &ExecPlan,
     ) -> AppResult<(Arc<dyn HostClient>, ProcEvents)> {
+        let permit = self.permit(team, super::concurrency::Kind::Exec)?;
         let (host, ended) = self.running_stream(team, id).await?;
         let events = host
             .start_process(id, plan.spec.clone())
             .await
             .map_err(|e| guest_error("starting the process failed", e))?;
-        Ok((host, until_deleted(events, ended)))
+        // The stream holds the team's exec slot until it is dropped.
+        let events = until_deleted(events, ended)
+            .inspect(move |_| {
+                let _ = &permit;
+            })
+            .boxed();
+        Ok((host, events))
     }
 }
 

@@ -36,6 +36,7 @@ impl App {
         if declared_len.is_some_and(|n| n > limit) {
             return Err(too_large());
         }
+        let _permit = self.permit(team, super::concurrency::Kind::Transfer)?;
         let host = self.running_host(team, id).await?;
         let count = Arc::new(AtomicU64::new(0));
         let over = Arc::new(AtomicBool::new(false));
@@ -70,9 +71,18 @@ impl App {
     ) -> AppResult<(Option<u64>, ByteStream)> {
         validate::guest_path("path", path)?;
         validate::user(user)?;
+        let permit = self.permit(team, super::concurrency::Kind::Transfer)?;
         let host = self.running_host(team, id).await?;
-        host.download_file(id, user, path)
+        let (len, body) = host
+            .download_file(id, user, path)
             .await
-            .map_err(|e| guest_error(&format!("reading {path} failed"), e))
+            .map_err(|e| guest_error(&format!("reading {path} failed"), e))?;
+        // The body holds the team's transfer slot until it is dropped.
+        let body = body
+            .inspect(move |_| {
+                let _ = &permit;
+            })
+            .boxed();
+        Ok((len, body))
     }
 }

@@ -4,6 +4,7 @@
 //! store (`hearth_db`) and to host agents (through [`hosts::HostClient`]). Nothing here
 //! knows about status codes; errors are [`AppError`].
 
+pub mod concurrency;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hearth_db::Db;
-use hearth_types::{SandboxId, SandboxLimits, TeamQuota};
+use hearth_types::{SandboxId, SandboxLimits, TeamId, TeamQuota};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{AppError, AppResult};
@@ -33,6 +34,8 @@ pub struct Policy {
     pub create_timeout: Duration,
     /// Rows of `stopped` and `error` sandboxes are deleted this long after their last change.
     pub retention: Duration,
+    /// Per-team caps on concurrent exec streams and file transfers.
+    pub streams: concurrency::StreamCaps,
 }
 
 impl Default for Policy {
@@ -42,6 +45,7 @@ impl Default for Policy {
             // The host's CreateSandbox deadline (180 s) plus slack.
             create_timeout: Duration::from_secs(240),
             retention: Duration::from_secs(7 * 24 * 3600),
+            streams: concurrency::StreamCaps::default(),
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct App {
     pub policy: Policy,
     /// Per sandbox, cancelled when it is destroyed: ends its exec streams at once.
     streams: Mutex<HashMap<SandboxId, CancellationToken>>,
+    /// Exec streams and file transfers in flight, per team.
+    concurrency: concurrency::Counters,
 }
 
 impl App {
@@ -71,6 +77,7 @@ impl App {
             max_upload_bytes,
             policy: Policy::default(),
             streams: Mutex::new(HashMap::new()),
+            concurrency: concurrency::Counters::default(),
         }
     }
 
@@ -88,6 +95,17 @@ impl App {
             // A poisoned map only loses the early end of streams; the host still ends them.
             Err(_) => CancellationToken::new(),
         }
+    }
+
+    /// A slot of `kind` for `team` under its cap, released when dropped.
+    pub(crate) fn permit(
+        &self,
+        team: TeamId,
+        kind: concurrency::Kind,
+    ) -> AppResult<concurrency::Permit> {
+        self.concurrency
+            .acquire(&self.policy.streams, team, kind)
+            .map_err(AppError::QuotaExceeded)
     }
 
     /// End every exec stream of `id` now (it was destroyed or lost).
