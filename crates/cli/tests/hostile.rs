@@ -163,6 +163,12 @@ fn assert_clear_error(what: &str, status: u16, body: &str) {
         v["error"]["code"].is_string() && v["error"]["message"].is_string(),
         "{what}: {v}"
     );
+    // A message for people: no JSON of an inner hop, no host paths.
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        !msg.contains("{\"") && !msg.contains("/var/lib") && !msg.contains("/tmp/"),
+        "{what}: {msg}"
+    );
 }
 
 #[test]

@@ -681,10 +681,16 @@ async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, Host
         });
     }
     let text = read_bounded(resp, MAX_ERROR_BODY).await;
-    // envd answers errors as {"message": "...", "code": N}; fall back to the raw text.
+    // envd answers errors as {"message": "...", "code": N}, the host agent's proxy as
+    // {"error": {"code", "message"}}; fall back to the raw text.
     let message = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("message")
+                .or_else(|| v.get("error").and_then(|e| e.get("message")))
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or(text);
     Err(HostError::Http {
         status: status.as_u16(),
