@@ -28,6 +28,21 @@ pub struct AgentOpts {
     /// running, so that the next start re-adopts them).
     #[arg(long)]
     pub destroy_on_shutdown: bool,
+    /// Sandboxes this host runs at once.
+    #[arg(long, env = "HEARTH_MAX_SANDBOXES", default_value_t = 64)]
+    pub max_sandboxes: usize,
+    /// Guest memory the host may promise, as a multiple of (host memory - reserve).
+    #[arg(long, env = "HEARTH_MEMORY_OVERCOMMIT", default_value_t = hearth_agent::admission::CapacityConfig::default().memory_overcommit)]
+    pub memory_overcommit: f64,
+    /// Host memory (MiB) kept for the host itself: agent, QEMU overhead, page cache.
+    #[arg(long, env = "HEARTH_MEMORY_RESERVE_MB", default_value_t = hearth_agent::admission::CapacityConfig::default().memory_reserve_mb)]
+    pub memory_reserve_mb: u64,
+    /// vCPUs of all sandboxes together (default: 4 x the host's cores).
+    #[arg(long, env = "HEARTH_MAX_VCPUS")]
+    pub max_vcpus: Option<u32>,
+    /// Free space (MiB) kept on the run directory's filesystem.
+    #[arg(long, env = "HEARTH_DISK_RESERVE_MB", default_value_t = hearth_agent::admission::CapacityConfig::default().disk_reserve_mb)]
+    pub disk_reserve_mb: u64,
 }
 
 #[derive(Args, Clone)]
@@ -220,6 +235,20 @@ fn agent_config(
     );
     cfg.accel = accel;
     cfg.token = token;
+    if !(o.memory_overcommit.is_finite() && o.memory_overcommit > 0.0) {
+        anyhow::bail!(
+            "--memory-overcommit must be a positive number, got {}",
+            o.memory_overcommit
+        );
+    }
+    cfg.max_sandboxes = o.max_sandboxes;
+    cfg.capacity = hearth_agent::admission::CapacityConfig {
+        memory_overcommit: o.memory_overcommit,
+        memory_reserve_mb: o.memory_reserve_mb,
+        vcpu_limit: o.max_vcpus,
+        disk_reserve_mb: o.disk_reserve_mb,
+        ..cfg.capacity
+    };
     Ok(cfg)
 }
 

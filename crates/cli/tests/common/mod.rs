@@ -72,6 +72,8 @@ pub struct Stack {
     pub api_key: String,
     /// Images directory the agent serves templates from.
     pub images: PathBuf,
+    /// Extra `hearth agent` flags (kept across agent restarts).
+    pub agent_args: Vec<String>,
 }
 
 fn wait_http(url: &str, timeout: Duration) {
@@ -99,6 +101,16 @@ impl Stack {
     /// A stack whose agent serves the templates of `images` (tests that need their
     /// own templates, e.g. a hostile guest).
     pub fn start_with_images(images: PathBuf) -> Stack {
+        Self::start_custom(images, &[], &[])
+    }
+
+    /// A stack with extra `hearth agent` flags and `hearth server` environment
+    /// (capacity limits, team quotas).
+    pub fn start_custom(
+        images: PathBuf,
+        agent_args: &[&str],
+        server_env: &[(&str, &str)],
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let agent_port = free_port();
         let api_port = free_port();
@@ -111,6 +123,7 @@ impl Stack {
             url: format!("http://127.0.0.1:{api_port}"),
             api_key: String::new(),
             images,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         s.start_agent();
         let creds = s.dir.path().join("credentials.json");
@@ -123,6 +136,7 @@ impl Stack {
             .env("HEARTH_CREDENTIALS", &creds)
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "info")
+            .envs(server_env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -166,6 +180,7 @@ impl Stack {
             .arg("--images-dir")
             .arg(&self.images)
             .args(["--accel", "tcg", "--destroy-on-shutdown"])
+            .args(&self.agent_args)
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
