@@ -119,6 +119,26 @@ async fn partial_request_head_is_cut_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let srv = Server::start(limits(400, 5000, 1)).await;
+    let mut silent = TcpStream::connect(srv.addr).await.unwrap();
+    let t = Instant::now();
+    let (_, closed) = read_to_close(&mut silent, Duration::from_secs(10)).await;
+    assert!(closed, "a silent connection was held open for 10 s");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Its slot (the only one) is free again.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"GET /hi HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("served after the silent one was dropped");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connection_is_closed() {
     let srv = Server::start(limits(400, 5000, 16)).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();

@@ -157,7 +157,20 @@ pub async fn serve(
             });
         let http = http.clone();
         let watcher = graceful.watcher();
+        let head_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            // hyper-util's `auto` builder waits, with no timeout, for the first bytes
+            // (to tell HTTP/1 from HTTP/2) before hyper's head timeout starts: a client
+            // that connects and sends nothing would hold its slot forever.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(head_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    tracing::debug!(%peer, "connection sent nothing within the header timeout");
+                    drop(permit);
+                    return;
+                }
+            }
             let conn = http.serve_connection_with_upgrades(
                 TokioIo::new(stream),
                 TowerToHyperService::new(svc),
