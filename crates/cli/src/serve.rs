@@ -263,6 +263,15 @@ async fn start_control(
 ) -> Result<hearth_control::RunningControl> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    make_private(data_dir, 0o700)?;
+    // The database (and SQLite's -wal/-shm beside it) hold API key hashes and sandbox
+    // env vars: root-only, also when an older install left them world-readable.
+    for name in ["hearth.db", "hearth.db-wal", "hearth.db-shm"] {
+        let p = data_dir.join(name);
+        if p.exists() {
+            make_private(&p, 0o600)?;
+        }
+    }
     let database_url = database_url
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display()));
     let mut cfg = hearth_control::ControlConfig::new(listen, database_url);
@@ -296,6 +305,7 @@ async fn start_control(
 }
 
 pub async fn up(a: UpArgs) -> Result<()> {
+    private_umask();
     init_tracing();
     // One process holds both ends: a fresh secret per start, never written anywhere.
     let token = random_token();
@@ -328,6 +338,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
 }
 
 pub async fn server(a: ServerArgs) -> Result<()> {
+    private_umask();
     init_tracing();
     let control = start_control(
         a.listen,
@@ -345,6 +356,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
+    private_umask();
     init_tracing();
     let cfg = agent_config(a.listen, &a.data_dir, &a.agent, a.token.resolve()?)?;
     let agent = hearth_agent::Agent::start(cfg).await?;
@@ -355,6 +367,20 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+/// Set `path`'s mode (data directory 0700, database files 0600).
+fn make_private(path: &std::path::Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {} to mode {mode:o}", path.display()))
+}
+
+/// Files the servers create (database, run and state files, logs, sockets) are
+/// private to root unless they say otherwise.
+fn private_umask() {
+    // SAFETY: umask(2) only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
 }
 
 fn random_token() -> String {

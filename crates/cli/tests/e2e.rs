@@ -375,3 +375,39 @@ fn sandbox_past_its_timeout_is_destroyed_and_reported_stopped() {
     let r = stack.sh_status(&id, "true");
     assert_eq!(r, 409, "exec on a reaped sandbox");
 }
+
+#[test]
+fn files_at_rest_are_private_to_root() {
+    if !e2e_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let stack = Stack::start();
+    let sb = stack.create(json!({"template": "minimal", "env": {"SECRET": "s3"}}));
+    let id = sb["id"].as_str().unwrap().to_string();
+    let mode = |p: std::path::PathBuf| {
+        std::fs::metadata(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let data = stack.dir.path().join("data");
+    assert_eq!(mode(data.clone()), 0o700, "data dir");
+    assert_eq!(mode(data.join("hearth.db")), 0o600, "database");
+    let sandbox_dir = stack.run_dir().join("sandboxes").join(&id);
+    assert_eq!(mode(stack.run_dir()), 0o700, "run dir");
+    assert_eq!(mode(sandbox_dir.clone()), 0o700, "sandbox dir");
+    // state.json holds the env and the access token.
+    assert_eq!(mode(sandbox_dir.join("state.json")), 0o600, "state.json");
+    for entry in std::fs::read_dir(&sandbox_dir).unwrap().flatten() {
+        let m = mode(entry.path());
+        assert_eq!(
+            m & 0o077,
+            0,
+            "{} is open to other users ({m:o})",
+            entry.path().display()
+        );
+    }
+    stack.delete(&id);
+}
