@@ -80,6 +80,8 @@ pub struct AgentConfig {
     /// How long a guest agent gets to send response headers (after the request
     /// body was sent) on proxied calls. Bodies have no total timeout: streams are long-lived.
     pub guest_header_timeout: Duration,
+    /// Limits of the agent's own listener (slow or idle clients, connection count).
+    pub listener: hearth_serve::ServerLimits,
     /// How long a create waits for the guest agent's `/health`.
     pub boot_timeout: Duration,
     /// Shared secret the control plane must send in [`AGENT_TOKEN_HEADER`] on every
@@ -109,6 +111,7 @@ impl AgentConfig {
             max_sandboxes: 64,
             capacity: admission::CapacityConfig::default(),
             guest_header_timeout: Duration::from_secs(30),
+            listener: default_listener_limits(),
             boot_timeout: Duration::from_secs(60),
             token: None,
             vm: vmm::VmHostConfig::default(),
@@ -130,6 +133,19 @@ impl AgentConfig {
             dir("HEARTH_IMAGES_DIR", DEFAULT_IMAGES_DIR),
             dir("HEARTH_RUN_DIR", DEFAULT_RUN_DIR),
         )
+    }
+}
+
+/// The agent's listener: request heads within 10 s (also the keep-alive idle time),
+/// request bodies may pause for up to an hour (stdin of an interactive process streams
+/// through the proxy), room for the control plane's many concurrent streams, and 5 s
+/// for in-flight requests at shutdown.
+fn default_listener_limits() -> hearth_serve::ServerLimits {
+    hearth_serve::ServerLimits {
+        header_read_timeout: Duration::from_secs(10),
+        body_idle_timeout: Duration::from_secs(3600),
+        max_connections: 4096,
+        shutdown_grace: Duration::from_secs(5),
     }
 }
 
@@ -368,16 +384,10 @@ impl Agent {
         })?;
         let app = router(ctx.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let res = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await;
-            if let Err(e) = res {
-                warn!(error = %e, "agent HTTP server failed");
-            }
-        });
+        let limits = ctx.config.listener.clone();
+        let server = tokio::spawn(hearth_serve::serve(listener, app, limits, async {
+            let _ = stop_rx.await;
+        }));
         let reaper = tokio::spawn(reaper::run(ctx.clone()));
         ctx.tasks.track(reaper.abort_handle());
         info!(

@@ -985,3 +985,44 @@ async fn root_filesystem_fills_the_disk() {
     );
     agent.shutdown().await;
 }
+
+/// Any local user can open TCP connections to the agent's port: one that sends nothing,
+/// or half a request head, is closed after the header timeout instead of holding a
+/// connection slot for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_half_sent_connections_to_the_agent_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(images) = real_images("silent_and_half_sent_connections_to_the_agent_are_closed")
+    else {
+        return;
+    };
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = config(&images, run.path());
+    cfg.listener.header_read_timeout = Duration::from_millis(500);
+    cfg.listener.max_connections = 2;
+    let agent = Agent::start(cfg).await.unwrap();
+    let addr = agent.local_addr();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for s in [&mut silent, &mut half] {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection was held open for 10 s");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Both slots are free again: the agent still answers.
+    assert_eq!(proxy_get(addr, "/healthz").await, 200);
+    agent.shutdown().await;
+}

@@ -6,7 +6,7 @@ pub mod error;
 mod handlers;
 pub mod openapi;
 pub mod reject;
-pub mod server;
+pub use hearth_serve as server;
 pub mod types;
 mod ws;
 

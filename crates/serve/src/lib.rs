@@ -1,4 +1,5 @@
-//! The control plane's HTTP/1.1 listener, with the limits `axum::serve` lacks.
+//! `hearth_serve`: the HTTP/1.1 listener of the control plane's API and of the host
+//! agent, with the limits `axum::serve` lacks.
 //!
 //! - **Header timeout**: a connection that has not sent a complete request head within
 //!   [`ServerLimits::header_read_timeout`] is closed. hyper applies the same timer while a
@@ -11,7 +12,7 @@
 //!   kernel's backlog until one ends.
 //!
 //! HTTP/2 is not served (no client of the API needs it, and hyper has no idle timeout
-//! for it). This module owns only the transport; routing and errors are in [`super`].
+//! for it). This crate owns only the transport; routing and errors belong to its users.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-/// Transport limits of the API listener.
+/// Transport limits of a listener.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
     /// Time to send a whole request head; also how long an idle keep-alive connection
