@@ -78,12 +78,15 @@ pub(crate) async fn handle(
     let Ok(sid) = id.parse::<SandboxId>() else {
         return not_found();
     };
-    let Some((addr, token)) = ctx.registry.get(&sid).and_then(|h| {
+    let Some((addr, token, record)) = ctx.registry.get(&sid).and_then(|h| {
         let r = h.record.borrow();
-        Some((r.guest_address?, r.access_token.clone()))
+        Some((r.guest_address?, r.access_token.clone(), h.record.clone()))
     }) else {
         return not_found();
     };
+    // A guest that vanishes (VM exited, destroyed) sends no reset: without this, a
+    // proxied stream would wait for it forever.
+    let gone = vm_gone(record);
     let pq = match req.uri().query() {
         Some(q) => format!("/{rest}?{q}"),
         None => format!("/{rest}"),
@@ -122,15 +125,29 @@ pub(crate) async fn handle(
         let _ = sent_rx.await;
         tokio::time::sleep(head_timeout).await;
     };
+    let mut gone = Box::pin(gone);
     let outcome = tokio::select! {
         r = request => Some(r),
         () = deadline => None,
+        () = &mut gone => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "unavailable",
+                format!("the VM of {sid} is gone"),
+            );
+        }
     };
     match outcome {
         Some(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Body::new(body))
+            Response::from_parts(
+                parts,
+                Body::new(UntilGone {
+                    inner: Body::new(body),
+                    gone: Some(gone),
+                }),
+            )
         }
         Some(Err(e)) => {
             let chain = crate::error_chain(&e);
@@ -189,6 +206,52 @@ impl HttpBody for NotifyEnd {
             }
         }
         r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves once the sandbox behind `record` no longer runs a VM that could answer:
+/// it left `Running`, lost its guest address, or its actor is gone.
+async fn vm_gone(mut record: tokio::sync::watch::Receiver<crate::state::SandboxRecord>) {
+    let _ = record
+        .wait_for(|r| r.guest_address.is_none() || r.state != crate::state::SandboxState::Running)
+        .await;
+}
+
+/// A guest's response body that ends with an error as soon as the VM is gone.
+struct UntilGone<G> {
+    inner: Body,
+    gone: Option<Pin<Box<G>>>,
+}
+
+impl<G: std::future::Future<Output = ()> + Send> HttpBody for UntilGone<G> {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if let Some(gone) = self.gone.as_mut() {
+            if gone.as_mut().poll(cx).is_ready() {
+                self.gone = None;
+                return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the sandbox's VM is gone",
+                )))));
+            }
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
