@@ -12,57 +12,13 @@ use std::time::{Duration, Instant};
 
 use connectrpc::client::{ClientConfig, HttpClient};
 use connectrpc::ErrorCode;
-use hearth_agent::{Accel, Agent, AgentConfig, RunningAgent};
+use hearth_agent::{Accel, Agent};
 use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::SandboxId;
 use http_body_util::BodyExt;
 
-type Client = pb::HostAgentClient<HttpClient>;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "hearth_agent=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn images_dir() -> PathBuf {
-    std::env::var_os("HEARTH_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/hearth/images"))
-}
-
-/// The real images, or `None` after a loud skip message.
-fn real_images(test: &str) -> Option<PathBuf> {
-    let dir = images_dir();
-    if dir.join("kernel/vmlinux").is_file() && dir.join("templates/minimal/rootfs.ext4").is_file() {
-        return Some(dir);
-    }
-    eprintln!(
-        "\n!!!!!!!! SKIPPING {test}: no guest kernel/template under {} \
-         (run scripts/build-images.sh) !!!!!!!!\n",
-        dir.display()
-    );
-    None
-}
-
-fn config(images: &Path, run: &Path) -> AgentConfig {
-    let mut c = AgentConfig::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        images.to_owned(),
-        run.to_owned(),
-    );
-    c.accel = Accel::Tcg;
-    c
-}
-
-fn client(agent: &RunningAgent) -> Client {
-    let uri = format!("http://{}", agent.local_addr()).parse().unwrap();
-    pb::HostAgentClient::new(HttpClient::plaintext(), ClientConfig::new(uri))
-}
+mod common;
+use common::{client, config, images_dir, init_tracing, real_images, Client};
 
 fn spec(id: &SandboxId, template: &str, expires_at_unix_ms: i64) -> pb::CreateSandboxRequest {
     pb::CreateSandboxRequest {

@@ -11,51 +11,12 @@ use std::time::{Duration, Instant};
 
 use connectrpc::client::{ClientConfig, HttpClient};
 use hearth_agent::vmm::cgroup::read_u64;
-use hearth_agent::{Accel, Agent, AgentConfig, AgentError, RunningAgent};
+use hearth_agent::{Agent, AgentError, RunningAgent};
 use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::SandboxId;
 
-type Client = pb::HostAgentClient<HttpClient>;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "hearth_agent=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn real_images(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("HEARTH_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/hearth/images"));
-    if dir.join("kernel/vmlinux").is_file() && dir.join("templates/minimal/rootfs.ext4").is_file() {
-        return Some(dir);
-    }
-    eprintln!(
-        "\n!!!!!!!! SKIPPING {test}: no guest kernel/template under {} \
-         (run scripts/build-images.sh) !!!!!!!!\n",
-        dir.display()
-    );
-    None
-}
-
-fn config(images: &Path, run: &Path) -> AgentConfig {
-    let mut c = AgentConfig::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        images.to_owned(),
-        run.to_owned(),
-    );
-    c.accel = Accel::Tcg;
-    c
-}
-
-fn client(agent: &RunningAgent) -> Client {
-    let uri = format!("http://{}", agent.local_addr()).parse().unwrap();
-    pb::HostAgentClient::new(HttpClient::plaintext(), ClientConfig::new(uri))
-}
+mod common;
+use common::{client, config, init_tracing, real_images, Client};
 
 async fn create(c: &Client, id: &SandboxId) {
     c.create_sandbox(pb::CreateSandboxRequest {

@@ -9,7 +9,6 @@
 //! for that interface), so the host's own settings are left alone.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,19 +17,8 @@ use hearth_agent::{Accel, Agent, AgentConfig};
 use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::SandboxId;
 
-fn images() -> Option<PathBuf> {
-    let dir = std::env::var_os("HEARTH_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/hearth/images"));
-    if dir.join("kernel/vmlinux").is_file() && dir.join("templates/minimal/rootfs.ext4").is_file() {
-        return Some(dir);
-    }
-    eprintln!(
-        "\n!!!!!!!! SKIPPING isolation tests: no guest kernel/template under {} !!!!!!!!\n",
-        dir.display()
-    );
-    None
-}
+mod common;
+use common::real_images;
 
 /// Run a shell command in the guest through the agent's proxy (as the control
 /// plane does); returns stdout.
@@ -179,7 +167,9 @@ fn host_veth_of(guest: SocketAddr) -> Ipv4Addr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_host_agent_reaches_a_guest() {
-    let Some(images) = images() else { return };
+    let Some(images) = real_images("isolation") else {
+        return;
+    };
     let run = tempfile::tempdir().unwrap();
     let mut config = AgentConfig::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -325,7 +315,9 @@ async fn only_the_host_agent_reaches_a_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_token_survives_an_agent_restart() {
     use std::os::unix::fs::PermissionsExt;
-    let Some(images) = images() else { return };
+    let Some(images) = real_images("isolation") else {
+        return;
+    };
     let run = tempfile::tempdir().unwrap();
     let config = || {
         let mut c = AgentConfig::new(
