@@ -136,6 +136,20 @@ pub fn document() -> Value {
                         add(op, 503, "The sandbox's host or guest does not answer.");
                     }
                 }
+                if path.ends_with("/exec") || path.ends_with("/exec/ws") {
+                    add(
+                        op,
+                        429,
+                        "The team has its maximum of concurrent exec streams open (quota_exceeded).",
+                    );
+                }
+                if path.ends_with("/files") {
+                    add(
+                        op,
+                        429,
+                        "The team has its maximum of concurrent file transfers in flight (quota_exceeded).",
+                    );
+                }
                 if path == "/v1/sandboxes" && method == "post" {
                     add(op, 404, "No such template.");
                     add(op, 409, "No host has room for it (capacity_exceeded).");
