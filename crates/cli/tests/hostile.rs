@@ -348,3 +348,46 @@ fn guest_that_reboots_itself_ends_as_error() {
     let left = common::leftovers(&id, &stack.run_dir());
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn guest_user_is_a_permission_boundary() {
+    if !e2e_available() {
+        return;
+    }
+    let stack = Stack::start();
+    let sb = stack.create(json!({"template": "minimal", "timeout_s": 600}));
+    let id = sb["id"].as_str().unwrap().to_string();
+    let r = stack.sh(
+        &id,
+        "echo ROOTONLY > /root/secret && chmod 600 /root/secret && chmod 700 /root \
+         && ln -s /root/secret /tmp/link",
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    // Through the files API, as `user`: neither the file nor a symlink to it.
+    for path in ["/root/secret", "/tmp/link"] {
+        let resp = stack.get_file(&id, &[("path", path), ("user", "user")]);
+        let status = resp.status().as_u16();
+        let body = resp.text().unwrap_or_default();
+        assert!(!body.contains("ROOTONLY"), "{path} read as user: {body}");
+        assert!(
+            (400..500).contains(&status),
+            "{path} as user: {status} {body}"
+        );
+    }
+    // Writing where only root may write fails and leaves nothing.
+    let resp = stack.put_file(&id, &[("path", "/etc/evil"), ("user", "user")], "x");
+    assert!(resp.status().is_client_error(), "{:?}", resp.text());
+    let r = stack.sh(&id, "test -e /etc/evil && echo present || echo absent");
+    assert_eq!(r["stdout"], "absent\n", "{r}");
+    // A process as `user` runs as that user and cannot read root's file either.
+    let r = stack.exec(
+        &id,
+        json!({"cmd": ["sh", "-c", "id -u; cat /root/secret"], "user": "user"}),
+    );
+    assert_eq!(r["stdout"], "1000\n", "{r}");
+    assert_ne!(r["exit_code"], 0, "{r}");
+    // Root still reads it.
+    let resp = stack.get_file(&id, &[("path", "/root/secret")]);
+    assert_eq!(resp.text().unwrap(), "ROOTONLY\n");
+    stack.delete(&id);
+}
