@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use connectrpc::client::{ClientConfig, HttpClient};
 use connectrpc::ErrorCode;
 use hearth_agent::{Accel, Agent};
 use hearth_proto::hearth::agent::v1 as pb;
@@ -18,7 +17,7 @@ use hearth_types::SandboxId;
 use http_body_util::BodyExt;
 
 mod common;
-use common::{client, config, images_dir, init_tracing, real_images, Client};
+use common::{client, config, eventually, images_dir, init_tracing, real_images, try_exec, Client};
 
 fn spec(id: &SandboxId, template: &str, expires_at_unix_ms: i64) -> pb::CreateSandboxRequest {
     pb::CreateSandboxRequest {
@@ -35,6 +34,14 @@ fn spec(id: &SandboxId, template: &str, expires_at_unix_ms: i64) -> pb::CreateSa
         .into(),
         ..Default::default()
     }
+}
+
+/// Run a command in the guest through the agent's proxy; stdout and exit code.
+async fn exec(agent: SocketAddr, id: &SandboxId, cmd: &str, args: &[&str]) -> (String, i32) {
+    let (out, code) = try_exec(agent, id, cmd, args)
+        .await
+        .expect("process.Start through the proxy");
+    (out, code.expect("end event"))
 }
 
 fn now_ms() -> i64 {
@@ -57,43 +64,6 @@ async fn proxy_get(agent: SocketAddr, path: &str) -> u16 {
     let status = resp.status().as_u16();
     let _ = resp.into_body().collect().await;
     status
-}
-
-/// Run a command in the guest with an envd `process.Process/Start` client pointed
-/// at the agent's proxy, exactly as the control plane does. Returns stdout and the
-/// exit code.
-async fn exec(agent: SocketAddr, id: &SandboxId, cmd: &str, args: &[&str]) -> (String, i32) {
-    use hearth_proto::process as pp;
-    use pp::__buffa::oneof::process_event::{data_event::Output, Event};
-    let uri = format!("http://{agent}/sandboxes/{id}/envd")
-        .parse()
-        .unwrap();
-    let c = pp::ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
-    let req = pp::StartRequest {
-        process: pp::ProcessConfig {
-            cmd: cmd.to_owned(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        }
-        .into(),
-        ..Default::default()
-    };
-    let mut stream = c.start(req).await.expect("process.Start through the proxy");
-    let mut out = String::new();
-    let mut code = None;
-    while let Some(msg) = stream.message().await.expect("process event stream") {
-        let m = msg.to_owned_message();
-        match m.event.into_option().and_then(|e| e.event) {
-            Some(Event::Data(d)) => {
-                if let Some(Output::Stdout(b)) = d.output {
-                    out.push_str(&String::from_utf8_lossy(&b));
-                }
-            }
-            Some(Event::End(e)) => code = Some(e.exit_code),
-            _ => {}
-        }
-    }
-    (out, code.expect("end event"))
 }
 
 /// Upload `len` bytes in 64 KiB chunks through the proxy (`POST /files`, raw
@@ -236,18 +206,6 @@ fn assert_gone(f: &Footprint) {
     );
     assert!(!f.run_dir.exists(), "run dir {} left", f.run_dir.display());
     assert!(!f.disk.exists(), "disk {} left", f.disk.display());
-}
-
-/// Poll `cond` every 50 ms for at most `limit`.
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
 }
 
 /// A fake images dir: a template whose "rootfs" exists, and a kernel that is not

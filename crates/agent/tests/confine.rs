@@ -9,14 +9,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use connectrpc::client::{ClientConfig, HttpClient};
 use hearth_agent::vmm::cgroup::read_u64;
 use hearth_agent::{Agent, AgentError, RunningAgent};
 use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::SandboxId;
 
 mod common;
-use common::{client, config, init_tracing, real_images, Client};
+use common::{client, config, eventually, init_tracing, real_images, try_exec, Client};
 
 async fn create(c: &Client, id: &SandboxId) {
     c.create_sandbox(pb::CreateSandboxRequest {
@@ -53,38 +52,7 @@ async fn status(c: &Client, id: &SandboxId) -> pb::SandboxStatus {
 /// `process.Start`). Returns stdout and the exit code, or `None` when the stream
 /// broke (the VM went away mid-command).
 async fn sh(agent: SocketAddr, id: &SandboxId, script: &str) -> Option<(String, i32)> {
-    use hearth_proto::process as pp;
-    use pp::__buffa::oneof::process_event::{data_event::Output, Event};
-    let uri = format!("http://{agent}/sandboxes/{id}/envd").parse().ok()?;
-    let c = pp::ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
-    let req = pp::StartRequest {
-        process: pp::ProcessConfig {
-            cmd: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        }
-        .into(),
-        ..Default::default()
-    };
-    let mut stream = c.start(req).await.ok()?;
-    let mut out = String::new();
-    let mut code = None;
-    while let Some(msg) = stream.message().await.ok()? {
-        match msg
-            .to_owned_message()
-            .event
-            .into_option()
-            .and_then(|e| e.event)
-        {
-            Some(Event::Data(d)) => {
-                if let Some(Output::Stdout(b)) = d.output {
-                    out.push_str(&String::from_utf8_lossy(&b));
-                }
-            }
-            Some(Event::End(e)) => code = Some(e.exit_code),
-            _ => {}
-        }
-    }
+    let (out, code) = try_exec(agent, id, "sh", &["-c", script]).await.ok()?;
     Some((out, code?))
 }
 
@@ -114,17 +82,6 @@ fn cgroup_dir(agent: &RunningAgent, controller: &str, id: &SandboxId) -> PathBuf
 
 fn is_v1() -> bool {
     Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
-}
-
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
 }
 
 fn mode(p: &Path) -> u32 {

@@ -18,37 +18,15 @@ use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::SandboxId;
 
 mod common;
-use common::real_images;
+use common::{real_images, try_exec};
 
 /// Run a shell command in the guest through the agent's proxy (as the control
 /// plane does); returns stdout.
 async fn guest_sh(agent: SocketAddr, id: &SandboxId, script: &str) -> String {
-    use hearth_proto::process as pp;
-    use pp::__buffa::oneof::process_event::{data_event::Output, Event};
-    let uri = format!("http://{agent}/sandboxes/{id}/envd")
-        .parse()
-        .unwrap();
-    let c = pp::ProcessClient::new(HttpClient::plaintext(), ClientConfig::new(uri));
-    let req = pp::StartRequest {
-        process: pp::ProcessConfig {
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        }
-        .into(),
-        ..Default::default()
-    };
-    let mut stream = c.start(req).await.expect("process.Start through the proxy");
-    let mut out = String::new();
-    while let Some(msg) = stream.message().await.expect("process event stream") {
-        let m = msg.to_owned_message();
-        if let Some(Event::Data(d)) = m.event.into_option().and_then(|e| e.event) {
-            if let Some(Output::Stdout(b)) = d.output {
-                out.push_str(&String::from_utf8_lossy(&b));
-            }
-        }
-    }
-    out
+    try_exec(agent, id, "/bin/sh", &["-c", script])
+        .await
+        .expect("process.Start through the proxy")
+        .0
 }
 
 /// `curl` to the guest's `/health` as the given uid (None = root), with an
