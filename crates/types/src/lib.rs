@@ -6,8 +6,10 @@
 
 mod ids;
 mod limits;
+mod state;
 
 pub use ids::{ApiKeyId, HostId, IdError, SandboxId, TeamId, TemplateName};
 pub use limits::{
     check_range, LimitError, QuotaExceeded, SandboxLimits, SandboxShape, TeamQuota, TeamUsage,
 };
+pub use state::{BadTransition, SandboxState, UnknownState};
