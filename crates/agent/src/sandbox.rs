@@ -374,6 +374,8 @@ async fn boot(
         netns: Some(net.netns.clone()),
         run_dir: res.run_dir.clone(),
         runas: ctx.config.vm.uid_for_slot(slot),
+        memory: crate::vmm::Memory::Anonymous,
+        incoming: false,
     };
     let vm = ctx.vmm.spawn(&vm_spec).await.map_err(SandboxError::Vmm)?;
     follow_console(ctx, &res.run_dir, &vm);

@@ -317,6 +317,8 @@ impl RawBoot {
             netns: None,
             run_dir: dir.to_owned(),
             runas: self.uid,
+            memory: hearth_agent::vmm::Memory::Anonymous,
+            incoming: false,
         };
         let t = Instant::now();
         let vm = self

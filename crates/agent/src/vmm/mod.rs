@@ -99,6 +99,40 @@ pub struct VmSpec {
     /// Unprivileged uid (and gid) the VMM drops to once set up; `None` keeps the
     /// agent's (only for the KVM probe and tests without root).
     pub runas: Option<u32>,
+    /// Where guest memory lives (see [`Memory`]).
+    pub memory: Memory,
+    /// Start frozen, waiting for [`Vmm::restore`] instead of booting the kernel.
+    pub incoming: bool,
+}
+
+/// Where a VM's guest memory lives. Guest memory is always a file, so that a
+/// pause writes only what the file does not already hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Memory {
+    /// Anonymous memory (the KVM probe and raw benchmarks only).
+    Anonymous,
+    /// The VM's own file (`memory_mb` long, sparse), mapped shared: the file *is*
+    /// the memory, so [`Vmm::save`] writes device state only.
+    Shared(PathBuf),
+    /// A read-only base (a warm template or a fork point) mapped private,
+    /// copy-on-write: VMs from one base share its unchanged pages through the
+    /// page cache, and the base never changes. [`Vmm::save`] writes the memory
+    /// into the saved state.
+    Private(PathBuf),
+}
+
+/// What [`Vmm::save`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// Whether guest memory is inside the state (it was not in a shared file);
+    /// otherwise the memory is the VM's [`Memory::Shared`] file as of the save.
+    pub memory_included: bool,
+    /// Bytes of state written.
+    pub bytes: u64,
+    /// The driver's compatibility key ([`Vmm::snapshot_compat`]) at save time:
+    /// a state only restores into a VMM with the same key.
+    pub compat: String,
 }
 
 /// Where the guest's network card is plugged.
@@ -161,6 +195,18 @@ pub enum VmmError {
         name: String,
         #[source]
         source: cgroup::CgroupError,
+    },
+    #[error("{operation} of VM {name} is not supported by the {driver} driver")]
+    Unsupported {
+        operation: &'static str,
+        name: String,
+        driver: &'static str,
+    },
+    #[error("{operation} of VM {name} failed: {reason}")]
+    Lifecycle {
+        operation: &'static str,
+        name: String,
+        reason: String,
     },
     #[error("disk {path} for VM {name}")]
     Disk {
@@ -448,6 +494,67 @@ pub trait Vmm: Send + Sync + 'static {
     /// Names of VMs whose host leftovers ([`Vmm::forget`]) exist, for recovery.
     fn leftovers(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    // Lifecycle: a VM is frozen ([`Vmm::pause`]), its state written
+    // ([`Vmm::save`]) and later loaded into a new process spawned with
+    // `VmSpec::incoming` ([`Vmm::restore`]), then unfrozen ([`Vmm::resume`]).
+    // The driver keeps its transport (QMP, migration URIs, fd passing) to itself.
+
+    /// What a saved state depends on (VMM version, machine, accelerator, CPU
+    /// model): a state restores only into a driver with the same key.
+    fn snapshot_compat(&self) -> String {
+        format!("{}-{}", self.kind(), self.accel().as_str())
+    }
+    /// Freeze the vCPUs (idempotent).
+    async fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            operation: "pause",
+            name: vm.name.clone(),
+            driver: self.kind(),
+        })
+    }
+    /// Unfreeze the vCPUs: after [`Vmm::pause`], a failed or finished
+    /// [`Vmm::save`], or [`Vmm::restore`].
+    async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            operation: "resume",
+            name: vm.name.clone(),
+            driver: self.kind(),
+        })
+    }
+    /// Write the frozen VM's device state, and its memory unless `memory` is
+    /// [`Memory::Shared`], into `dest` (a new file the agent opened for writing).
+    /// The VM stays frozen and may be resumed or stopped afterwards.
+    async fn save(
+        &self,
+        vm: &VmHandle,
+        memory: &Memory,
+        dest: std::fs::File,
+    ) -> Result<SavedState, VmmError> {
+        let _ = (memory, dest);
+        Err(VmmError::Unsupported {
+            operation: "save",
+            name: vm.name.clone(),
+            driver: self.kind(),
+        })
+    }
+    /// Load `src` (written by [`Vmm::save`] as `saved`) into `vm`, which was
+    /// spawned with `incoming: true` and the memory the save expects (the same
+    /// shared file or private base when the memory was not included, a fresh
+    /// shared file when it was). The VM stays frozen until [`Vmm::resume`].
+    async fn restore(
+        &self,
+        vm: &VmHandle,
+        saved: &SavedState,
+        src: std::fs::File,
+    ) -> Result<(), VmmError> {
+        let _ = (saved, src);
+        Err(VmmError::Unsupported {
+            operation: "restore",
+            name: vm.name.clone(),
+            driver: self.kind(),
+        })
     }
 }
 

@@ -478,6 +478,8 @@ async fn probe_kvm(
         netns: None,
         run_dir: dir.clone(),
         runas: None,
+        memory: crate::vmm::Memory::Anonymous,
+        incoming: false,
     };
     let started = std::time::Instant::now();
     let result = async {
@@ -545,6 +547,8 @@ mod tests {
             netns: Some("hearth-sb-abcdefghijklmnop".into()),
             run_dir: "/run/sb".into(),
             runas: Some(2_000_007),
+            memory: crate::vmm::Memory::Anonymous,
+            incoming: false,
         }
     }
 
