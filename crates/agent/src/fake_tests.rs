@@ -18,12 +18,15 @@ use crate::vmm::{DiskFormat, ResolvedAccel, VmHandle, VmSpec, Vmm, VmmError};
 use crate::{AgentConfig, Ctx};
 
 #[derive(Default)]
-struct Log(Mutex<Vec<String>>);
+pub(crate) struct Log(Mutex<Vec<String>>);
 impl Log {
-    fn push(&self, s: impl Into<String>) {
+    pub fn push(&self, s: impl Into<String>) {
         self.0.lock().unwrap().push(s.into());
     }
-    fn all(&self) -> Vec<String> {
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+    pub fn all(&self) -> Vec<String> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -110,6 +113,12 @@ impl Vmm for FakeVmm {
             });
         }
         self.log.push("vmm.spawn");
+        // Like QEMU's driver: a VM's own memory file exists once it runs.
+        if let crate::vmm::Memory::Shared(p) = &spec.memory {
+            if !p.exists() {
+                std::fs::write(p, b"").unwrap();
+            }
+        }
         let (tx, rx) = watch::channel(self.die);
         self.running.lock().unwrap().insert(spec.name.clone(), tx);
         Ok(VmHandle::owned(
@@ -124,6 +133,53 @@ impl Vmm for FakeVmm {
         if let Some(tx) = self.running.lock().unwrap().remove(&vm.name) {
             let _ = tx.send(true);
         }
+        Ok(())
+    }
+    async fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        self.log.push("vmm.kill");
+        if let Some(tx) = self.running.lock().unwrap().remove(&vm.name) {
+            let _ = tx.send(true);
+        }
+        Ok(())
+    }
+    async fn pause(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+        self.log.push("vmm.pause");
+        Ok(())
+    }
+    async fn resume(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+        self.log.push("vmm.resume");
+        Ok(())
+    }
+    /// Writes a recognisable state; "memory" is included for private bases.
+    async fn save(
+        &self,
+        vm: &VmHandle,
+        memory: &crate::vmm::Memory,
+        mut dest: std::fs::File,
+    ) -> Result<crate::vmm::SavedState, VmmError> {
+        use std::io::Write;
+        self.log.push("vmm.save");
+        let included = matches!(memory, crate::vmm::Memory::Private(_));
+        let body = format!("state of {}", vm.name);
+        dest.write_all(body.as_bytes()).unwrap();
+        Ok(crate::vmm::SavedState {
+            memory_included: included,
+            bytes: body.len() as u64,
+            compat: self.snapshot_compat(),
+        })
+    }
+    /// Checks it is handed the state `save` wrote for this VM.
+    async fn restore(
+        &self,
+        vm: &VmHandle,
+        _saved: &crate::vmm::SavedState,
+        mut src: std::fs::File,
+    ) -> Result<(), VmmError> {
+        use std::io::Read;
+        self.log.push("vmm.restore");
+        let mut body = String::new();
+        src.read_to_string(&mut body).unwrap();
+        assert_eq!(body, format!("state of {}", vm.name));
         Ok(())
     }
 }
@@ -143,7 +199,7 @@ pub(crate) struct Faults {
 pub(crate) struct Setup {
     pub ctx: Arc<Ctx>,
     vmm: Arc<FakeVmm>,
-    log: Arc<Log>,
+    pub log: Arc<Log>,
     _dir: tempfile::TempDir,
 }
 

@@ -13,6 +13,8 @@
 
 pub mod admission;
 pub mod disk;
+pub mod faults;
+pub mod lifecycle;
 pub mod net;
 pub mod proxy;
 mod reaper;
@@ -30,6 +32,8 @@ mod admission_tests;
 mod fake_tests;
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod lifecycle_tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,6 +93,9 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// VM confinement (uids, cgroups) and console bounds.
     pub vm: vmm::VmHostConfig,
+    /// Steps of pause/resume/snapshot/fork armed to fail, hang or kill (tests only;
+    /// empty in production). See [`faults`].
+    pub faults: faults::Faults,
 }
 
 pub use hearth_proto::AGENT_TOKEN_HEADER;
@@ -115,6 +122,7 @@ impl AgentConfig {
             boot_timeout: Duration::from_secs(60),
             token: None,
             vm: vmm::VmHostConfig::default(),
+            faults: faults::Faults::default(),
         }
     }
 

@@ -78,11 +78,25 @@ pub(crate) async fn handle(
     let Ok(sid) = id.parse::<SandboxId>() else {
         return not_found();
     };
-    let Some((addr, token, record)) = ctx.registry.get(&sid).and_then(|h| {
-        let r = h.record.borrow();
-        Some((r.guest_address?, r.access_token.clone(), h.record.clone()))
-    }) else {
+    let Some(handle) = ctx.registry.get(&sid) else {
         return not_found();
+    };
+    let (addr, token, record) = {
+        let r = handle.record.borrow();
+        match (r.state, r.guest_address) {
+            (crate::state::SandboxState::Running, Some(addr)) => {
+                (addr, r.access_token.clone(), handle.record.clone())
+            }
+            (state, _) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    "not_running",
+                    format!(
+                        "sandbox {id} is {state}, not running; resume it first if it is paused"
+                    ),
+                )
+            }
+        }
     };
     // A guest that vanishes (VM exited, destroyed) sends no reset: without this, a
     // proxied stream would wait for it forever.

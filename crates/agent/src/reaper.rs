@@ -18,7 +18,12 @@ pub(crate) fn reap_once(ctx: &Arc<Ctx>) -> usize {
     let mut n = 0;
     for handle in ctx.registry.all() {
         let rec = handle.snapshot();
-        if rec.state == SandboxState::Stopping || !rec.expired(now) {
+        // Paused sandboxes do not time out here: the control plane keeps their retention.
+        if !matches!(
+            rec.state,
+            SandboxState::Starting | SandboxState::Running | SandboxState::Error
+        ) || !rec.expired(now)
+        {
             continue;
         }
         n += 1;

@@ -17,8 +17,8 @@ use hearth_types::SandboxId;
 use tracing::{info, warn};
 
 use crate::net::SandboxNet;
-use crate::sandbox::{adopt, release_recorded};
-use crate::state::{self, now_unix_ms, SandboxState};
+use crate::sandbox::{adopt, release_recorded, stop_vm};
+use crate::state::{self, now_unix_ms, SandboxRecord, SandboxState, MEMORY_FILE};
 use crate::vmm::qmp::QmpClient;
 use crate::vmm::{pid_alive, pid_cmdline_has_name, read_pid_file, VmHandle, PID_FILE};
 use crate::Ctx;
@@ -58,6 +58,29 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
             .filter(is_ours)
             .or_else(|| read_pid_file(&dir.join(PID_FILE)).filter(is_ours));
         let vm = ours.map(|pid| VmHandle::adopted(id.to_string(), pid, dir.join("qmp.sock")));
+        let record = match record.state {
+            SandboxState::Pausing | SandboxState::Paused | SandboxState::Resuming => {
+                match settle_lifecycle(ctx, record, vm.clone()).await {
+                    Settled::Paused(record) => {
+                        match adopt(ctx, record, None) {
+                            Ok(()) => {
+                                info!(sandbox_id = %id, "re-adopted paused sandbox");
+                                report.adopted.push(id);
+                            }
+                            Err(e) => warn!(error = %e, "not adopted"),
+                        }
+                        continue;
+                    }
+                    Settled::Running(record) => record,
+                    Settled::Lost(record) => {
+                        release_recorded(ctx, &record, vm).await;
+                        report.cleaned.push(id.to_string());
+                        continue;
+                    }
+                }
+            }
+            _ => record,
+        };
         let adoptable = record.state == SandboxState::Running && !record.expired(now_unix_ms());
         match vm {
             Some(vm) if adoptable => {
@@ -73,7 +96,7 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
                         warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP reconnect failed; adopting by PID")
                     }
                 }
-                match adopt(ctx, record, vm) {
+                match adopt(ctx, record, Some(vm)) {
                     Ok(()) => {
                         info!(sandbox_id = %id, pid = ours.unwrap_or(0), "re-adopted running sandbox");
                         report.adopted.push(id);
@@ -140,4 +163,127 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
         "recovery finished"
     );
     report
+}
+
+/// Where a sandbox caught mid-pause or mid-resume by the agent's death ends up.
+enum Settled {
+    /// Paused, with no VMM left and nothing else held but its files.
+    Paused(SandboxRecord),
+    /// Running on its (unfrozen) VMM: adopt it as running.
+    Running(SandboxRecord),
+    /// Neither: release it.
+    Lost(SandboxRecord),
+}
+
+/// Finish or undo what a pause or resume was doing when the agent died (the
+/// steps and their switch point are in [`crate::lifecycle`]).
+async fn settle_lifecycle(
+    ctx: &Arc<Ctx>,
+    mut record: SandboxRecord,
+    vm: Option<VmHandle>,
+) -> Settled {
+    let id = record.spec.sandbox_id.clone();
+    let status = match &vm {
+        Some(vm) => match QmpClient::connect(&vm.control_socket, Duration::from_secs(2)).await {
+            Ok(mut qmp) => qmp.query_status().await.ok(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let _ = std::fs::remove_file(record.run_dir.join(".vmstate.new"));
+    match (record.state, &vm) {
+        // Before the switch: the VM is frozen (or running) with its memory intact.
+        (SandboxState::Pausing, Some(vm)) => {
+            if let Err(e) = ctx.vmm.resume(vm).await {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "could not unfreeze a VM caught mid-pause");
+                return Settled::Lost(record);
+            }
+            info!(sandbox_id = %id, "a pause was cut short; the sandbox runs on");
+            record.state = SandboxState::Running;
+            record.paused = None;
+            persist(record, Settled::Running)
+        }
+        (SandboxState::Pausing, None) => {
+            warn!(sandbox_id = %id, "VM gone mid-pause before its state was saved");
+            Settled::Lost(record)
+        }
+        // The guest was unfrozen: it runs on the memory file, adopt it.
+        (SandboxState::Resuming, Some(_)) if status.as_ref().is_some_and(|s| s.running) => {
+            info!(sandbox_id = %id, "a resume was cut short after its guest ran; adopting it");
+            if let Some(new) = record.next_access_token.clone() {
+                if let (Some(net), Some(vm)) = (record.net.clone(), vm.clone()) {
+                    match crate::lifecycle::rotate_token(
+                        ctx,
+                        &net,
+                        &vm,
+                        &record.run_dir,
+                        &record.spec.env,
+                        record.access_token.as_ref(),
+                        &new,
+                    )
+                    .await
+                    {
+                        Ok(()) => {
+                            record.access_token = Some(new);
+                            record.next_access_token = None;
+                        }
+                        Err(e) => {
+                            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "could not finish the token rotation");
+                            return Settled::Lost(record);
+                        }
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(record.run_dir.join(state::VMSTATE_FILE));
+            record.state = SandboxState::Running;
+            record.paused = None;
+            persist(record, Settled::Running)
+        }
+        // Paused (VMM stopped or about to be), or a resume whose guest never ran:
+        // the snapshot is intact. Stop what runs and release what it held.
+        _ => {
+            let Some(paused) = record.paused.clone() else {
+                return Settled::Lost(record);
+            };
+            if let Some(vm) = &vm {
+                if record.state == SandboxState::Resuming {
+                    let _ = ctx.vmm.kill(vm).await;
+                } else {
+                    stop_vm(ctx, vm).await;
+                }
+            }
+            if let Err(e) = ctx.vmm.forget(id.as_str()).await {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "VM cgroup removal failed");
+            }
+            if let Some(net) = record
+                .net
+                .clone()
+                .or_else(|| record.slot.and_then(|s| SandboxNet::planned(s, &id)))
+            {
+                let _ = ctx.net.teardown(&net).await;
+            }
+            if let Some(slot) = record.slot {
+                let _ = ctx.slots.release(slot, &id);
+            }
+            if record.state == SandboxState::Resuming && paused.saved.memory_included {
+                let _ = std::fs::remove_file(record.run_dir.join(MEMORY_FILE));
+            }
+            record.state = SandboxState::Paused;
+            record.pid = None;
+            record.slot = None;
+            record.net = None;
+            record.guest_address = None;
+            persist(record, Settled::Paused)
+        }
+    }
+}
+
+fn persist(record: SandboxRecord, wrap: fn(SandboxRecord) -> Settled) -> Settled {
+    match state::save(&record) {
+        Ok(()) => wrap(record),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "could not write the settled state");
+            wrap(record)
+        }
+    }
 }

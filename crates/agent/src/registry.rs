@@ -10,6 +10,7 @@ use hearth_types::SandboxId;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admission::{Capacity, Refusal, Usage};
+use crate::lifecycle::LifecycleError;
 use crate::state::SandboxRecord;
 
 /// A request to a sandbox actor.
@@ -20,7 +21,16 @@ pub(crate) enum Command {
         reason: String,
         done: oneshot::Sender<()>,
     },
+    /// Pause a running sandbox ([`crate::lifecycle::pause`]).
+    Pause { reply: LifecycleReply },
+    /// Resume a paused sandbox ([`crate::lifecycle::resume`]); 0 keeps the deadline.
+    Resume {
+        expires_at_unix_ms: i64,
+        reply: LifecycleReply,
+    },
 }
+
+pub(crate) type LifecycleReply = oneshot::Sender<Result<SandboxRecord, LifecycleError>>;
 
 /// How to reach one sandbox actor and read its latest record.
 #[derive(Debug, Clone)]
@@ -45,6 +55,29 @@ impl SandboxHandle {
             // A dropped sender means the actor finished (or was aborted) anyway.
             let _ = wait.await;
         }
+    }
+
+    /// Ask the actor to pause the sandbox; resolves once it is paused (or not).
+    pub async fn pause(&self) -> Result<SandboxRecord, LifecycleError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Pause { reply })
+            .await
+            .map_err(|_| LifecycleError::Gone)?;
+        wait.await.map_err(|_| LifecycleError::Gone)?
+    }
+
+    /// Ask the actor to resume the sandbox; resolves once it runs (or not).
+    pub async fn resume(&self, expires_at_unix_ms: i64) -> Result<SandboxRecord, LifecycleError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Resume {
+                expires_at_unix_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| LifecycleError::Gone)?;
+        wait.await.map_err(|_| LifecycleError::Gone)?
     }
 }
 
@@ -104,6 +137,22 @@ impl Registry {
         Ok(())
     }
 
+    /// Admit `spec` for a sandbox already registered but holding no VM (a paused
+    /// one being resumed): the check against every VM-holding sandbox and `take`
+    /// (which moves the sandbox into a VM-holding state) happen under one lock.
+    pub fn admit_existing(
+        &self,
+        capacity: &Capacity,
+        spec: &crate::state::SandboxSpec,
+        take: impl FnOnce(),
+    ) -> Result<(), Refusal> {
+        let map = self.lock();
+        let used = usage_of(&map);
+        capacity.admit(&used, spec)?;
+        take();
+        Ok(())
+    }
+
     /// What the registered sandboxes hold.
     pub fn usage(&self) -> Usage {
         usage_of(&self.lock())
@@ -134,7 +183,11 @@ fn usage_of(map: &HashMap<SandboxId, SandboxHandle>) -> Usage {
     let mut used = Usage::default();
     for h in map.values() {
         let r = h.record.borrow();
-        used.add(&r.spec, r.state);
+        // Paused sandboxes (and those in error, whose VM is gone) hold no host
+        // memory, vCPUs or VM; their disks are already on the disk.
+        if r.state.holds_vm() {
+            used.add(&r.spec, r.state);
+        }
     }
     used
 }

@@ -108,26 +108,27 @@ impl SandboxError {
 
 /// What a sandbox holds on the host; released in reverse order.
 #[derive(Debug)]
-struct Resources {
-    run_dir: PathBuf,
-    run_dir_ours: bool,
-    slot: Option<u32>,
-    net: Option<SandboxNet>,
-    disk: Option<Disk>,
-    vm: Option<VmHandle>,
+pub(crate) struct Resources {
+    pub run_dir: PathBuf,
+    pub run_dir_ours: bool,
+    pub slot: Option<u32>,
+    pub net: Option<SandboxNet>,
+    pub disk: Option<Disk>,
+    pub vm: Option<VmHandle>,
 }
 
-struct Actor {
-    ctx: Arc<Ctx>,
-    id: SandboxId,
-    self_tx: mpsc::Sender<Command>,
-    record: watch::Sender<SandboxRecord>,
-    res: Resources,
+pub(crate) struct Actor {
+    pub ctx: Arc<Ctx>,
+    pub id: SandboxId,
+    pub self_tx: mpsc::Sender<Command>,
+    pub record: watch::Sender<SandboxRecord>,
+    pub res: Resources,
 }
 
 impl Actor {
     /// Apply `f` to the record and persist it (when the run directory is ours).
-    fn update(&self, f: impl FnOnce(&mut SandboxRecord)) {
+    /// A failed write is logged: use [`Actor::commit`] where it must not be lost.
+    pub fn update(&self, f: impl FnOnce(&mut SandboxRecord)) {
         self.record.send_modify(f);
         if self.res.run_dir_ours {
             let rec = self.record.borrow().clone();
@@ -135,6 +136,16 @@ impl Actor {
                 warn!(error = %e, "could not write the state file");
             }
         }
+    }
+
+    /// Apply `f` and persist it; when the write fails the record is left as it
+    /// was (in memory and on disk) and the error returned.
+    pub fn commit(&self, f: impl FnOnce(&mut SandboxRecord)) -> Result<(), StateError> {
+        let mut next = self.record.borrow().clone();
+        f(&mut next);
+        state::save(&next)?;
+        self.record.send_replace(next);
+        Ok(())
     }
 }
 
@@ -188,11 +199,12 @@ pub(crate) fn start_create(ctx: &Arc<Ctx>, spec: SandboxSpec) -> Result<CreateRe
     Ok(reply_rx)
 }
 
-/// Register a sandbox found running at recovery and start its actor in `Running`.
+/// Register a sandbox found at recovery (running with `vm`, or paused without)
+/// and start its actor.
 pub(crate) fn adopt(
     ctx: &Arc<Ctx>,
     record: SandboxRecord,
-    vm: VmHandle,
+    vm: Option<VmHandle>,
 ) -> Result<(), AlreadyExists> {
     let id = record.spec.sandbox_id.clone();
     let (tx, rx) = mpsc::channel(8);
@@ -202,7 +214,7 @@ pub(crate) fn adopt(
         slot: record.slot,
         net: record.net.clone(),
         disk: record.disk.clone(),
-        vm: Some(vm),
+        vm,
     };
     let (rec_tx, rec_rx) = watch::channel(record);
     ctx.registry.insert(
@@ -230,7 +242,7 @@ pub(crate) fn adopt(
 
 /// Record the VM's console into its capped `console.log` until the VM exits
 /// (also after an agent restart: the VMM serves the socket again).
-fn follow_console(ctx: &Ctx, run_dir: &std::path::Path, vm: &VmHandle) {
+pub(crate) fn follow_console(ctx: &Ctx, run_dir: &std::path::Path, vm: &VmHandle) {
     let task = tokio::spawn(
         console::follow(
             run_dir.join(console::CONSOLE_SOCKET),
@@ -374,9 +386,10 @@ async fn boot(
         netns: Some(net.netns.clone()),
         run_dir: res.run_dir.clone(),
         runas: ctx.config.vm.uid_for_slot(slot),
-        memory: crate::vmm::Memory::Anonymous,
+        memory: crate::vmm::Memory::Shared(res.run_dir.join(state::MEMORY_FILE)),
         incoming: false,
     };
+    record.send_modify(|r| r.memory = vm_spec.memory.clone());
     let vm = ctx.vmm.spawn(&vm_spec).await.map_err(SandboxError::Vmm)?;
     follow_console(ctx, &res.run_dir, &vm);
     let pid = vm.pid;
@@ -485,7 +498,7 @@ fn console_tail(run_dir: &std::path::Path) -> String {
     console::read_tail(run_dir, 1500)
 }
 
-async fn wait_healthy(
+pub(crate) async fn wait_healthy(
     ctx: &Ctx,
     net: &SandboxNet,
     vm: &VmHandle,
@@ -543,9 +556,9 @@ async fn wait_healthy(
 
 /// Serve a running sandbox until it is destroyed.
 async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
-    let vm = actor.res.vm.clone();
-    let mut watching = vm.is_some();
+    let mut watching = actor.res.vm.is_some();
     loop {
+        let vm = actor.res.vm.clone();
         let exited = async {
             match &vm {
                 Some(vm) if watching => vm.exited().await,
@@ -569,6 +582,16 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                         let _ = done.send(());
                     }
                     return;
+                }
+                Some(Command::Pause { reply }) => {
+                    let r = crate::lifecycle::pause(&mut actor).await;
+                    watching = actor.res.vm.is_some();
+                    let _ = reply.send(r.map(|()| actor.record.borrow().clone()));
+                }
+                Some(Command::Resume { expires_at_unix_ms, reply }) => {
+                    let r = crate::lifecycle::resume(&mut actor, expires_at_unix_ms).await;
+                    watching = actor.res.vm.is_some();
+                    let _ = reply.send(r.map(|()| actor.record.borrow().clone()));
                 }
                 // The registry dropped us: agent shutdown. Leave the VM running.
                 None => return,

@@ -13,7 +13,8 @@ use hearth_proto::hearth::agent::v1 as pb;
 use hearth_types::{SandboxId, SandboxShape, TemplateName};
 use tracing::{info, warn};
 
-use crate::registry::InsertError;
+use crate::lifecycle::LifecycleError;
+use crate::registry::{InsertError, SandboxHandle};
 use crate::sandbox::{start_create, SandboxError, StartError};
 use crate::state::{SandboxRecord, SandboxSpec, SandboxState};
 use crate::Ctx;
@@ -66,6 +67,11 @@ pub(crate) fn to_pb_state(s: SandboxState) -> pb::SandboxState {
         SandboxState::Stopping => pb::SandboxState::SANDBOX_STATE_STOPPING,
         SandboxState::Stopped => pb::SandboxState::SANDBOX_STATE_STOPPED,
         SandboxState::Error => pb::SandboxState::SANDBOX_STATE_ERROR,
+        SandboxState::Pausing => pb::SandboxState::SANDBOX_STATE_PAUSING,
+        SandboxState::Paused => pb::SandboxState::SANDBOX_STATE_PAUSED,
+        SandboxState::Resuming => pb::SandboxState::SANDBOX_STATE_RESUMING,
+        // The agent never holds a sandbox it has not started.
+        SandboxState::Pending => pb::SandboxState::SANDBOX_STATE_STARTING,
     }
 }
 
@@ -89,11 +95,36 @@ pub(crate) fn to_pb_status(r: &SandboxRecord) -> pb::SandboxStatus {
         guest_address: r.guest_address.map(|a| a.to_string()).unwrap_or_default(),
         error: r.error.clone().unwrap_or_default(),
         boot_ms: r.boot_ms,
+        restored: r.restored,
+        paused_at_unix_ms: r.paused.as_ref().map_or(0, |p| p.paused_at_unix_ms),
         ..Default::default()
     }
 }
 
+/// Connect error for a pause or resume that did not happen.
+fn lifecycle_error(e: &LifecycleError) -> ConnectError {
+    let code = match e {
+        LifecycleError::WrongState { .. } | LifecycleError::Incompatible { .. } => {
+            ErrorCode::FailedPrecondition
+        }
+        LifecycleError::Refused(_) => ErrorCode::ResourceExhausted,
+        LifecycleError::Gone => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    };
+    ConnectError::new(code, e.public_message())
+}
+
 impl AgentService {
+    /// The actor of sandbox `id`, or NotFound.
+    fn handle(&self, id: &SandboxId) -> Result<SandboxHandle, ConnectError> {
+        self.ctx.registry.get(id).ok_or_else(|| {
+            ConnectError::new(
+                ErrorCode::NotFound,
+                format!("sandbox {id} is not on this host"),
+            )
+        })
+    }
+
     /// Validate a wire spec into a [`SandboxSpec`].
     fn validate(&self, spec: &pb::SandboxSpec) -> Result<SandboxSpec, ConnectError> {
         let sandbox_id = parse_id(&spec.sandbox_id)?;
@@ -277,17 +308,50 @@ impl pb::HostAgent for AgentService {
     async fn pause_sandbox(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, pb::PauseSandboxRequest>,
+        request: ServiceRequest<'_, pb::PauseSandboxRequest>,
     ) -> ServiceResult<pb::PauseSandboxResponse> {
-        Err(not_yet("PauseSandbox"))
+        let id = parse_id(request.sandbox_id)?;
+        let handle = self.handle(&id)?;
+        let started = std::time::Instant::now();
+        // Outside the request future: a cancelled RPC must not stop it halfway.
+        let record = tokio::spawn(async move { handle.pause().await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "pause task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "pause failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::PauseSandboxResponse {
+            sandbox: to_pb_status(&record).into(),
+            pause_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
     }
 
     async fn resume_sandbox(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, pb::ResumeSandboxRequest>,
+        request: ServiceRequest<'_, pb::ResumeSandboxRequest>,
     ) -> ServiceResult<pb::ResumeSandboxResponse> {
-        Err(not_yet("ResumeSandbox"))
+        let id = parse_id(request.sandbox_id)?;
+        if request.expires_at_unix_ms < 0 {
+            return Err(invalid("expires_at_unix_ms must not be negative"));
+        }
+        let expires = request.expires_at_unix_ms;
+        let handle = self.handle(&id)?;
+        let started = std::time::Instant::now();
+        let record = tokio::spawn(async move { handle.resume(expires).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "resume task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "resume failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::ResumeSandboxResponse {
+            sandbox: to_pb_status(&record).into(),
+            resume_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
     }
 
     async fn snapshot_sandbox(

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::disk::Disk;
 use crate::net::SandboxNet;
+use crate::vmm::{Memory, SavedState};
 
 /// Version of the `state.json` layout this agent reads and writes.
 pub const STATE_FORMAT_VERSION: u32 = 1;
@@ -35,16 +36,8 @@ pub struct SandboxSpec {
     pub team_id: String,
 }
 
-/// Lifecycle state (see the diagram in [`crate::sandbox`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Error,
-}
+/// Lifecycle state: the one table shared with the control plane.
+pub use hearth_types::SandboxState;
 
 /// The per-sandbox secret the host agent sends the guest agent in envd's
 /// `X-Access-Token` header: 32 random bytes, hex. Generated at create, given to the
@@ -105,7 +98,39 @@ pub struct SandboxRecord {
     pub started_at_unix_ms: i64,
     pub boot_ms: u32,
     pub error: Option<String>,
+    /// The guest memory the VM maps (its own shared file, or a base mapped
+    /// private). `Anonymous` in state files written before memory files.
+    #[serde(default = "anonymous")]
+    pub memory: Memory,
+    /// Set while paused (and while a resume is under way): what was saved into
+    /// [`VMSTATE_FILE`].
+    #[serde(default)]
+    pub paused: Option<Paused>,
+    /// The token a resume is handing the guest: kept until the guest took it, so
+    /// a restarted agent can finish the rotation.
+    #[serde(default)]
+    pub next_access_token: Option<AccessToken>,
+    /// Started by restoring a warm template's memory rather than by booting.
+    #[serde(default)]
+    pub restored: bool,
 }
+
+fn anonymous() -> Memory {
+    Memory::Anonymous
+}
+
+/// A paused sandbox's saved VM: device state (and memory, when it was not in a
+/// shared file) in `<run_dir>/vmstate`, memory otherwise in `<run_dir>/memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    pub saved: SavedState,
+    pub paused_at_unix_ms: i64,
+}
+
+/// The saved device state of a paused sandbox, inside its run directory.
+pub const VMSTATE_FILE: &str = "vmstate";
+/// A paused sandbox's own guest memory file, inside its run directory.
+pub const MEMORY_FILE: &str = "memory";
 
 impl SandboxRecord {
     pub fn new(spec: SandboxSpec, run_dir: PathBuf, access_token: Option<AccessToken>) -> Self {
@@ -122,6 +147,10 @@ impl SandboxRecord {
             started_at_unix_ms: now_unix_ms(),
             boot_ms: 0,
             error: None,
+            memory: Memory::Anonymous,
+            paused: None,
+            next_access_token: None,
+            restored: false,
         }
     }
 

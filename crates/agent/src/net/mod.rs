@@ -36,6 +36,10 @@ pub const TAP_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
 /// for it, so the first packet to a freshly booted guest needs no ARP round
 /// (a failed ARP entry otherwise delays the first health answer by up to ~1 s).
 pub const GUEST_MAC: &str = "02:68:65:61:72:01";
+/// The tap's (the guest's gateway's) MAC address, the same in every namespace:
+/// a guest restored into another slot keeps its ARP entry for its gateway, and
+/// frames to a MAC the new tap does not have would be dropped.
+pub const TAP_MAC: &str = "02:68:65:61:72:02";
 /// Name of the tap device inside every sandbox namespace.
 pub const TAP_NAME: &str = "tap0";
 /// Name of the namespace end of the veth pair.
@@ -206,8 +210,8 @@ impl NetnsProvider {
         run("ip", &["link", "set", hv, "up"], None).await?;
         let batch = format!(
             "addr add {}/31 dev {NS_VETH}\nlink set {NS_VETH} up\nlink set lo up\n\
-             tuntap add dev {TAP_NAME} mode tap\naddr add {TAP_IP}/30 dev {TAP_NAME}\n\
-             link set {TAP_NAME} up\n\
+             tuntap add dev {TAP_NAME} mode tap\nlink set {TAP_NAME} address {TAP_MAC}\n\
+             addr add {TAP_IP}/30 dev {TAP_NAME}\nlink set {TAP_NAME} up\n\
              neigh replace {GUEST_IP} lladdr {GUEST_MAC} dev {TAP_NAME} nud permanent\n",
             a.ns_veth
         );

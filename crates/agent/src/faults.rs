@@ -1,0 +1,113 @@
+//! Fault injection at named steps of the lifecycle operations, for tests of the
+//! failure and crash paths (pause, resume, snapshot, fork).
+//!
+//! Each step calls [`Faults::check`] with its name (e.g. `"pause:saved"`). With
+//! nothing armed (production) that is a map lookup. A test arms a step with
+//! [`Fault::Fail`] (the step returns an error, as if its tool had failed) or
+//! [`Fault::Hang`] (the step never returns: the test then drops the agent with
+//! `RunningAgent::abort`, which is what a `kill -9` of the agent does to its
+//! tasks while its VMs live on). `HEARTH_AGENT_FAULTS=step=fail,step=hang,step=kill`
+//! arms steps in a separate agent process; `kill` SIGKILLs the agent itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What an armed step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Fail,
+    Hang,
+    /// SIGKILL this process (for agents run as their own process).
+    Kill,
+}
+
+/// The steps armed in this agent (shared by clones of the config).
+#[derive(Debug, Clone, Default)]
+pub struct Faults(Arc<Mutex<HashMap<String, Fault>>>);
+
+/// An injected failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("fault injected at step {0}")]
+pub struct Injected(pub String);
+
+impl Faults {
+    /// Parse `step=fail|hang|kill` pairs separated by commas.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let faults = Faults::default();
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (step, action) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("fault {pair:?} is not step=fail|hang|kill"))?;
+            let action = match action {
+                "fail" => Fault::Fail,
+                "hang" => Fault::Hang,
+                "kill" => Fault::Kill,
+                other => return Err(format!("unknown fault action {other:?} (fail, hang, kill)")),
+            };
+            faults.arm(step, action);
+        }
+        Ok(faults)
+    }
+
+    /// Arm `step` (replacing what it had).
+    pub fn arm(&self, step: &str, fault: Fault) {
+        self.lock().insert(step.to_owned(), fault);
+    }
+
+    /// Disarm every step.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fault>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the step `step`: fails, hangs or kills when armed.
+    pub async fn check(&self, step: &str) -> Result<(), Injected> {
+        let armed = self.lock().get(step).copied();
+        match armed {
+            None => Ok(()),
+            Some(Fault::Fail) => {
+                tracing::warn!(step, "injected failure");
+                Err(Injected(step.to_owned()))
+            }
+            Some(Fault::Hang) => {
+                tracing::warn!(step, "injected hang");
+                std::future::pending().await
+            }
+            Some(Fault::Kill) => {
+                tracing::warn!(step, "injected kill -9 of the agent");
+                // SAFETY: kill(2) on our own pid; no memory is involved.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn armed_steps_fail_and_others_pass() {
+        let f = Faults::parse("pause:saved=fail, resume:restored=hang").unwrap();
+        assert!(f.check("pause:frozen").await.is_ok());
+        assert_eq!(
+            f.check("pause:saved").await.unwrap_err().to_string(),
+            "fault injected at step pause:saved"
+        );
+        let hang = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            f.check("resume:restored"),
+        );
+        assert!(hang.await.is_err(), "a hang must not return");
+        f.clear();
+        assert!(f.check("pause:saved").await.is_ok());
+        assert!(Faults::parse("x").is_err());
+        assert!(Faults::parse("x=explode").is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! Pause and resume through the sandbox actor with the fakes of
+//! [`crate::fake_tests`] (no root, no QEMU): the order of the steps, and a
+//! failure injected at every step leaves a usable sandbox and nothing held.
+//! The same paths on real VMs are in tests/lifecycle.rs.
+
+use hearth_types::SandboxId;
+
+use crate::fake_tests::{setup_with, slot_files, spec, Faults as FakeFaults, Setup};
+use crate::faults::Fault;
+use crate::lifecycle::LifecycleError;
+use crate::sandbox::start_create;
+use crate::state::{self, SandboxRecord, SandboxState, VMSTATE_FILE};
+
+async fn running(s: &Setup) -> (SandboxId, SandboxRecord) {
+    let id = SandboxId::generate();
+    let rec = start_create(&s.ctx, spec(&id))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    s.log.clear();
+    (id, rec)
+}
+
+async fn setup() -> Setup {
+    setup_with(FakeFaults::default(), None, |_| ()).await
+}
+
+fn assert_running(s: &Setup, rec: &SandboxRecord) {
+    assert_eq!(rec.state, SandboxState::Running, "{rec:?}");
+    assert!(rec.slot.is_some() && rec.net.is_some() && rec.guest_address.is_some());
+    assert!(rec.paused.is_none());
+    assert_eq!(slot_files(&s.ctx).len(), 1, "one slot held");
+    assert_eq!(
+        state::load(&rec.run_dir).unwrap().state,
+        SandboxState::Running
+    );
+    assert!(!rec.run_dir.join(".vmstate.new").exists());
+}
+
+fn assert_paused(s: &Setup, rec: &SandboxRecord) {
+    assert_eq!(rec.state, SandboxState::Paused, "{rec:?}");
+    assert!(rec.slot.is_none() && rec.net.is_none() && rec.pid.is_none());
+    assert!(rec.guest_address.is_none());
+    assert!(rec.paused.is_some());
+    assert!(
+        slot_files(&s.ctx).is_empty(),
+        "a paused sandbox holds no slot"
+    );
+    assert!(rec.run_dir.join(VMSTATE_FILE).is_file());
+    assert_eq!(state::load(&rec.run_dir).unwrap(), *rec);
+}
+
+#[tokio::test]
+async fn pause_then_resume_walks_the_steps_and_rotates_the_token() {
+    let s = setup().await;
+    let (id, before) = running(&s).await;
+    let h = s.ctx.registry.get(&id).unwrap();
+    let paused = h.pause().await.unwrap();
+    assert_paused(&s, &paused);
+    assert_eq!(
+        s.log.all(),
+        ["vmm.pause", "vmm.save", "vmm.stop", "net.teardown"]
+    );
+    // Pausing again changes nothing; a paused sandbox holds no host memory.
+    assert_eq!(h.pause().await.unwrap(), paused);
+    assert_eq!(s.ctx.registry.usage().memory_mb, 0);
+    s.log.clear();
+
+    let resumed = h.resume(1234).await.unwrap();
+    assert_running(&s, &resumed);
+    assert_eq!(
+        s.log.all(),
+        ["net.setup", "vmm.spawn", "vmm.restore", "vmm.resume"]
+    );
+    assert_ne!(resumed.access_token, before.access_token, "new token");
+    assert!(resumed.next_access_token.is_none());
+    assert_eq!(resumed.spec.expires_at_unix_ms, 1234);
+    assert!(!resumed.run_dir.join(VMSTATE_FILE).exists());
+    assert_eq!(h.resume(0).await.unwrap().state, SandboxState::Running);
+
+    // A paused sandbox is destroyed like any other: nothing stays.
+    h.pause().await.unwrap();
+    h.destroy("test").await;
+    assert!(!resumed.run_dir.exists());
+    assert!(slot_files(&s.ctx).is_empty());
+}
+
+#[tokio::test]
+async fn a_failure_at_any_pause_step_leaves_it_running() {
+    for step in [
+        "pause:start",
+        "pause:frozen",
+        "pause:saved",
+        "pause:renamed",
+    ] {
+        let s = setup().await;
+        let (id, _) = running(&s).await;
+        let h = s.ctx.registry.get(&id).unwrap();
+        s.ctx.config.faults.arm(step, Fault::Fail);
+        let err = h.pause().await.unwrap_err();
+        assert!(matches!(err, LifecycleError::Fault { .. }), "{step}: {err}");
+        let rec = h.snapshot();
+        assert_running(&s, &rec);
+        assert!(!rec.run_dir.join(VMSTATE_FILE).exists(), "{step}");
+        let log = s.log.all();
+        assert!(!log.contains(&"vmm.stop".to_owned()), "{step}: {log:?}");
+        if log.contains(&"vmm.pause".to_owned()) {
+            assert_eq!(log.last().unwrap(), "vmm.resume", "{step}: unfrozen");
+        }
+        // And it can still be paused once the fault is gone.
+        s.ctx.config.faults.clear();
+        assert_paused(&s, &h.pause().await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_failure_at_any_resume_step_leaves_it_paused_and_resumable() {
+    for step in [
+        "resume:start",
+        "resume:network",
+        "resume:spawned",
+        "resume:restored",
+    ] {
+        let s = setup().await;
+        let (id, _) = running(&s).await;
+        let h = s.ctx.registry.get(&id).unwrap();
+        let paused = h.pause().await.unwrap();
+        let state_before = std::fs::read(paused.run_dir.join(VMSTATE_FILE)).unwrap();
+        s.log.clear();
+        s.ctx.config.faults.arm(step, Fault::Fail);
+        let err = h.resume(0).await.unwrap_err();
+        assert!(matches!(err, LifecycleError::Fault { .. }), "{step}: {err}");
+        let rec = h.snapshot();
+        assert_paused(&s, &rec);
+        let log = s.log.all();
+        assert!(!log.contains(&"vmm.resume".to_owned()), "{step}: {log:?}");
+        if log.contains(&"vmm.spawn".to_owned()) {
+            assert!(log.contains(&"vmm.kill".to_owned()), "{step}: {log:?}");
+        }
+        if log.contains(&"net.setup".to_owned()) {
+            assert!(log.contains(&"net.teardown".to_owned()), "{step}: {log:?}");
+        }
+        assert_eq!(
+            std::fs::read(rec.run_dir.join(VMSTATE_FILE)).unwrap(),
+            state_before,
+            "{step}: snapshot intact"
+        );
+        s.ctx.config.faults.clear();
+        assert_running(&s, &h.resume(0).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_failure_after_the_guest_ran_pauses_it_again() {
+    let s = setup().await;
+    let (id, _) = running(&s).await;
+    let h = s.ctx.registry.get(&id).unwrap();
+    h.pause().await.unwrap();
+    s.log.clear();
+    s.ctx.config.faults.arm("resume:running", Fault::Fail);
+    h.resume(0).await.unwrap_err();
+    let rec = h.snapshot();
+    assert_paused(&s, &rec);
+    // Unfrozen, then frozen and saved again: memory and state still match.
+    let log = s.log.all();
+    let tail: Vec<&str> = log.iter().map(String::as_str).skip(4).collect();
+    assert_eq!(
+        tail,
+        ["vmm.pause", "vmm.save", "vmm.stop", "net.teardown"],
+        "{log:?}"
+    );
+    s.ctx.config.faults.clear();
+    assert_running(&s, &h.resume(0).await.unwrap());
+}
+
+#[tokio::test]
+async fn resume_of_a_running_and_pause_of_a_gone_sandbox() {
+    let s = setup().await;
+    let (id, _) = running(&s).await;
+    let h = s.ctx.registry.get(&id).unwrap();
+    // Resuming a running sandbox is a no-op that touches nothing.
+    assert_eq!(h.resume(0).await.unwrap().state, SandboxState::Running);
+    assert!(s.log.all().is_empty());
+    h.destroy("test").await;
+    let e = h.pause().await.unwrap_err();
+    assert!(matches!(e, LifecycleError::Gone), "{e}");
+    let e = h.resume(0).await.unwrap_err();
+    assert!(matches!(e, LifecycleError::Gone), "{e}");
+}
