@@ -489,28 +489,10 @@ async fn hand_over(actor: &mut Actor, vm: &VmHandle) -> Result<(), LifecycleErro
     let new = AccessToken::generate().map_err(io(OP, "access token"))?;
     actor.update(|r| r.next_access_token = Some(new.clone()));
     fault(actor, OP, "resume:running").await?;
-    let (net, env, current) = {
-        let r = actor.record.borrow();
-        (
-            actor.res.net.clone(),
-            r.spec.env.clone(),
-            r.access_token.clone(),
-        )
-    };
-    let Some(net) = net else {
-        return Err(LifecycleError::Gone);
-    };
-    rotate_token(
-        &ctx,
-        &net,
-        vm,
-        &actor.res.run_dir,
-        &env,
-        current.as_ref(),
-        &new,
-    )
-    .await
-    .map_err(|source| LifecycleError::Sandbox { op: OP, source })?;
+    let rec = actor.record.borrow().clone();
+    rotate_token(&ctx, &rec, vm, &new)
+        .await
+        .map_err(|source| LifecycleError::Sandbox { op: OP, source })?;
     actor.update(|r| {
         r.access_token = Some(new);
         r.next_access_token = None;
@@ -523,19 +505,26 @@ async fn hand_over(actor: &mut Actor, vm: &VmHandle) -> Result<(), LifecycleErro
 /// the current token succeeds.
 pub(crate) async fn rotate_token(
     ctx: &crate::Ctx,
-    net: &SandboxNet,
+    rec: &crate::state::SandboxRecord,
     vm: &VmHandle,
-    run_dir: &Path,
-    env: &std::collections::BTreeMap<String, String>,
-    current: Option<&AccessToken>,
     new: &AccessToken,
 ) -> Result<(), SandboxError> {
-    wait_healthy(ctx, net, vm, run_dir).await?;
-    match init_guest(ctx, net, env, current, Some(new)).await {
+    let Some(net) = rec.net.as_ref() else {
+        return Err(SandboxError::GuestInit {
+            message: "the sandbox has no network".into(),
+        });
+    };
+    let (id, env, current) = (
+        &rec.spec.sandbox_id,
+        &rec.spec.env,
+        rec.access_token.as_ref(),
+    );
+    wait_healthy(ctx, net, vm, &rec.run_dir).await?;
+    match init_guest(ctx, net, id, env, current, Some(new)).await {
         Ok(()) => Ok(()),
         Err(first) => {
             tracing::debug!(header = ACCESS_TOKEN_HEADER, error = %first, "retrying /init with the new token");
-            init_guest(ctx, net, env, Some(new), Some(new))
+            init_guest(ctx, net, id, env, Some(new), Some(new))
                 .await
                 .map_err(|_| first)
         }

@@ -211,18 +211,8 @@ async fn settle_lifecycle(
         (SandboxState::Resuming, Some(_)) if status.as_ref().is_some_and(|s| s.running) => {
             info!(sandbox_id = %id, "a resume was cut short after its guest ran; adopting it");
             if let Some(new) = record.next_access_token.clone() {
-                if let (Some(net), Some(vm)) = (record.net.clone(), vm.clone()) {
-                    match crate::lifecycle::rotate_token(
-                        ctx,
-                        &net,
-                        &vm,
-                        &record.run_dir,
-                        &record.spec.env,
-                        record.access_token.as_ref(),
-                        &new,
-                    )
-                    .await
-                    {
+                if let Some(vm) = vm.clone() {
+                    match crate::lifecycle::rotate_token(ctx, &record, &vm, &new).await {
                         Ok(()) => {
                             record.access_token = Some(new);
                             record.next_access_token = None;

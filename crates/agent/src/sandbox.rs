@@ -403,18 +403,19 @@ async fn boot(
 
     wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
     let token = record.borrow().access_token.clone();
-    init_guest(ctx, &net, &spec.env, None, token.as_ref()).await
+    init_guest(ctx, &net, id, &spec.env, None, token.as_ref()).await
 }
 
 /// Hand the guest agent what it cannot know by itself: the sandbox's environment
-/// variables (defaults for every process), the host's clock and the sandbox's
-/// access token (envd's `POST /init`). `current` is the token the guest already
+/// variables (defaults for every process), the host's clock, its hostname (the
+/// sandbox ID) and the sandbox's access token (envd's `POST /init`). `current` is the token the guest already
 /// holds (sent in `X-Access-Token`; `None` on a fresh boot), `new` the one it
 /// must require from now on (after a resume or restore the two differ).
 /// The whole call, body included, is bounded in time and size.
 pub(crate) async fn init_guest(
     ctx: &Ctx,
     net: &SandboxNet,
+    id: &SandboxId,
     env: &std::collections::BTreeMap<String, String>,
     current: Option<&AccessToken>,
     new: Option<&AccessToken>,
@@ -422,6 +423,8 @@ pub(crate) async fn init_guest(
     let mut body = serde_json::json!({
         "envVars": env,
         "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        // A restored or forked guest wakes up with its source's name.
+        "hostname": id.as_str(),
     });
     if let Some(new) = new {
         body["accessToken"] = new.as_str().into();

@@ -333,6 +333,21 @@ pub struct InitRequest {
     timestamp: Option<String>,
     default_user: Option<String>,
     default_workdir: Option<String>,
+    /// hearth's extension: the sandbox's hostname. A sandbox restored from a
+    /// warm template or forked wakes up with its source's name; this gives it
+    /// its own.
+    hostname: Option<String>,
+}
+
+/// Whether `name` is a hostname we set: 1 to 63 of `[a-z0-9-]`, not starting or
+/// ending with `-`.
+fn valid_hostname(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 async fn init(State(state): State<AgentState>, request: Request) -> Result<StatusCode, HttpError> {
@@ -375,8 +390,22 @@ async fn init(State(state): State<AgentState>, request: Request) -> Result<Statu
         ),
         None => None,
     };
+    if let Some(h) = req.hostname.as_deref() {
+        if !valid_hostname(h) {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "hostname must be 1 to 63 of a-z, 0-9 and '-', not starting or ending with '-'",
+            ));
+        }
+    }
     crate::auth::accept_init(&state, &parts.headers, req.access_token)
         .map_err(|e| HttpError::new(e.status(), e.to_string()))?;
+    // Only the guest's PID 1 owns the VM's hostname (never a test's host).
+    if let Some(h) = req.hostname.as_deref() {
+        if std::process::id() == 1 {
+            crate::init::set_hostname(h);
+        }
+    }
     if let Some(ts) = req.timestamp.as_deref() {
         set_clock_forward(ts)?;
     }
@@ -427,4 +456,20 @@ fn set_clock_forward(ts: &str) -> Result<(), HttpError> {
 
 async fn envs(State(state): State<AgentState>) -> Json<std::collections::HashMap<String, String>> {
     Json(state.defaults().env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_hostname;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["sb-abcdefghijklmnop", "a", "x1-2"] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in ["", "-a", "a-", "A", "a.b", "a b", "a\n", long.as_str()] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
+    }
 }
