@@ -79,14 +79,26 @@ impl CappedLog {
 /// Copy the console of `vm` from `socket` into `log` (capped at `cap` bytes, one
 /// rotation) until the VM exits. Connects as soon as the VMM serves the socket;
 /// after an agent restart it reconnects to the same socket and appends.
-pub async fn follow(socket: PathBuf, log: PathBuf, cap: u64, vm: VmHandle) {
-    let mut out = match CappedLog::open(log, cap) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "cannot open the console log; the console is not recorded");
-            return;
+///
+/// The log is opened before this returns the future, so the file exists by the
+/// time the caller goes on (a run directory removed right after never races a
+/// late create of `console.log`).
+pub fn follow(
+    socket: PathBuf,
+    log: PathBuf,
+    cap: u64,
+    vm: VmHandle,
+) -> impl std::future::Future<Output = ()> + Send {
+    let out = CappedLog::open(log, cap);
+    async move {
+        match out {
+            Ok(out) => copy_console(socket, out, vm).await,
+            Err(e) => warn!(error = %e, "cannot open the console log; the console is not recorded"),
         }
-    };
+    }
+}
+
+async fn copy_console(socket: PathBuf, mut out: CappedLog, vm: VmHandle) {
     let mut stream = loop {
         match tokio::net::UnixStream::connect(&socket).await {
             Ok(s) => break s,
