@@ -208,6 +208,13 @@ pub enum VmmError {
         name: String,
         reason: String,
     },
+    #[error("guest memory file {path} of VM {name}")]
+    Memory {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("disk {path} for VM {name}")]
     Disk {
         name: String,

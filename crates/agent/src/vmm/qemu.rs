@@ -16,18 +16,32 @@
 //!   memory + a configured QEMU overhead, CPU = vCPUs, a pids cap;
 //! * `-no-reboot`: a guest that reboots (or whose PID 1 dies) ends QEMU;
 //! * the serial console on a Unix socket (`console.sock`), never a growing file.
+//!
+//! Guest memory ([`Memory`]) is a `memory-backend-file` when it is a file: the
+//! agent (root) makes sure it exists with the right length before QEMU starts,
+//! and QEMU opens it before it drops to the runas uid, so the uid needs no path
+//! to it. Lifecycle ([`Vmm::pause`] .. [`Vmm::restore`]) is QMP: `stop`/`cont`,
+//! and migration to or from a descriptor the agent opened (`getfd` with
+//! `SCM_RIGHTS`, `migrate`/`migrate-incoming uri=fd:NAME`: `spawn=deny` forbids
+//! `exec:` and QEMU 7.2 has no `file:`), with `x-ignore-shared` exactly when the
+//! memory stays in a shared file. A VM to restore into starts with `-incoming
+//! defer -S` and stays frozen after the load until `cont`.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::cgroup::{Cgroups, Limits, CPU_PERIOD_US};
-use super::qmp::QmpClient;
-use super::{signal_pid, Accel, DiskFormat, Nic, ResolvedAccel, VmHandle, VmSpec, Vmm, VmmError};
+use super::qmp::{MigrationInfo, QmpClient, QmpError};
+use super::{
+    signal_pid, Accel, DiskFormat, Memory, Nic, ResolvedAccel, SavedState, VmHandle, VmSpec, Vmm,
+    VmmError,
+};
 
 /// How long the KVM probe may take before we call KVM unusable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -82,6 +96,8 @@ pub struct QemuVmm {
     binary: PathBuf,
     accel: ResolvedAccel,
     confinement: Confinement,
+    /// The binary's version, asked once (`--version`) for [`Vmm::snapshot_compat`].
+    version: Arc<OnceLock<String>>,
 }
 
 impl QemuVmm {
@@ -90,8 +106,140 @@ impl QemuVmm {
             binary,
             accel,
             confinement,
+            version: Arc::new(OnceLock::new()),
         }
     }
+
+    /// The QEMU version (`7.2.22`), or `None` when the binary cannot tell.
+    fn version(&self) -> Option<&str> {
+        if let Some(v) = self.version.get() {
+            return Some(v);
+        }
+        let v = qemu_version(&self.binary)?;
+        Some(self.version.get_or_init(|| v))
+    }
+}
+
+/// Ask `binary --version` (bounded by [`VERSION_TIMEOUT`]) for its upstream
+/// version: `QEMU emulator version 7.2.22 (Debian ...)` gives `7.2.22`. The
+/// distribution's package revision is left out: stable releases of one upstream
+/// version keep the migration format.
+fn qemu_version(binary: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut child = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + VERSION_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    child.stdout.take()?.take(4096).read_to_end(&mut out).ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out))
+}
+
+/// `7.2.22` out of `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)`.
+pub fn parse_qemu_version(output: &str) -> Option<String> {
+    let rest = output.lines().next()?.split("version ").nth(1)?;
+    let v = rest.split_whitespace().next()?;
+    (!v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    .then(|| v.to_owned())
+}
+
+/// How long `qemu-system-x86_64 --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The id of the guest-memory backend object.
+const MEMORY_BACKEND_ID: &str = "mem";
+/// The name under which a migration descriptor is handed to QEMU (`getfd`).
+const MIGRATION_FD: &str = "hearth-migration";
+/// Bound of each QMP command of a lifecycle operation.
+pub const LIFECYCLE_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a migration may take besides the per-GiB allowance.
+pub const MIGRATION_BASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Extra migration time per GiB of guest memory (or state) moved through the
+/// stream (full saves of a 1 GiB TCG guest take seconds on a busy host).
+pub const MIGRATION_TIMEOUT_PER_GIB: Duration = Duration::from_secs(60);
+
+/// The migration deadline for `bytes` moved through the stream.
+pub fn migration_timeout(bytes: u64) -> Duration {
+    let gib = bytes.div_ceil(1 << 30);
+    MIGRATION_BASE_TIMEOUT
+        + MIGRATION_TIMEOUT_PER_GIB * u32::try_from(gib).unwrap_or(u32::MAX / 120)
+}
+
+/// A path as a QEMU option value (`,` doubled), refusing what QEMU cannot take.
+fn option_path(path: &Path) -> Option<String> {
+    path.to_str().map(|p| p.replace(',', ",,"))
+}
+
+/// The length a memory file of `spec` must have.
+fn memory_bytes(spec: &VmSpec) -> u64 {
+    u64::from(spec.memory_mb) << 20
+}
+
+/// Make sure the memory file of `spec` is there before QEMU starts: a
+/// [`Memory::Shared`] file is created (0600, sparse, exactly `memory_mb` MiB) when
+/// absent and refused when its length differs (it may hold a paused VM's memory:
+/// never truncated); a [`Memory::Private`] base must exist with that length.
+pub fn prepare_memory(spec: &VmSpec) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (path, create) = match &spec.memory {
+        Memory::Anonymous => return Ok(()),
+        Memory::Shared(p) => (p, true),
+        Memory::Private(p) => (p, false),
+    };
+    let err = |source: std::io::Error| VmmError::Memory {
+        name: spec.name.clone(),
+        path: path.clone(),
+        source,
+    };
+    let invalid = |msg: String| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
+    if option_path(path).is_none() {
+        return Err(invalid("the path is not UTF-8".into()));
+    }
+    let want = memory_bytes(spec);
+    if create {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => return f.set_len(want).map_err(err),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    if !meta.file_type().is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if meta.len() != want {
+        return Err(invalid(format!(
+            "is {} bytes, the VM has {} MiB of memory ({want} bytes)",
+            meta.len(),
+            spec.memory_mb
+        )));
+    }
+    Ok(())
 }
 
 /// What kind of VM the command line is for.
@@ -113,7 +261,7 @@ pub fn qemu_args(spec: &VmSpec, accel: ResolvedAccel, mode: LaunchMode) -> Vec<S
     };
     let drive = match mode {
         LaunchMode::Sandbox { .. } => format!(
-            "id=root,file=/dev/fdset/1,format={},if=none",
+            "id=root,file=/dev/fdset/1,format={},if=none,file.locking=off",
             spec.disk_format.as_str()
         ),
         LaunchMode::Probe => format!(
@@ -122,11 +270,30 @@ pub fn qemu_args(spec: &VmSpec, accel: ResolvedAccel, mode: LaunchMode) -> Vec<S
             spec.disk_format.as_str()
         ),
     };
+    let (machine, backend) = match &spec.memory {
+        Memory::Anonymous => ("microvm".to_owned(), None),
+        Memory::Shared(p) | Memory::Private(p) => {
+            let share = if matches!(spec.memory, Memory::Shared(_)) {
+                "on"
+            } else {
+                "off"
+            };
+            (
+                format!("microvm,memory-backend={MEMORY_BACKEND_ID}"),
+                Some(format!(
+                    "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={share}",
+                    spec.memory_mb,
+                    // prepare_memory refused non-UTF-8 paths before we get here.
+                    option_path(p).unwrap_or_default()
+                )),
+            )
+        }
+    };
     let mut args: Vec<String> = vec![
         "-name".into(),
         spec.name.clone(),
         "-M".into(),
-        "microvm".into(),
+        machine,
         "-accel".into(),
         accel_arg,
         "-cpu".into(),
@@ -140,6 +307,13 @@ pub fn qemu_args(spec: &VmSpec, accel: ResolvedAccel, mode: LaunchMode) -> Vec<S
         "-nographic".into(),
         "-no-reboot".into(),
     ];
+    if let Some(backend) = backend {
+        args.extend(["-object".into(), backend]);
+    }
+    if spec.incoming {
+        // Frozen, waiting for `migrate-incoming`; still frozen after the load.
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
     match mode {
         LaunchMode::Sandbox { disk_fds: (rw, ro) } => {
             args.extend([
@@ -234,6 +408,7 @@ async fn spawn_qemu(
             path: stderr_path,
             source,
         })?;
+    prepare_memory(spec)?;
     let netns: Option<OwnedFd> = match &spec.netns {
         Some(ns) => Some(
             std::fs::File::open(format!("/run/netns/{ns}"))
@@ -405,6 +580,252 @@ impl Vmm for QemuVmm {
             .map_err(control)?;
         qmp.quit().await.map_err(control)
     }
+
+    /// `qemu-<version>/microvm/<accel>/<cpu model>`; under KVM the CPU model is the
+    /// host's (`-cpu host`), so its model name is part of the key. The TCG
+    /// translation cache is not part of a saved state and is left out.
+    fn snapshot_compat(&self) -> String {
+        let version = self.version().unwrap_or("unknown");
+        let cpu = match self.accel {
+            ResolvedAccel::Tcg => "max".to_owned(),
+            ResolvedAccel::Kvm => format!("host:{}", host_cpu_model()),
+        };
+        format!("qemu-{version}/microvm/{}/{cpu}", self.accel.as_str())
+    }
+
+    async fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        let mut qmp = lifecycle_qmp(vm, "pause").await?;
+        qmp.stop().await.map_err(|e| qmp_failed(vm, "pause", e))
+    }
+
+    async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        let mut qmp = lifecycle_qmp(vm, "resume").await?;
+        qmp.cont().await.map_err(|e| qmp_failed(vm, "resume", e))?;
+        let st = qmp
+            .query_status()
+            .await
+            .map_err(|e| qmp_failed(vm, "resume", e))?;
+        if !st.running {
+            return Err(lifecycle(
+                vm,
+                "resume",
+                format!("the VM is {} after cont", st.status),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn save(
+        &self,
+        vm: &VmHandle,
+        memory: &Memory,
+        dest: std::fs::File,
+    ) -> Result<SavedState, VmmError> {
+        const OP: &str = "save";
+        let compat = self.snapshot_compat();
+        let mut qmp = lifecycle_qmp(vm, OP).await?;
+        let st = qmp
+            .query_status()
+            .await
+            .map_err(|e| qmp_failed(vm, OP, e))?;
+        if st.running {
+            return Err(lifecycle(
+                vm,
+                OP,
+                "the VM is running; pause it first".into(),
+            ));
+        }
+        if st.status == "postmigrate" {
+            // QEMU 7.2 inactivated the disks at the last save; only `cont` takes
+            // them back, and a second migration would meet them inactive.
+            return Err(lifecycle(
+                vm,
+                OP,
+                "the VM was already saved; resume or stop it first".into(),
+            ));
+        }
+        let ignore_shared = matches!(memory, Memory::Shared(_));
+        let moved = if ignore_shared {
+            0
+        } else {
+            qmp.base_memory().await.map_err(|e| qmp_failed(vm, OP, e))?
+        };
+        start_migration(&mut qmp, vm, OP, ignore_shared, &dest, false).await?;
+        let info = wait_migration(&mut qmp, vm, OP, migration_timeout(moved)).await?;
+        let bytes = match dest.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            _ => info.ram_transferred,
+        };
+        Ok(SavedState {
+            memory_included: !ignore_shared,
+            bytes,
+            compat,
+        })
+    }
+
+    async fn restore(
+        &self,
+        vm: &VmHandle,
+        saved: &SavedState,
+        src: std::fs::File,
+    ) -> Result<(), VmmError> {
+        const OP: &str = "restore";
+        let here = self.snapshot_compat();
+        if saved.compat != here || self.version().is_none() {
+            return Err(lifecycle(
+                vm,
+                OP,
+                format!(
+                    "the state was saved by {:?}, this host runs {here:?}",
+                    saved.compat
+                ),
+            ));
+        }
+        let size = src.metadata().map(|m| m.len()).unwrap_or(saved.bytes);
+        let mut qmp = lifecycle_qmp(vm, OP).await?;
+        start_migration(&mut qmp, vm, OP, !saved.memory_included, &src, true).await?;
+        wait_migration(&mut qmp, vm, OP, migration_timeout(size)).await?;
+        Ok(())
+    }
+}
+
+/// The host CPU's model name (`/proc/cpuinfo`), for the KVM compatibility key.
+fn host_cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().replace('/', "_"))
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn lifecycle(vm: &VmHandle, operation: &'static str, reason: String) -> VmmError {
+    VmmError::Lifecycle {
+        operation,
+        name: vm.name.clone(),
+        reason,
+    }
+}
+
+/// The end of QEMU's stderr (`qemu.log` next to the control socket), escaped.
+fn qemu_log_tail(vm: &VmHandle) -> String {
+    let Some(dir) = vm.control_socket.parent() else {
+        return String::new();
+    };
+    let log = super::console::tail_bytes(&dir.join("qemu.log"), 400);
+    super::escape_guest_text(log.trim_ascii())
+}
+
+/// A QMP failure during `operation`: a VMM that died says so, with its last words.
+fn qmp_failed(vm: &VmHandle, operation: &'static str, e: QmpError) -> VmmError {
+    if !vm.is_alive() || matches!(e, QmpError::Closed | QmpError::Io(_)) {
+        let why = qemu_log_tail(vm);
+        return lifecycle(
+            vm,
+            operation,
+            if why.is_empty() {
+                format!("the VM process exited ({e})")
+            } else {
+                format!("the VM process exited: {why}")
+            },
+        );
+    }
+    VmmError::Control {
+        name: vm.name.clone(),
+        source: e,
+    }
+}
+
+async fn lifecycle_qmp(vm: &VmHandle, operation: &'static str) -> Result<QmpClient, VmmError> {
+    if !vm.is_alive() {
+        return Err(lifecycle(vm, operation, "the VM process is gone".into()));
+    }
+    QmpClient::connect(&vm.control_socket, LIFECYCLE_QMP_TIMEOUT)
+        .await
+        .map_err(|e| qmp_failed(vm, operation, e))
+}
+
+/// Set `x-ignore-shared`, hand QEMU `stream` and start the migration (outgoing,
+/// or incoming into a VM started with `-incoming defer`).
+async fn start_migration(
+    qmp: &mut QmpClient,
+    vm: &VmHandle,
+    operation: &'static str,
+    ignore_shared: bool,
+    stream: &std::fs::File,
+    incoming: bool,
+) -> Result<(), VmmError> {
+    qmp.set_migration_capability("x-ignore-shared", ignore_shared)
+        .await
+        .map_err(|e| qmp_failed(vm, operation, e))?;
+    qmp.getfd(MIGRATION_FD, stream.as_fd())
+        .await
+        .map_err(|e| qmp_failed(vm, operation, e))?;
+    let uri = format!("fd:{MIGRATION_FD}");
+    let started = if incoming {
+        qmp.migrate_incoming(&uri).await
+    } else {
+        qmp.migrate(&uri).await
+    };
+    if let Err(e) = started {
+        // QEMU takes the descriptor only once the migration starts.
+        let _ = qmp.closefd(MIGRATION_FD).await;
+        return Err(qmp_failed(vm, operation, e));
+    }
+    Ok(())
+}
+
+/// Poll `query-migrate` until `completed` (Ok) or `failed`/`cancelled` (QEMU's
+/// reason), at most `limit`; a VM that dies meanwhile is an error, never a hang.
+async fn wait_migration(
+    qmp: &mut QmpClient,
+    vm: &VmHandle,
+    operation: &'static str,
+    limit: Duration,
+) -> Result<MigrationInfo, VmmError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let info = qmp
+            .query_migrate()
+            .await
+            .map_err(|e| qmp_failed(vm, operation, e))?;
+        match info.status.as_str() {
+            "completed" => return Ok(info),
+            "failed" | "cancelled" => {
+                return Err(lifecycle(
+                    vm,
+                    operation,
+                    format!(
+                        "migration {}: {}",
+                        info.status,
+                        info.error.as_deref().unwrap_or("no reason given")
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            if !incoming_only(operation) {
+                let _ = qmp.execute("migrate_cancel", None).await;
+            }
+            return Err(lifecycle(
+                vm,
+                operation,
+                format!("migration still {} after {limit:?}", info.status),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// Whether `operation` is the incoming side (nothing to cancel there).
+fn incoming_only(operation: &str) -> bool {
+    operation == "restore"
 }
 
 /// Pick the accelerator: explicit choices are taken as they are; `Auto` boots the
@@ -577,7 +998,7 @@ mod tests {
         );
         assert_eq!(
             after(&a, "-drive"),
-            "id=root,file=/dev/fdset/1,format=qcow2,if=none"
+            "id=root,file=/dev/fdset/1,format=qcow2,if=none,file.locking=off"
         );
         let fds: Vec<&String> = a
             .iter()
@@ -643,6 +1064,138 @@ mod tests {
         );
         assert_eq!(l.cpu_quota_us, 200_000);
         assert_eq!(l.pids_max, DEFAULT_PIDS_MAX);
+    }
+
+    #[test]
+    fn file_backed_memory_and_incoming_command_line() {
+        let mut s = spec();
+        let a = qemu_args(
+            &s,
+            ResolvedAccel::Tcg,
+            LaunchMode::Sandbox { disk_fds: (7, 8) },
+        );
+        for f in ["-object", "-incoming", "-S"] {
+            assert!(
+                !a.iter().any(|x| x == f),
+                "{f} without file memory/incoming"
+            );
+        }
+        s.memory = Memory::Shared("/run/sb,x/memory".into());
+        s.incoming = true;
+        let a = qemu_args(
+            &s,
+            ResolvedAccel::Tcg,
+            LaunchMode::Sandbox { disk_fds: (7, 8) },
+        );
+        assert_eq!(after(&a, "-M"), "microvm,memory-backend=mem");
+        // A comma in the path is doubled, so it cannot add an option.
+        assert_eq!(
+            after(&a, "-object"),
+            "memory-backend-file,id=mem,size=256M,mem-path=/run/sb,,x/memory,share=on"
+        );
+        assert_eq!(after(&a, "-m"), "256");
+        assert_eq!(after(&a, "-incoming"), "defer");
+        assert!(a.iter().any(|x| x == "-S"));
+        s.memory = Memory::Private("/tpl/memory".into());
+        s.incoming = false;
+        let a = qemu_args(
+            &s,
+            ResolvedAccel::Tcg,
+            LaunchMode::Sandbox { disk_fds: (7, 8) },
+        );
+        assert_eq!(
+            after(&a, "-object"),
+            "memory-backend-file,id=mem,size=256M,mem-path=/tpl/memory,share=off"
+        );
+        assert!(!a.iter().any(|x| x == "-incoming" || x == "-S"));
+    }
+
+    #[test]
+    fn memory_files_are_made_sparse_and_never_truncated() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec();
+        s.memory_mb = 64;
+        let shared = dir.path().join("memory");
+        s.memory = Memory::Shared(shared.clone());
+        prepare_memory(&s).unwrap();
+        let m = std::fs::metadata(&shared).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            m.blocks()
+        );
+        // An existing file of the right length is kept as it is (a paused VM's memory).
+        std::fs::write(&shared, b"x").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shared)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        prepare_memory(&s).unwrap();
+        assert_eq!(&std::fs::read(&shared).unwrap()[..1], b"x");
+        // Another length is refused, and the file stays as it was.
+        s.memory_mb = 128;
+        let err = prepare_memory(&s).unwrap_err();
+        assert!(matches!(err, VmmError::Memory { .. }), "{err}");
+        assert!(format!("{:?}", err).contains("67108864 bytes"), "{err:?}");
+        assert_eq!(std::fs::metadata(&shared).unwrap().len(), 64 << 20);
+        // A private base must exist with the right length; a symlink or directory is refused.
+        s.memory = Memory::Private(dir.path().join("absent"));
+        assert!(prepare_memory(&s).is_err());
+        assert!(!dir.path().join("absent").exists());
+        s.memory_mb = 64;
+        s.memory = Memory::Private(shared.clone());
+        prepare_memory(&s).unwrap();
+        std::os::unix::fs::symlink(&shared, dir.path().join("link")).unwrap();
+        s.memory = Memory::Shared(dir.path().join("link"));
+        assert!(prepare_memory(&s).is_err());
+        s.memory = Memory::Shared(dir.path().to_owned());
+        assert!(prepare_memory(&s).is_err());
+    }
+
+    #[test]
+    fn qemu_version_and_migration_timeouts() {
+        assert_eq!(
+            parse_qemu_version(
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright"
+            )
+            .as_deref(),
+            Some("7.2.22")
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2\n").as_deref(),
+            Some("10.0.2")
+        );
+        assert_eq!(parse_qemu_version("garbage"), None);
+        assert_eq!(parse_qemu_version("version x/../y"), None);
+        assert_eq!(migration_timeout(0), MIGRATION_BASE_TIMEOUT);
+        assert_eq!(
+            migration_timeout(1 << 30),
+            MIGRATION_BASE_TIMEOUT + MIGRATION_TIMEOUT_PER_GIB
+        );
+        assert!(migration_timeout(u64::MAX) > migration_timeout(4 << 30));
+    }
+
+    #[test]
+    fn snapshot_compat_names_version_machine_accel_and_cpu() {
+        let vmm = QemuVmm::new(
+            "/nonexistent/qemu".into(),
+            ResolvedAccel::Tcg,
+            Confinement::none(),
+        );
+        assert_eq!(vmm.snapshot_compat(), "qemu-unknown/microvm/tcg/max");
+        let kvm = QemuVmm::new(
+            "/nonexistent/qemu".into(),
+            ResolvedAccel::Kvm,
+            Confinement::none(),
+        );
+        assert!(kvm
+            .snapshot_compat()
+            .starts_with("qemu-unknown/microvm/kvm/host:"));
     }
 
     #[test]
