@@ -22,7 +22,9 @@ pub mod recovery;
 mod registry;
 pub mod sandbox;
 pub mod service;
+pub mod snapshot;
 pub mod state;
+pub mod templates;
 mod tools;
 pub mod vmm;
 
@@ -238,6 +240,10 @@ pub(crate) struct Ctx {
     pub tasks: Tasks,
     pub http: HttpClient,
     pub capacity: admission::Capacity,
+    /// The host's templates (`<images>/templates`).
+    pub templates: templates::Store,
+    /// Fork points being handed to their copies: never swept as unused.
+    pub pinned: Mutex<std::collections::HashSet<TemplateName>>,
 }
 
 impl Ctx {
@@ -274,6 +280,8 @@ impl Ctx {
             tasks: Tasks::default(),
             http,
             capacity,
+            templates: templates::Store::new(config.images_dir.join("templates")),
+            pinned: Mutex::default(),
             config,
         }
     }
@@ -290,11 +298,30 @@ impl Ctx {
         p.is_file().then_some(p)
     }
     pub fn template_rootfs(&self, name: &TemplateName) -> PathBuf {
-        self.config
-            .images_dir
-            .join("templates")
-            .join(name.as_str())
-            .join("rootfs.ext4")
+        self.templates.rootfs(name)
+    }
+
+    /// Delete the fork points no registered sandbox depends on any more.
+    pub fn sweep_fork_points(&self) {
+        for t in self.templates.list(true) {
+            if !t.meta.hidden {
+                continue;
+            }
+            let pinned = self
+                .pinned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&t.name);
+            if pinned || self.registry.uses_template(&t.name) {
+                continue;
+            }
+            match self.templates.delete(&t.name) {
+                Ok(()) => info!(template = %t.name, "removed an unused fork point"),
+                Err(e) => {
+                    warn!(template = %t.name, error = %error_chain(&e), "could not remove a fork point")
+                }
+            }
+        }
     }
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.config.run_dir.join("sandboxes")
@@ -303,7 +330,7 @@ impl Ctx {
         self.sandboxes_dir().join(id.as_str())
     }
     /// Templates present on this host (those with a root disk), sorted.
-    pub fn templates(&self) -> Vec<String> {
+    pub fn template_names(&self) -> Vec<String> {
         let Ok(rd) = std::fs::read_dir(self.config.images_dir.join("templates")) else {
             return Vec::new();
         };

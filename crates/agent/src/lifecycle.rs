@@ -71,6 +71,12 @@ pub enum LifecycleError {
         #[source]
         source: Injected,
     },
+    #[error("{op} failed")]
+    Template {
+        op: &'static str,
+        #[source]
+        source: crate::templates::TemplateError,
+    },
     #[error("the sandbox's actor is gone")]
     Gone,
 }
@@ -90,6 +96,13 @@ impl LifecycleError {
                 format!("{op} failed: {}; retry", source.public_message())
             }
             Self::Fault { op, source } => format!("{op} failed: {source}"),
+            Self::Template { source, .. } => match source {
+                crate::templates::TemplateError::Exists(_)
+                | crate::templates::TemplateError::NotFound(_)
+                | crate::templates::TemplateError::BuiltIn(_) => source.to_string(),
+                _ => "snapshot failed while copying the sandbox; the sandbox is unchanged, retry"
+                    .into(),
+            },
             Self::Gone => self.to_string(),
         }
     }

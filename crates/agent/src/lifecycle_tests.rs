@@ -188,3 +188,161 @@ async fn resume_of_a_running_and_pause_of_a_gone_sandbox() {
     let e = h.resume(0).await.unwrap_err();
     assert!(matches!(e, LifecycleError::Gone), "{e}");
 }
+
+fn tname(s: &str) -> hearth_types::TemplateName {
+    s.parse().unwrap()
+}
+
+fn snap(name: &str, memory: bool) -> crate::snapshot::SnapshotRequest {
+    crate::snapshot::SnapshotRequest {
+        template: tname(name),
+        memory,
+        hidden: false,
+    }
+}
+
+/// Names of everything in the template store (also build leftovers).
+fn store_entries(s: &Setup) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(s.ctx.config.images_dir.join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn warm_snapshot_then_a_sandbox_restored_from_it() {
+    let s = setup().await;
+    let (id, src) = running(&s).await;
+    let h = s.ctx.registry.get(&id).unwrap();
+    let made = h.snapshot_to_template(snap("snap-a", true)).await.unwrap();
+    // Frozen for the copy, running again after.
+    assert_eq!(
+        s.log.all(),
+        ["vmm.pause", "vmm.save", "vmm.resume"],
+        "{:?}",
+        s.log.all()
+    );
+    assert_running(&s, &h.snapshot());
+    let warm = made.entry.warm.clone().expect("warm");
+    assert_eq!(warm.access_token, src.access_token.clone().unwrap());
+    assert_eq!(
+        made.entry.meta.source_sandbox_id.as_deref(),
+        Some(id.as_str())
+    );
+    assert!(store_entries(&s).contains(&"snap-a".to_owned()));
+
+    // A sandbox of the same shape from it is restored, not booted.
+    s.log.clear();
+    let cid = SandboxId::generate();
+    let mut cspec = spec(&cid);
+    cspec.template = tname("snap-a");
+    let clone = start_create(&s.ctx, cspec).unwrap().await.unwrap().unwrap();
+    assert!(clone.restored);
+    assert_eq!(
+        clone.memory,
+        crate::vmm::Memory::Private(s.ctx.templates.dir(&tname("snap-a")).join("memory"))
+    );
+    let log = s.log.all();
+    assert!(log.contains(&"vmm.restore".to_owned()), "{log:?}");
+    assert_ne!(clone.access_token, src.access_token);
+    // In use: not deletable; once its sandbox is gone, it is.
+    assert!(s.ctx.registry.uses_template(&tname("snap-a")));
+    s.ctx.registry.get(&cid).unwrap().destroy("t").await;
+    assert!(!s.ctx.registry.uses_template(&tname("snap-a")));
+    s.ctx.templates.delete(&tname("snap-a")).unwrap();
+    // A name that exists is refused and changes nothing.
+    h.snapshot_to_template(snap("snap-b", true)).await.unwrap();
+    let e = h
+        .snapshot_to_template(snap("snap-b", true))
+        .await
+        .unwrap_err();
+    assert!(e.public_message().contains("already exists"), "{e}");
+}
+
+#[tokio::test]
+async fn a_failure_at_any_snapshot_step_leaves_no_template_and_a_running_sandbox() {
+    for step in [
+        "snapshot:start",
+        "snapshot:frozen",
+        "snapshot:copied",
+        "snapshot:built",
+    ] {
+        let s = setup().await;
+        let (id, _) = running(&s).await;
+        let h = s.ctx.registry.get(&id).unwrap();
+        let before = store_entries(&s);
+        s.ctx.config.faults.arm(step, Fault::Fail);
+        h.snapshot_to_template(snap("snap-x", true))
+            .await
+            .unwrap_err();
+        assert_eq!(store_entries(&s), before, "{step}: nothing left");
+        assert_running(&s, &h.snapshot());
+        let log = s.log.all();
+        if log.contains(&"vmm.pause".to_owned()) {
+            assert_eq!(log.last().unwrap(), "vmm.resume", "{step}: {log:?}");
+        }
+        // Paused sandboxes snapshot from their files, never unfrozen.
+        s.ctx.config.faults.clear();
+        h.pause().await.unwrap();
+        s.log.clear();
+        h.snapshot_to_template(snap("snap-y", true)).await.unwrap();
+        assert!(s.log.all().is_empty(), "{:?}", s.log.all());
+        assert_paused(&s, &h.snapshot());
+    }
+}
+
+#[tokio::test]
+async fn fork_makes_restored_copies_and_its_point_goes_with_them() {
+    let s = setup().await;
+    let (id, src) = running(&s).await;
+    let h = s.ctx.registry.get(&id).unwrap();
+    let copies: Vec<_> = (0..3).map(|_| spec(&SandboxId::generate())).collect();
+    let made = crate::service::fork(s.ctx.clone(), h.clone(), copies.clone())
+        .await
+        .unwrap();
+    assert_eq!(made.len(), 3);
+    let point = made[0].base.clone().expect("copies depend on a fork point");
+    for (rec, want) in made.iter().zip(&copies) {
+        assert_eq!(rec.spec.sandbox_id, want.sandbox_id);
+        assert_eq!(rec.state, SandboxState::Running);
+        assert!(rec.restored);
+        assert_eq!(rec.base.as_ref(), Some(&point));
+        assert_ne!(rec.access_token, src.access_token);
+    }
+    assert_eq!(h.snapshot().state, SandboxState::Running);
+    assert_eq!(slot_files(&s.ctx).len(), 4);
+    // Hidden from listings, kept while a copy uses it.
+    assert!(s.ctx.templates.list(false).iter().all(|t| t.name != point));
+    assert!(s.ctx.templates.exists(&point));
+    for rec in &made[..2] {
+        s.ctx
+            .registry
+            .get(&rec.spec.sandbox_id)
+            .unwrap()
+            .destroy("t")
+            .await;
+    }
+    assert!(s.ctx.templates.exists(&point));
+    s.ctx
+        .registry
+        .get(&made[2].spec.sandbox_id)
+        .unwrap()
+        .destroy("t")
+        .await;
+    assert!(!s.ctx.templates.exists(&point), "unused fork point removed");
+
+    // A failed fork leaves no copy and no fork point; the source runs on.
+    let before = store_entries(&s);
+    s.ctx.config.faults.arm("snapshot:copied", Fault::Fail);
+    let copies: Vec<_> = (0..2).map(|_| spec(&SandboxId::generate())).collect();
+    crate::service::fork(s.ctx.clone(), h.clone(), copies.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(store_entries(&s), before);
+    for c in &copies {
+        assert!(s.ctx.registry.get(&c.sandbox_id).is_none());
+    }
+    assert_running(&s, &h.snapshot());
+}

@@ -157,6 +157,9 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
             }
         }
     }
+    // Template builds and deletions a crash cut short; fork points nobody uses.
+    report.cleaned.extend(ctx.templates.sweep());
+    ctx.sweep_fork_points();
     info!(
         adopted = report.adopted.len(),
         cleaned = report.cleaned.len(),

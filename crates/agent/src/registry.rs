@@ -28,6 +28,11 @@ pub(crate) enum Command {
         expires_at_unix_ms: i64,
         reply: LifecycleReply,
     },
+    /// Snapshot it into a new template ([`crate::snapshot::snapshot`]).
+    Snapshot {
+        request: crate::snapshot::SnapshotRequest,
+        reply: oneshot::Sender<Result<crate::snapshot::Snapshot, LifecycleError>>,
+    },
 }
 
 pub(crate) type LifecycleReply = oneshot::Sender<Result<SandboxRecord, LifecycleError>>;
@@ -62,6 +67,19 @@ impl SandboxHandle {
         let (reply, wait) = oneshot::channel();
         self.tx
             .send(Command::Pause { reply })
+            .await
+            .map_err(|_| LifecycleError::Gone)?;
+        wait.await.map_err(|_| LifecycleError::Gone)?
+    }
+
+    /// Ask the actor to snapshot the sandbox into a new template.
+    pub async fn snapshot_to_template(
+        &self,
+        request: crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::Snapshot, LifecycleError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Snapshot { request, reply })
             .await
             .map_err(|_| LifecycleError::Gone)?;
         wait.await.map_err(|_| LifecycleError::Gone)?
@@ -168,6 +186,22 @@ impl Registry {
         if map.get(id).is_some_and(|h| h.tx.same_channel(tx)) {
             map.remove(id);
         }
+    }
+
+    /// How many registered sandboxes' disk or memory come from template `name`.
+    pub fn template_users(&self, name: &hearth_types::TemplateName) -> usize {
+        self.lock()
+            .values()
+            .filter(|h| {
+                let r = h.record.borrow();
+                r.spec.template == *name || r.base.as_ref() == Some(name)
+            })
+            .count()
+    }
+
+    /// Whether a registered sandbox's disk or memory comes from template `name`.
+    pub fn uses_template(&self, name: &hearth_types::TemplateName) -> bool {
+        self.template_users(name) > 0
     }
 
     pub fn all(&self) -> Vec<SandboxHandle> {

@@ -76,6 +76,8 @@ pub enum SandboxError {
     VmExited { qemu_log: String, console: String },
     #[error("destroyed while starting")]
     Cancelled,
+    #[error("template {template} has no saved VM this host can restore for this shape")]
+    NotWarm { template: String },
 }
 
 impl SandboxError {
@@ -102,6 +104,7 @@ impl SandboxError {
             ),
             Self::VmExited { .. } => "the VM exited during boot".into(),
             Self::Cancelled => "destroyed while starting".into(),
+            Self::NotWarm { .. } => self.to_string(),
         }
     }
 }
@@ -164,10 +167,21 @@ pub enum StartError {
 /// start its actor. The returned receiver yields once the guest answers (or the
 /// create failed and everything was cleaned up).
 pub(crate) fn start_create(ctx: &Arc<Ctx>, spec: SandboxSpec) -> Result<CreateReply, StartError> {
+    start_create_from(ctx, spec, None)
+}
+
+/// [`start_create`] with the disk and memory from `base` (a fork point) rather
+/// than from the spec's template.
+pub(crate) fn start_create_from(
+    ctx: &Arc<Ctx>,
+    spec: SandboxSpec,
+    base: Option<hearth_types::TemplateName>,
+) -> Result<CreateReply, StartError> {
     let id = spec.sandbox_id.clone();
     let run_dir = ctx.sandbox_dir(&id);
     let token = AccessToken::generate().map_err(StartError::Token)?;
-    let record = SandboxRecord::new(spec, run_dir.clone(), Some(token));
+    let mut record = SandboxRecord::new(spec, run_dir.clone(), Some(token));
+    record.base = base;
     let (tx, rx) = mpsc::channel(8);
     let (rec_tx, rec_rx) = watch::channel(record);
     ctx.registry.insert_admitted(
@@ -302,6 +316,9 @@ async fn run_create(
             });
             release(&actor.ctx, &actor.id, &mut actor.res).await;
             actor.ctx.registry.remove(&actor.id, &actor.self_tx);
+            if actor.record.borrow().base.is_some() {
+                actor.ctx.sweep_fork_points();
+            }
             let _ = reply.send(Err(e));
             if let Some(done) = pending_destroy {
                 let _ = done.send(());
@@ -363,7 +380,25 @@ async fn boot(
     record.send_modify(|r| r.net = Some(net.clone()));
     save(res)?;
 
-    let base = ctx.template_rootfs(&spec.template);
+    // A warm template (or fork point) of this exact shape, saved by this VMM:
+    // restore its memory instead of booting.
+    let base_name = record
+        .borrow()
+        .base
+        .clone()
+        .unwrap_or_else(|| spec.template.clone());
+    let warm = ctx.templates.warm(&base_name).filter(|w| {
+        w.vcpus == spec.vcpus
+            && w.memory_mb == spec.memory_mb
+            && w.disk_size_mb == spec.disk_size_mb
+            && w.saved.compat == ctx.vmm.snapshot_compat()
+    });
+    if warm.is_none() && record.borrow().base.is_some() {
+        return Err(SandboxError::NotWarm {
+            template: base_name.to_string(),
+        });
+    }
+    let base = ctx.template_rootfs(&base_name);
     let disk = ctx
         .disks
         .create(&base, &res.run_dir.join("disk"), spec.disk_size_mb)
@@ -373,6 +408,17 @@ async fn boot(
     record.send_modify(|r| r.disk = Some(disk.clone()));
     save(res)?;
 
+    let memory = match &warm {
+        // The memory is in the state: the VM's own fresh file receives it.
+        Some(w) if w.saved.memory_included => {
+            crate::vmm::Memory::Shared(res.run_dir.join(state::MEMORY_FILE))
+        }
+        // Shared by every sandbox from this template, copy-on-write.
+        Some(_) => crate::vmm::Memory::Private(
+            ctx.templates.dir(&base_name).join(crate::templates::MEMORY),
+        ),
+        None => crate::vmm::Memory::Shared(res.run_dir.join(state::MEMORY_FILE)),
+    };
     let vm_spec = VmSpec {
         name: id.to_string(),
         vcpus: spec.vcpus,
@@ -386,10 +432,13 @@ async fn boot(
         netns: Some(net.netns.clone()),
         run_dir: res.run_dir.clone(),
         runas: ctx.config.vm.uid_for_slot(slot),
-        memory: crate::vmm::Memory::Shared(res.run_dir.join(state::MEMORY_FILE)),
-        incoming: false,
+        memory,
+        incoming: warm.is_some(),
     };
-    record.send_modify(|r| r.memory = vm_spec.memory.clone());
+    record.send_modify(|r| {
+        r.memory = vm_spec.memory.clone();
+        r.restored = warm.is_some();
+    });
     let vm = ctx.vmm.spawn(&vm_spec).await.map_err(SandboxError::Vmm)?;
     follow_console(ctx, &res.run_dir, &vm);
     let pid = vm.pid;
@@ -399,11 +448,42 @@ async fn boot(
         r.guest_address = Some(net.guest_address);
     });
     save(res)?;
-    info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
-
-    wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
     let token = record.borrow().access_token.clone();
-    init_guest(ctx, &net, id, &spec.env, None, token.as_ref()).await
+    match &warm {
+        Some(w) => {
+            let state = std::fs::File::open(
+                ctx.templates
+                    .dir(&base_name)
+                    .join(crate::templates::VMSTATE),
+            )
+            .map_err(|source| SandboxError::RunDir {
+                path: ctx.templates.dir(&base_name),
+                source,
+            })?;
+            ctx.vmm
+                .restore(&vm, &w.saved, state)
+                .await
+                .map_err(SandboxError::Vmm)?;
+            ctx.vmm.resume(&vm).await.map_err(SandboxError::Vmm)?;
+            info!(pid, slot, template = %base_name, "VM restored, handing the guest its identity");
+            wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
+            // The restored guest holds the template's token: replace it at once.
+            init_guest(
+                ctx,
+                &net,
+                id,
+                &spec.env,
+                Some(&w.access_token),
+                token.as_ref(),
+            )
+            .await
+        }
+        None => {
+            info!(pid, slot, guest = %net.guest_address, "VM started, waiting for the guest agent");
+            wait_healthy(ctx, &net, &vm, &res.run_dir).await?;
+            init_guest(ctx, &net, id, &spec.env, None, token.as_ref()).await
+        }
+    }
 }
 
 /// Hand the guest agent what it cannot know by itself: the sandbox's environment
@@ -577,6 +657,9 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                     release(&actor.ctx, &actor.id, &mut actor.res).await;
                     actor.record.send_modify(|r| r.state = SandboxState::Stopped);
                     actor.ctx.registry.remove(&actor.id, &actor.self_tx);
+                    if actor.record.borrow().base.is_some() {
+                        actor.ctx.sweep_fork_points();
+                    }
                     info!(ms = t.elapsed().as_millis() as u64, "sandbox destroyed");
                     let _ = done.send(());
                     // Later requests (queued destroys) find it gone.
@@ -590,6 +673,10 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                     let r = crate::lifecycle::pause(&mut actor).await;
                     watching = actor.res.vm.is_some();
                     let _ = reply.send(r.map(|()| actor.record.borrow().clone()));
+                }
+                Some(Command::Snapshot { request, reply }) => {
+                    let r = crate::snapshot::snapshot(&mut actor, &request).await;
+                    let _ = reply.send(r);
                 }
                 Some(Command::Resume { expires_at_unix_ms, reply }) => {
                     let r = crate::lifecycle::resume(&mut actor, expires_at_unix_ms).await;

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 
 use crate::lifecycle::LifecycleError;
 use crate::registry::{InsertError, SandboxHandle};
-use crate::sandbox::{start_create, SandboxError, StartError};
+use crate::sandbox::{start_create, start_create_from, SandboxError, StartError};
+use crate::snapshot::SnapshotRequest;
 use crate::state::{SandboxRecord, SandboxSpec, SandboxState};
+use crate::templates::{TemplateEntry, TemplateError};
 use crate::Ctx;
 
 /// Implements the generated `HostAgent` trait.
@@ -114,7 +116,103 @@ fn lifecycle_error(e: &LifecycleError) -> ConnectError {
     ConnectError::new(code, e.public_message())
 }
 
+/// Most copies one fork makes.
+pub const MAX_FORK_COPIES: usize = 16;
+
+/// Snapshot `source` into a hidden fork point and start one sandbox per copy
+/// from it; all or nothing (a failed copy destroys the others).
+pub(crate) async fn fork(
+    ctx: Arc<crate::Ctx>,
+    source: SandboxHandle,
+    copies: Vec<SandboxSpec>,
+) -> Result<Vec<SandboxRecord>, ConnectError> {
+    let point: TemplateName = format!(
+        "fork-{}",
+        &hearth_types::SandboxId::generate().as_str()[3..]
+    )
+    .parse()
+    .map_err(|_| ConnectError::new(ErrorCode::Internal, "fork point name"))?;
+    ctx.pinned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(point.clone());
+    let result = async {
+        source
+            .snapshot_to_template(SnapshotRequest {
+                template: point.clone(),
+                memory: true,
+                hidden: true,
+            })
+            .await
+            .map_err(|e| {
+                warn!(error = %crate::error_chain(&e), "fork: snapshot of the source failed");
+                lifecycle_error(&e)
+            })?;
+        let mut waits = Vec::new();
+        let mut refused = None;
+        for spec in copies {
+            match start_create_from(&ctx, spec, Some(point.clone())) {
+                Ok(rx) => waits.push(rx),
+                Err(e) => {
+                    refused = Some(start_error(&e));
+                    break;
+                }
+            }
+        }
+        let results = futures::future::join_all(waits).await;
+        let mut made = Vec::new();
+        let mut failed = refused;
+        for r in results {
+            match r {
+                Ok(Ok(rec)) => made.push(rec),
+                Ok(Err(e)) => {
+                    failed.get_or_insert_with(|| {
+                        ConnectError::new(create_error_code(&e), e.public_message())
+                    });
+                }
+                Err(_) => {
+                    failed.get_or_insert_with(|| {
+                        ConnectError::new(ErrorCode::Internal, "a copy's actor stopped")
+                    });
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for rec in &made {
+                if let Some(h) = ctx.registry.get(&rec.spec.sandbox_id) {
+                    h.destroy("fork failed").await;
+                }
+            }
+            return Err(e);
+        }
+        Ok(made)
+    }
+    .await;
+    ctx.pinned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&point);
+    ctx.sweep_fork_points();
+    result
+}
+
 impl AgentService {
+    fn template_info(&self, t: &TemplateEntry) -> pb::TemplateInfo {
+        pb::TemplateInfo {
+            name: t.name.to_string(),
+            allocated_bytes: t.allocated_bytes,
+            apparent_bytes: t.apparent_bytes,
+            has_memory: t.warm.is_some(),
+            source_sandbox_id: t.meta.source_sandbox_id.clone().unwrap_or_default(),
+            created_at_unix_ms: t.meta.created_at_unix_ms,
+            vcpus: t.warm.as_ref().map_or(0, |w| w.vcpus),
+            memory_mb: t.warm.as_ref().map_or(0, |w| w.memory_mb),
+            disk_size_mb: t.warm.as_ref().map_or(t.disk_size_mb, |w| w.disk_size_mb),
+            in_use: u32::try_from(self.ctx.registry.template_users(&t.name)).unwrap_or(u32::MAX),
+            ..Default::default()
+        }
+    }
+
     /// The actor of sandbox `id`, or NotFound.
     fn handle(&self, id: &SandboxId) -> Result<SandboxHandle, ConnectError> {
         self.ctx.registry.get(id).ok_or_else(|| {
@@ -192,7 +290,7 @@ impl pb::HostAgent for AgentService {
             vmm: ctx.vmm.kind().to_owned(),
             accel: ctx.vmm.accel().as_str().to_owned(),
             reason: ctx.accel_reason.clone(),
-            templates: ctx.templates(),
+            templates: ctx.template_names(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             running: u32::try_from(ctx.registry.len()).unwrap_or(u32::MAX),
             memory_capacity_mb: ctx.capacity.memory_mb,
@@ -357,17 +455,88 @@ impl pb::HostAgent for AgentService {
     async fn snapshot_sandbox(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, pb::SnapshotSandboxRequest>,
+        request: ServiceRequest<'_, pb::SnapshotSandboxRequest>,
     ) -> ServiceResult<pb::SnapshotSandboxResponse> {
-        Err(not_yet("SnapshotSandbox"))
+        let id = parse_id(request.sandbox_id)?;
+        let template: TemplateName = request
+            .template
+            .parse()
+            .map_err(|e: hearth_types::IdError| invalid(e.to_string()))?;
+        let handle = self.handle(&id)?;
+        let req = SnapshotRequest {
+            template,
+            memory: request.memory,
+            hidden: false,
+        };
+        let started = std::time::Instant::now();
+        let snap = tokio::spawn(async move { handle.snapshot_to_template(req).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "snapshot task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "snapshot failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::SnapshotSandboxResponse {
+            template: self.template_info(&snap.entry).into(),
+            snapshot_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            frozen_ms: snap.frozen_ms,
+            ..Default::default()
+        })
     }
 
     async fn fork_sandbox(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, pb::ForkSandboxRequest>,
+        request: ServiceRequest<'_, pb::ForkSandboxRequest>,
     ) -> ServiceResult<pb::ForkSandboxResponse> {
-        Err(not_yet("ForkSandbox"))
+        let req = request.to_owned_message();
+        let id = parse_id(&req.sandbox_id)?;
+        if req.copies.is_empty() || req.copies.len() > MAX_FORK_COPIES {
+            return Err(invalid(format!(
+                "a fork makes 1 to {MAX_FORK_COPIES} copies, not {}",
+                req.copies.len()
+            )));
+        }
+        let source = self.handle(&id)?;
+        let src = source.snapshot().spec;
+        let mut copies = Vec::with_capacity(req.copies.len());
+        for wire in &req.copies {
+            let c = self.validate(wire)?;
+            if (c.template.clone(), c.vcpus, c.memory_mb, c.disk_size_mb)
+                != (
+                    src.template.clone(),
+                    src.vcpus,
+                    src.memory_mb,
+                    src.disk_size_mb,
+                )
+            {
+                return Err(invalid(format!(
+                    "copy {} must have its source's template and shape",
+                    c.sandbox_id
+                )));
+            }
+            if c.sandbox_id == id
+                || copies
+                    .iter()
+                    .any(|o: &SandboxSpec| o.sandbox_id == c.sandbox_id)
+            {
+                return Err(invalid(format!("copy ID {} is not unique", c.sandbox_id)));
+            }
+            copies.push(c);
+        }
+        let ctx = self.ctx.clone();
+        let started = std::time::Instant::now();
+        // The fork itself runs outside the request future: a cancelled RPC must
+        // not leave half the copies.
+        let outcome = tokio::spawn(async move { fork(ctx, source, copies).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "fork task failed"))??;
+        info!(sandbox_id = %id, copies = outcome.len(), ms = started.elapsed().as_millis() as u64, "forked");
+        Response::ok(pb::ForkSandboxResponse {
+            copies: outcome.iter().map(to_pb_status).collect(),
+            fork_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
     }
 
     async fn list_templates(
@@ -375,22 +544,63 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         _request: ServiceRequest<'_, pb::ListTemplatesRequest>,
     ) -> ServiceResult<pb::ListTemplatesResponse> {
-        Err(not_yet("ListTemplates"))
+        let templates = self
+            .ctx
+            .templates
+            .list(false)
+            .iter()
+            .map(|t| self.template_info(t))
+            .collect();
+        Response::ok(pb::ListTemplatesResponse {
+            templates,
+            ..Default::default()
+        })
     }
 
     async fn delete_template(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, pb::DeleteTemplateRequest>,
+        request: ServiceRequest<'_, pb::DeleteTemplateRequest>,
     ) -> ServiceResult<pb::DeleteTemplateResponse> {
-        Err(not_yet("DeleteTemplate"))
+        let name: TemplateName = request
+            .template
+            .parse()
+            .map_err(|e: hearth_types::IdError| invalid(e.to_string()))?;
+        if !self.ctx.templates.exists(&name) {
+            return Response::ok(pb::DeleteTemplateResponse {
+                existed: false,
+                ..Default::default()
+            });
+        }
+        if self.ctx.registry.uses_template(&name) {
+            return Err(ConnectError::new(
+                ErrorCode::FailedPrecondition,
+                format!("template {name} is used by a sandbox on this host; destroy those first"),
+            ));
+        }
+        match self.ctx.templates.delete(&name) {
+            Ok(()) => {
+                info!(template = %name, "template deleted");
+                Response::ok(pb::DeleteTemplateResponse {
+                    existed: true,
+                    ..Default::default()
+                })
+            }
+            Err(TemplateError::BuiltIn(_)) => Err(ConnectError::new(
+                ErrorCode::PermissionDenied,
+                format!("template {name} is built in and cannot be deleted"),
+            )),
+            Err(TemplateError::NotFound(_)) => Response::ok(pb::DeleteTemplateResponse {
+                existed: false,
+                ..Default::default()
+            }),
+            Err(e) => {
+                warn!(template = %name, error = %crate::error_chain(&e), "template deletion failed");
+                Err(ConnectError::new(
+                    ErrorCode::Internal,
+                    "could not delete the template",
+                ))
+            }
+        }
     }
-}
-
-/// RPCs of the lifecycle work in progress (issue 6): refused, never faked.
-fn not_yet(rpc: &str) -> ConnectError {
-    ConnectError::new(
-        ErrorCode::Unimplemented,
-        format!("{rpc} is not implemented by this agent yet"),
-    )
 }

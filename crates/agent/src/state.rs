@@ -113,6 +113,10 @@ pub struct SandboxRecord {
     /// Started by restoring a warm template's memory rather than by booting.
     #[serde(default)]
     pub restored: bool,
+    /// The template its disk (and memory) come from when that is not
+    /// `spec.template` (a fork point); the template may not go while it is used.
+    #[serde(default)]
+    pub base: Option<TemplateName>,
 }
 
 fn anonymous() -> Memory {
@@ -151,6 +155,7 @@ impl SandboxRecord {
             paused: None,
             next_access_token: None,
             restored: false,
+            base: None,
         }
     }
 
