@@ -497,7 +497,29 @@ async fn failures_leave_vms_usable_or_gone() {
     );
     assert!(vm.is_alive());
     assert!(w.healthy(Duration::from_secs(10)).await);
-    w.stop(&vm).await;
+
+    // A VM that dies mid-save (a full save: hundreds of ms) gives an error, not a hang.
+    w.vmm.pause(&vm).await.unwrap();
+    let full = Memory::Private(w.path("memory"));
+    let saving = {
+        let (vmm, vm, dest) = (w.vmm.clone(), vm.clone(), w.create("dying"));
+        tokio::spawn(async move { vmm.save(&vm, &full, dest).await })
+    };
+    let grown = eventually(Duration::from_secs(10), || {
+        std::fs::metadata(w.path("dying")).map_or(0, |m| m.len()) > 1 << 20
+    })
+    .await;
+    assert!(grown, "the full save never started writing");
+    hearth_agent::vmm::signal_pid(vm.pid, libc::SIGKILL);
+    let t = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(15), saving)
+        .await
+        .expect("save hung after the VM died")
+        .unwrap();
+    let err = res.expect_err("save of a killed VM succeeded");
+    println!("save of a VM killed mid-way: {err} (after {:.0} ms)", ms(t));
+    assert!(matches!(err, VmmError::Lifecycle { .. }), "{err:?}");
+    assert!(vm.wait_exit(Duration::from_secs(5)).await);
 
     // A state from another QEMU or accelerator is refused before QEMU sees it.
     let mut b = a.clone();

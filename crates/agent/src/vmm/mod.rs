@@ -343,7 +343,9 @@ pub struct VmHandle {
     pub name: String,
     pub pid: u32,
     pub control_socket: PathBuf,
-    /// Set when we spawned the process ourselves: flips to `true` once it was reaped.
+    /// Set when we spawned the process ourselves: flips to `true` once it was
+    /// reaped and the driver removed what it kept for it (its cgroup), so a VM
+    /// of the same name may start as soon as this one is seen exited.
     exited: Option<watch::Receiver<bool>>,
 }
 

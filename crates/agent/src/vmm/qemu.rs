@@ -101,12 +101,21 @@ pub struct QemuVmm {
 }
 
 impl QemuVmm {
+    /// The driver for `binary`. Its version is asked in the background right
+    /// away, so the first save does not wait for `--version` (~30 ms).
     pub fn new(binary: PathBuf, accel: ResolvedAccel, confinement: Confinement) -> Self {
+        let version = Arc::new(OnceLock::new());
+        let (bin, cell) = (binary.clone(), Arc::clone(&version));
+        std::thread::spawn(move || {
+            if let Some(v) = qemu_version(&bin) {
+                let _ = cell.set(v);
+            }
+        });
         Self {
             binary,
             accel,
             confinement,
-            version: Arc::new(OnceLock::new()),
+            version,
         }
     }
 
@@ -523,12 +532,16 @@ async fn spawn_qemu(
             Ok(status) => tracing::debug!(vm = %name, pid, %status, "VMM process exited"),
             Err(e) => warn!(vm = %name, pid, error = %e, "waiting for the VMM process failed"),
         }
-        let _ = tx.send(true);
+        // The cgroup goes before the exit is announced: a VM of the same name
+        // spawned once this one has exited (a restore after a save) makes its
+        // own group, which a late removal would pull from under it (ENODEV
+        // when entering it, or a SIGKILL of the new VM).
         if let Some(cg) = cgroups {
             if let Err(e) = cg.remove(&name).await {
                 warn!(vm = %name, error = %crate::error_chain(&e), "could not remove the VM's cgroup");
             }
         }
+        let _ = tx.send(true);
     });
     Ok(VmHandle::owned(
         spec.name.clone(),
@@ -636,8 +649,9 @@ impl Vmm for QemuVmm {
             ));
         }
         if st.status == "postmigrate" {
-            // QEMU 7.2 inactivated the disks at the last save; only `cont` takes
-            // them back, and a second migration would meet them inactive.
+            // QEMU 7.2 inactivated the disks at the last save and only `cont`
+            // takes them back; a second migration over inactive disks is not a
+            // path we checked, so it is refused.
             return Err(lifecycle(
                 vm,
                 OP,
@@ -650,8 +664,16 @@ impl Vmm for QemuVmm {
         } else {
             qmp.base_memory().await.map_err(|e| qmp_failed(vm, OP, e))?
         };
+        let t0 = std::time::Instant::now();
         start_migration(&mut qmp, vm, OP, ignore_shared, &dest, false).await?;
+        let t1 = std::time::Instant::now();
         let info = wait_migration(&mut qmp, vm, OP, migration_timeout(moved)).await?;
+        tracing::debug!(
+            vm = %vm.name,
+            start_ms = (t1 - t0).as_secs_f64() * 1000.0,
+            migrate_ms = t1.elapsed().as_secs_f64() * 1000.0,
+            "saved"
+        );
         let bytes = match dest.metadata() {
             Ok(m) if m.is_file() => m.len(),
             _ => info.ram_transferred,
@@ -729,7 +751,7 @@ fn qmp_failed(vm: &VmHandle, operation: &'static str, e: QmpError) -> VmmError {
             if why.is_empty() {
                 format!("the VM process exited ({e})")
             } else {
-                format!("the VM process exited: {why}")
+                format!("the VM process exited; the end of its stderr: {why}")
             },
         );
     }
