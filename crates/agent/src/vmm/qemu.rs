@@ -831,9 +831,9 @@ async fn wait_migration(
             _ => {}
         }
         if tokio::time::Instant::now() + pause > deadline {
-            if !incoming_only(operation) {
-                let _ = qmp.execute("migrate_cancel", None).await;
-            }
+            // An outgoing migration can be cancelled (the VM stays frozen); an
+            // incoming one cannot, the caller kills that VM.
+            let _ = qmp.execute("migrate_cancel", None).await;
             return Err(lifecycle(
                 vm,
                 operation,
@@ -843,11 +843,6 @@ async fn wait_migration(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
     }
-}
-
-/// Whether `operation` is the incoming side (nothing to cancel there).
-fn incoming_only(operation: &str) -> bool {
-    operation == "restore"
 }
 
 /// Pick the accelerator: explicit choices are taken as they are; `Auto` boots the
