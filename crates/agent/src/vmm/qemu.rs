@@ -650,8 +650,8 @@ impl Vmm for QemuVmm {
         }
         if st.status == "postmigrate" {
             // QEMU 7.2 inactivated the disks at the last save and only `cont`
-            // takes them back; a second migration over inactive disks is not a
-            // path we checked, so it is refused.
+            // takes them back; QEMU itself refuses ("Can't migrate the vm that
+            // was paused due to previous migration", checked here).
             return Err(lifecycle(
                 vm,
                 OP,
