@@ -177,6 +177,8 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 const MEMORY_BACKEND_ID: &str = "mem";
 /// The name under which a migration descriptor is handed to QEMU (`getfd`).
 const MIGRATION_FD: &str = "hearth-migration";
+/// How long a VM whose control socket closed gets to be seen exited.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Bound of each QMP command of a lifecycle operation.
 pub const LIFECYCLE_QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a migration may take besides the per-GiB allowance.
@@ -608,16 +610,13 @@ impl Vmm for QemuVmm {
 
     async fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
         let mut qmp = lifecycle_qmp(vm, "pause").await?;
-        qmp.stop().await.map_err(|e| qmp_failed(vm, "pause", e))
+        checked(vm, "pause", qmp.stop().await).await
     }
 
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
         let mut qmp = lifecycle_qmp(vm, "resume").await?;
-        qmp.cont().await.map_err(|e| qmp_failed(vm, "resume", e))?;
-        let st = qmp
-            .query_status()
-            .await
-            .map_err(|e| qmp_failed(vm, "resume", e))?;
+        checked(vm, "resume", qmp.cont().await).await?;
+        let st = checked(vm, "resume", qmp.query_status().await).await?;
         if !st.running {
             return Err(lifecycle(
                 vm,
@@ -637,10 +636,7 @@ impl Vmm for QemuVmm {
         const OP: &str = "save";
         let compat = self.snapshot_compat();
         let mut qmp = lifecycle_qmp(vm, OP).await?;
-        let st = qmp
-            .query_status()
-            .await
-            .map_err(|e| qmp_failed(vm, OP, e))?;
+        let st = checked(vm, OP, qmp.query_status().await).await?;
         if st.running {
             return Err(lifecycle(
                 vm,
@@ -662,7 +658,7 @@ impl Vmm for QemuVmm {
         let moved = if ignore_shared {
             0
         } else {
-            qmp.base_memory().await.map_err(|e| qmp_failed(vm, OP, e))?
+            checked(vm, OP, qmp.base_memory().await).await?
         };
         let t0 = std::time::Instant::now();
         start_migration(&mut qmp, vm, OP, ignore_shared, &dest, false).await?;
@@ -741,9 +737,26 @@ fn qemu_log_tail(vm: &VmHandle) -> String {
     super::escape_guest_text(log.trim_ascii())
 }
 
-/// A QMP failure during `operation`: a VMM that died says so, with its last words.
-fn qmp_failed(vm: &VmHandle, operation: &'static str, e: QmpError) -> VmmError {
-    if !vm.is_alive() || matches!(e, QmpError::Closed | QmpError::Io(_)) {
+/// `result` of a QMP command during `operation`, its error explained.
+async fn checked<T>(
+    vm: &VmHandle,
+    operation: &'static str,
+    result: Result<T, QmpError>,
+) -> Result<T, VmmError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => Err(qmp_failed(vm, operation, e).await),
+    }
+}
+
+/// A QMP failure during `operation`: a VMM that died says so, with its last
+/// words. A closed socket usually means QEMU is exiting (a failed incoming load
+/// ends QEMU 7.2), so that case waits a moment for the exit to be seen.
+async fn qmp_failed(vm: &VmHandle, operation: &'static str, e: QmpError) -> VmmError {
+    if matches!(e, QmpError::Closed | QmpError::Io(_)) {
+        vm.wait_exit(EXIT_GRACE).await;
+    }
+    if !vm.is_alive() {
         let why = qemu_log_tail(vm);
         return lifecycle(
             vm,
@@ -765,9 +778,25 @@ async fn lifecycle_qmp(vm: &VmHandle, operation: &'static str) -> Result<QmpClie
     if !vm.is_alive() {
         return Err(lifecycle(vm, operation, "the VM process is gone".into()));
     }
-    QmpClient::connect(&vm.control_socket, LIFECYCLE_QMP_TIMEOUT)
-        .await
-        .map_err(|e| qmp_failed(vm, operation, e))
+    // A VMM spawned a moment ago (a restore right after spawn) serves its QMP
+    // socket ~200 ms later under TCG: retry a refused or missing socket while
+    // the process lives, within the same bound.
+    let deadline = tokio::time::Instant::now() + LIFECYCLE_QMP_TIMEOUT;
+    loop {
+        match QmpClient::connect(&vm.control_socket, LIFECYCLE_QMP_TIMEOUT).await {
+            Ok(qmp) => return Ok(qmp),
+            Err(QmpError::Connect { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && vm.is_alive()
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(qmp_failed(vm, operation, e).await),
+        }
+    }
 }
 
 /// Set `x-ignore-shared`, hand QEMU `stream` and start the migration (outgoing,
@@ -780,12 +809,12 @@ async fn start_migration(
     stream: &std::fs::File,
     incoming: bool,
 ) -> Result<(), VmmError> {
-    qmp.set_migration_capability("x-ignore-shared", ignore_shared)
-        .await
-        .map_err(|e| qmp_failed(vm, operation, e))?;
-    qmp.getfd(MIGRATION_FD, stream.as_fd())
-        .await
-        .map_err(|e| qmp_failed(vm, operation, e))?;
+    let caps = qmp
+        .set_migration_capability("x-ignore-shared", ignore_shared)
+        .await;
+    checked(vm, operation, caps).await?;
+    let given = qmp.getfd(MIGRATION_FD, stream.as_fd()).await;
+    checked(vm, operation, given).await?;
     let uri = format!("fd:{MIGRATION_FD}");
     let started = if incoming {
         qmp.migrate_incoming(&uri).await
@@ -795,7 +824,7 @@ async fn start_migration(
     if let Err(e) = started {
         // QEMU takes the descriptor only once the migration starts.
         let _ = qmp.closefd(MIGRATION_FD).await;
-        return Err(qmp_failed(vm, operation, e));
+        return Err(qmp_failed(vm, operation, e).await);
     }
     Ok(())
 }
@@ -811,10 +840,7 @@ async fn wait_migration(
     let deadline = tokio::time::Instant::now() + limit;
     let mut pause = Duration::from_millis(1);
     loop {
-        let info = qmp
-            .query_migrate()
-            .await
-            .map_err(|e| qmp_failed(vm, operation, e))?;
+        let info = checked(vm, operation, qmp.query_migrate().await).await?;
         match info.status.as_str() {
             "completed" => return Ok(info),
             "failed" | "cancelled" => {
