@@ -203,8 +203,16 @@ impl QmpClient {
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
         let bytes = Self::encode(command, arguments);
-        self.writer.write_all(&bytes).await.map_err(QmpError::Io)?;
+        self.write_all(&bytes).await?;
         self.answer(command).await
+    }
+
+    /// Write `bytes`, bounded by the timeout (a QEMU that stops reading).
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), QmpError> {
+        tokio::time::timeout(self.timeout, self.writer.write_all(bytes))
+            .await
+            .map_err(|_| QmpError::Timeout(self.timeout))?
+            .map_err(QmpError::Io)
     }
 
     /// Run one command with `fd` attached (`SCM_RIGHTS`): QEMU keeps a duplicate,
@@ -231,10 +239,7 @@ impl QmpClient {
         .map_err(|_| QmpError::Timeout(self.timeout))??;
         // The descriptor went with the first byte; the rest is plain data.
         if sent < bytes.len() {
-            self.writer
-                .write_all(&bytes[sent..])
-                .await
-                .map_err(QmpError::Io)?;
+            self.write_all(&bytes[sent..]).await?;
         }
         self.answer(command).await
     }
