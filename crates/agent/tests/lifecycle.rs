@@ -1,0 +1,527 @@
+//! Pause, resume, snapshot to template, warm create and fork through the
+//! agent's Connect API and proxy, on real VMs (QEMU under TCG) in real network
+//! namespaces; crashes of the agent (`RunningAgent::abort` while a step hangs:
+//! what a `kill -9` does to the agent, its VMs live on) at the steps around
+//! each switch point, and injected failures with a count of what the host holds.
+//!
+//! Needs root and `$HEARTH_IMAGES_DIR` (kernel + `minimal`); without images the
+//! tests SKIP loudly.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use connectrpc::ErrorCode;
+use hearth_agent::faults::Fault;
+use hearth_agent::{Agent, AgentConfig, RunningAgent};
+use hearth_proto::hearth::agent::v1 as pb;
+use hearth_types::SandboxId;
+
+mod common;
+use common::{client, config, init_tracing, real_images, try_exec, Client};
+
+fn spec(id: &SandboxId, template: &str) -> pb::SandboxSpec {
+    pb::SandboxSpec {
+        sandbox_id: id.to_string(),
+        template: template.to_owned(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_size_mb: 256,
+        env: [("HELLO".to_owned(), "world".to_owned())]
+            .into_iter()
+            .collect(),
+        team_id: "test".into(),
+        ..Default::default()
+    }
+}
+
+async fn create(c: &Client, id: &SandboxId, template: &str) -> pb::SandboxStatus {
+    c.create_sandbox(pb::CreateSandboxRequest {
+        spec: spec(id, template).into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create {id} from {template}: {e}"))
+    .into_owned()
+    .sandbox
+    .into_option()
+    .unwrap()
+}
+
+async fn pause(
+    c: &Client,
+    id: &SandboxId,
+) -> Result<pb::PauseSandboxResponse, connectrpc::ConnectError> {
+    c.pause_sandbox(pb::PauseSandboxRequest {
+        sandbox_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_owned())
+}
+
+async fn resume(
+    c: &Client,
+    id: &SandboxId,
+) -> Result<pb::ResumeSandboxResponse, connectrpc::ConnectError> {
+    c.resume_sandbox(pb::ResumeSandboxRequest {
+        sandbox_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_owned())
+}
+
+async fn state(c: &Client, id: &SandboxId) -> pb::SandboxState {
+    c.get_sandbox(pb::GetSandboxRequest {
+        sandbox_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_owned()
+    .sandbox
+    .into_option()
+    .unwrap()
+    .state
+    .as_known()
+    .unwrap()
+}
+
+async fn destroy(c: &Client, id: &SandboxId) {
+    c.destroy_sandbox(pb::DestroySandboxRequest {
+        sandbox_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// `sh -c script` in the guest: stdout, panics unless it exits 0.
+async fn sh(agent: SocketAddr, id: &SandboxId, script: &str) -> String {
+    let (out, code) = try_exec(agent, id, "/bin/sh", &["-c", script])
+        .await
+        .unwrap_or_else(|e| panic!("exec {script:?} in {id}: {e:?}"));
+    assert_eq!(code, Some(0), "{script:?} in {id}: {out}");
+    out.trim().to_owned()
+}
+
+/// Start `sh -c script` in the guest and return its pid once it started; the
+/// stream is dropped (the guest keeps the process).
+async fn start_bg(agent: SocketAddr, id: &SandboxId, script: &str) -> u32 {
+    use hearth_proto::process as pp;
+    use pp::__buffa::oneof::process_event::Event;
+    let c = envd(agent, id);
+    let mut stream = c
+        .start(pp::StartRequest {
+            process: pp::ProcessConfig {
+                cmd: "/bin/sh".into(),
+                args: vec!["-c".into(), script.into()],
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    while let Some(msg) = stream.message().await.unwrap() {
+        if let Some(Event::Start(s)) = msg
+            .to_owned_message()
+            .event
+            .into_option()
+            .and_then(|e| e.event)
+        {
+            return s.pid;
+        }
+    }
+    panic!("no start event for {script:?}");
+}
+
+/// Re-attach to process `pid` (envd's process.Connect) and wait for its end:
+/// what it printed from now on, and its exit code.
+async fn wait_pid(agent: SocketAddr, id: &SandboxId, pid: u32) -> (String, Option<i32>) {
+    use hearth_proto::process as pp;
+    use pp::__buffa::oneof::process_event::{data_event::Output, Event};
+    use pp::__buffa::oneof::process_selector::Selector;
+    let c = envd(agent, id);
+    let mut stream = c
+        .connect(pp::ConnectRequest {
+            process: pp::ProcessSelector {
+                selector: Some(Selector::Pid(pid)),
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut out, mut code) = (String::new(), None);
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg
+            .to_owned_message()
+            .event
+            .into_option()
+            .and_then(|e| e.event)
+        {
+            Some(Event::Data(d)) => {
+                if let Some(Output::Stdout(b)) = d.output {
+                    out.push_str(&String::from_utf8_lossy(&b));
+                }
+            }
+            Some(Event::End(e)) => code = Some(e.exit_code),
+            _ => {}
+        }
+    }
+    (out, code)
+}
+
+fn envd(
+    agent: SocketAddr,
+    id: &SandboxId,
+) -> hearth_proto::process::ProcessClient<connectrpc::client::HttpClient> {
+    let uri = format!("http://{agent}/sandboxes/{id}/envd")
+        .parse()
+        .unwrap();
+    hearth_proto::process::ProcessClient::new(
+        connectrpc::client::HttpClient::plaintext(),
+        connectrpc::client::ClientConfig::new(uri),
+    )
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// What the host holds: network namespaces, processes whose command line names
+/// one of `ids`, nftables tables, and files under the run directory.
+fn host_holdings(run: &Path, ids: &[&SandboxId]) -> BTreeSet<String> {
+    let mut s = BTreeSet::new();
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if ids.iter().any(|id| n.contains(id.as_str())) {
+                s.insert(format!("netns {n}"));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                if ids.iter().any(|id| cmd.contains(&format!("-name {id}"))) {
+                    s.insert(format!("process {}", cmd.split(' ').next().unwrap_or("")));
+                }
+            }
+        }
+    }
+    let out = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    for t in String::from_utf8_lossy(&out.stdout).lines() {
+        if ids.iter().any(|id| t.contains(id.as_str())) {
+            s.insert(t.to_owned());
+        }
+    }
+    fn walk(dir: &Path, s: &mut BTreeSet<String>) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, s);
+                } else {
+                    s.insert(format!("file {}", p.display()));
+                }
+            }
+        }
+    }
+    walk(&run.join("sandboxes"), &mut s);
+    s
+}
+
+async fn start(images: &Path, run: &Path, adjust: impl FnOnce(&mut AgentConfig)) -> RunningAgent {
+    let mut c = config(images, run);
+    adjust(&mut c);
+    Agent::start(c).await.expect("agent starts")
+}
+
+#[tokio::test]
+async fn pause_and_resume_keep_processes_files_env_and_clock() {
+    init_tracing();
+    let Some(images) = real_images("pause_and_resume_keep_processes_files_env_and_clock") else {
+        return;
+    };
+    let run = tempfile::tempdir().unwrap();
+    let agent = start(&images, run.path(), |_| ()).await;
+    let (c, a) = (client(&agent), agent.local_addr());
+    let id = SandboxId::generate();
+    create(&c, &id, "minimal").await;
+    sh(a, &id, "echo kept > /tmp/f").await;
+    start_bg(
+        a,
+        &id,
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done",
+    )
+    .await;
+    let waiter = start_bg(a, &id, "sleep 8; echo waited").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: u32 = sh(a, &id, "cat /tmp/count").await.parse().unwrap();
+
+    let held = host_holdings(run.path(), &[&id]);
+    let p = pause(&c, &id).await.expect("pause");
+    let st = p.sandbox.as_option().unwrap();
+    assert_eq!(
+        st.state.as_known(),
+        Some(pb::SandboxState::SANDBOX_STATE_PAUSED)
+    );
+    assert!(st.paused_at_unix_ms > 0);
+    // No VMM, no network: only its files.
+    let paused_holdings = host_holdings(run.path(), &[&id]);
+    assert!(
+        paused_holdings.iter().all(|h| h.starts_with("file ")),
+        "a paused sandbox holds only files: {paused_holdings:?}"
+    );
+    assert!(held.iter().any(|h| h.starts_with("netns")), "{held:?}");
+    // Its guest cannot be reached while paused.
+    let refused = try_exec(a, &id, "/bin/true", &[]).await;
+    assert!(refused.is_err(), "exec on a paused sandbox: {refused:?}");
+    // A second pause is a no-op.
+    pause(&c, &id).await.expect("pause again");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = resume(&c, &id).await.expect("resume");
+    println!("pause_ms={} resume_ms={}", p.pause_ms, r.resume_ms);
+    assert_eq!(
+        state(&c, &id).await,
+        pb::SandboxState::SANDBOX_STATE_RUNNING
+    );
+    // The clock was corrected at once (the paused seconds are accounted for).
+    let guest_now: i64 = sh(a, &id, "date +%s").await.parse().unwrap();
+    assert!(
+        (guest_now - now_s()).abs() <= 2,
+        "guest clock {guest_now}, host {}",
+        now_s()
+    );
+    // Files, env and processes stayed: the counter goes on from where it was.
+    assert_eq!(sh(a, &id, "cat /tmp/f").await, "kept");
+    assert_eq!(sh(a, &id, "echo $HELLO").await, "world");
+    let after: u32 = sh(a, &id, "cat /tmp/count").await.parse().unwrap();
+    assert!(after >= before, "counter went back: {before} -> {after}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later: u32 = sh(a, &id, "cat /tmp/count").await.parse().unwrap();
+    assert!(later > after, "counter stopped: {after} -> {later}");
+    // A process started before the pause can still be waited on.
+    let (out, code) = wait_pid(a, &id, waiter).await;
+    assert_eq!((out.trim(), code), ("waited", Some(0)));
+
+    destroy(&c, &id).await;
+    assert!(host_holdings(run.path(), &[&id]).is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn failures_and_agent_crashes_mid_pause_and_resume_lose_nothing() {
+    init_tracing();
+    let Some(images) = real_images("failures_and_agent_crashes_mid_pause_and_resume_lose_nothing")
+    else {
+        return;
+    };
+    let run = tempfile::tempdir().unwrap();
+    let faults = hearth_agent::faults::Faults::default();
+    let mut agent = start(&images, run.path(), |c| c.faults = faults.clone()).await;
+    let id = SandboxId::generate();
+    create(&client(&agent), &id, "minimal").await;
+    sh(agent.local_addr(), &id, "echo kept > /tmp/f").await;
+    let running = host_holdings(run.path(), &[&id]);
+
+    // Injected failures: before the switch a pause leaves it running, a resume
+    // that fails before the guest runs leaves it paused; nothing more is held.
+    faults.arm("pause:saved", Fault::Fail);
+    let e = pause(&client(&agent), &id).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Internal);
+    assert_eq!(host_holdings(run.path(), &[&id]), running);
+    assert_eq!(sh(agent.local_addr(), &id, "cat /tmp/f").await, "kept");
+    faults.clear();
+    pause(&client(&agent), &id).await.unwrap();
+    let paused = host_holdings(run.path(), &[&id]);
+    faults.arm("resume:restored", Fault::Fail);
+    resume(&client(&agent), &id).await.unwrap_err();
+    assert_eq!(host_holdings(run.path(), &[&id]), paused);
+    faults.clear();
+
+    // Crashes: the agent dies while a step hangs; the next agent settles it.
+    // (step, state after the restart)
+    for (step, after) in [
+        ("resume:restored", pb::SandboxState::SANDBOX_STATE_PAUSED),
+        ("resume:running", pb::SandboxState::SANDBOX_STATE_RUNNING),
+        ("pause:saved", pb::SandboxState::SANDBOX_STATE_RUNNING),
+        ("pause:switched", pb::SandboxState::SANDBOX_STATE_PAUSED),
+    ] {
+        faults.arm(step, Fault::Hang);
+        let c = client(&agent);
+        let id2 = id.clone();
+        let call = tokio::spawn(async move {
+            if step.starts_with("pause") {
+                let _ = pause(&c, &id2).await;
+            } else {
+                let _ = resume(&c, &id2).await;
+            }
+        });
+        // Let the step be reached, then kill the agent where it hangs.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        agent.abort();
+        call.abort();
+        faults.clear();
+        agent = start(&images, run.path(), |c| c.faults = faults.clone()).await;
+        assert!(
+            agent.recovery().adopted.contains(&id),
+            "{step}: {:?}",
+            agent.recovery()
+        );
+        assert_eq!(
+            state(&client(&agent), &id).await,
+            after,
+            "after a crash at {step}"
+        );
+        if after == pb::SandboxState::SANDBOX_STATE_PAUSED {
+            assert_eq!(host_holdings(run.path(), &[&id]), paused, "{step}");
+        } else {
+            assert_eq!(
+                sh(agent.local_addr(), &id, "cat /tmp/f").await,
+                "kept",
+                "{step}"
+            );
+        }
+    }
+    // Paused now: it resumes and still has its file.
+    resume(&client(&agent), &id)
+        .await
+        .expect("resume after the crashes");
+    assert_eq!(sh(agent.local_addr(), &id, "cat /tmp/f").await, "kept");
+    destroy(&client(&agent), &id).await;
+    assert!(host_holdings(run.path(), &[&id]).is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshot_to_template_then_warm_sandboxes_and_a_fork_of_four() {
+    init_tracing();
+    let Some(images) = real_images("snapshot_to_template_then_warm_sandboxes_and_a_fork_of_four")
+    else {
+        return;
+    };
+    // Templates made here go into a private copy of the store.
+    let store = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
+    std::fs::create_dir(store.path().join("templates")).unwrap();
+    std::os::unix::fs::symlink(
+        images.join("templates/minimal"),
+        store.path().join("templates/minimal"),
+    )
+    .unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let agent = start(store.path(), run.path(), |_| ()).await;
+    let (c, a) = (client(&agent), agent.local_addr());
+    let src = SandboxId::generate();
+    create(&c, &src, "minimal").await;
+    sh(a, &src, "echo before > /tmp/snap && sync").await;
+    let made = c
+        .snapshot_sandbox(pb::SnapshotSandboxRequest {
+            sandbox_id: src.to_string(),
+            template: "snap-test".into(),
+            memory: true,
+            ..Default::default()
+        })
+        .await
+        .expect("snapshot")
+        .into_owned();
+    let t = made.template.as_option().unwrap();
+    println!(
+        "snapshot_ms={} frozen_ms={} allocated={} apparent={}",
+        made.snapshot_ms, made.frozen_ms, t.allocated_bytes, t.apparent_bytes
+    );
+    assert!(t.has_memory);
+    assert!(t.allocated_bytes < t.apparent_bytes, "sparse: {t:?}");
+    // The source runs on.
+    assert_eq!(sh(a, &src, "cat /tmp/snap").await, "before");
+
+    // Two sandboxes from it: both see the file, not each other's writes, and
+    // have their own names.
+    let (x, y) = (SandboxId::generate(), SandboxId::generate());
+    let sx = create(&c, &x, "snap-test").await;
+    let sy = create(&c, &y, "snap-test").await;
+    assert!(sx.restored && sy.restored, "warm creates restore");
+    println!("warm boot_ms={} {}", sx.boot_ms, sy.boot_ms);
+    for (id, other) in [(&x, &y), (&y, &x)] {
+        assert_eq!(sh(a, id, "cat /tmp/snap").await, "before");
+        sh(a, id, &format!("echo {id} > /tmp/mine")).await;
+        let _ = other;
+    }
+    assert_eq!(sh(a, &x, "cat /tmp/mine").await, x.as_str());
+    assert_eq!(sh(a, &y, "cat /tmp/mine").await, y.as_str());
+    assert_eq!(sh(a, &x, "hostname").await, x.as_str());
+    assert_eq!(sh(a, &y, "hostname").await, y.as_str());
+    // In use: not deletable.
+    let e = c
+        .delete_template(pb::DeleteTemplateRequest {
+            template: "snap-test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+
+    // Fork of four: four running copies of the source with its processes.
+    start_bg(
+        a,
+        &src,
+        "while true; do date +%s > /tmp/tick; sleep 1; done",
+    )
+    .await;
+    let copies: Vec<SandboxId> = (0..4).map(|_| SandboxId::generate()).collect();
+    let forked = c
+        .fork_sandbox(pb::ForkSandboxRequest {
+            sandbox_id: src.to_string(),
+            copies: copies.iter().map(|id| spec(id, "minimal")).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("fork")
+        .into_owned();
+    println!("fork_4_ms={}", forked.fork_ms);
+    assert_eq!(forked.copies.len(), 4);
+    for id in &copies {
+        assert_eq!(sh(a, id, "cat /tmp/snap").await, "before");
+        assert_eq!(sh(a, id, "hostname").await, id.as_str());
+        sh(a, id, &format!("echo {id} > /tmp/mine")).await;
+        // The copied loop runs on in each copy.
+        let t0: i64 = sh(a, id, "cat /tmp/tick").await.parse().unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let t1: i64 = sh(a, id, "cat /tmp/tick").await.parse().unwrap();
+        assert!(t1 > t0, "{id}: loop stopped");
+    }
+    for id in &copies {
+        assert_eq!(sh(a, id, "cat /tmp/mine").await, id.as_str());
+    }
+    assert_eq!(sh(a, &src, "cat /tmp/snap").await, "before");
+    for id in copies.iter().chain([&x, &y, &src]) {
+        destroy(&c, id).await;
+    }
+    // Unused now: deletable, and the fork point went with its copies.
+    c.delete_template(pb::DeleteTemplateRequest {
+        template: "snap-test".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    let left: Vec<_> = std::fs::read_dir(store.path().join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["minimal"]);
+    agent.shutdown().await;
+}
