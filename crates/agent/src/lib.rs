@@ -27,6 +27,7 @@ pub mod state;
 pub mod templates;
 mod tools;
 pub mod vmm;
+mod warm;
 
 #[cfg(test)]
 mod admission_tests;
@@ -98,6 +99,11 @@ pub struct AgentConfig {
     /// Steps of pause/resume/snapshot/fork armed to fail, hang or kill (tests only;
     /// empty in production). See [`faults`].
     pub faults: faults::Faults,
+    /// Built-in templates whose warm variant (a saved idle VM of the default
+    /// shape) the agent makes at start, in the background, so that plain creates
+    /// from them restore instead of booting. Empty: none (the default here; the
+    /// `hearth` commands warm every built-in unless told otherwise).
+    pub warm_templates: Vec<TemplateName>,
 }
 
 pub use hearth_proto::AGENT_TOKEN_HEADER;
@@ -125,6 +131,7 @@ impl AgentConfig {
             token: None,
             vm: vmm::VmHostConfig::default(),
             faults: faults::Faults::default(),
+            warm_templates: Vec::new(),
         }
     }
 
@@ -329,22 +336,14 @@ impl Ctx {
     pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
         self.sandboxes_dir().join(id.as_str())
     }
-    /// Templates present on this host (those with a root disk), sorted.
+    /// Templates present on this host (those with a root disk), sorted; fork
+    /// points and warm variants are the host's own business.
     pub fn template_names(&self) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(self.config.images_dir.join("templates")) else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| {
-                n.parse::<TemplateName>()
-                    .map(|t| self.template_rootfs(&t).is_file())
-                    .unwrap_or(false)
-            })
-            .collect();
-        v.sort();
-        v
+        self.templates
+            .list(false)
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect()
     }
 }
 
@@ -425,6 +424,10 @@ impl Agent {
         }));
         let reaper = tokio::spawn(reaper::run(ctx.clone()));
         ctx.tasks.track(reaper.abort_handle());
+        if !ctx.config.warm_templates.is_empty() {
+            let warmer = tokio::spawn(warm::warm_templates(ctx.clone()));
+            ctx.tasks.track(warmer.abort_handle());
+        }
         info!(
             %local_addr,
             host_id = %ctx.host_id,

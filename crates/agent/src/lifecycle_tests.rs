@@ -198,6 +198,7 @@ fn snap(name: &str, memory: bool) -> crate::snapshot::SnapshotRequest {
         template: tname(name),
         memory,
         hidden: false,
+        warm_of: None,
     }
 }
 

@@ -380,24 +380,38 @@ async fn boot(
     record.send_modify(|r| r.net = Some(net.clone()));
     save(res)?;
 
-    // A warm template (or fork point) of this exact shape, saved by this VMM:
-    // restore its memory instead of booting.
-    let base_name = record
-        .borrow()
-        .base
-        .clone()
-        .unwrap_or_else(|| spec.template.clone());
-    let warm = ctx.templates.warm(&base_name).filter(|w| {
+    // A warm template (or fork point, or a built-in's warm variant) of this
+    // exact shape, saved by this VMM: restore its memory instead of booting.
+    let fits = |w: &crate::templates::WarmMeta| {
         w.vcpus == spec.vcpus
             && w.memory_mb == spec.memory_mb
             && w.disk_size_mb == spec.disk_size_mb
             && w.saved.compat == ctx.vmm.snapshot_compat()
-    });
-    if warm.is_none() && record.borrow().base.is_some() {
-        return Err(SandboxError::NotWarm {
-            template: base_name.to_string(),
-        });
-    }
+    };
+    let explicit = record.borrow().base.clone();
+    let (base_name, warm) = match explicit {
+        Some(b) => match ctx.templates.warm(&b).filter(fits) {
+            Some(w) => (b, Some(w)),
+            None => {
+                return Err(SandboxError::NotWarm {
+                    template: b.to_string(),
+                })
+            }
+        },
+        None => {
+            let variant = crate::templates::warm_variant(&spec.template)
+                .and_then(|v| Some((ctx.templates.warm(&v).filter(fits)?, v)));
+            match (ctx.templates.warm(&spec.template).filter(fits), variant) {
+                (Some(w), _) => (spec.template.clone(), Some(w)),
+                (None, Some((w, v))) => {
+                    // Tracked as the sandbox's base: the variant stays while used.
+                    record.send_modify(|r| r.base = Some(v.clone()));
+                    (v, Some(w))
+                }
+                (None, None) => (spec.template.clone(), None),
+            }
+        }
+    };
     let base = ctx.template_rootfs(&base_name);
     let disk = ctx
         .disks

@@ -142,6 +142,7 @@ pub(crate) async fn fork(
                 template: point.clone(),
                 memory: true,
                 hidden: true,
+                warm_of: None,
             })
             .await
             .map_err(|e| {
@@ -467,6 +468,7 @@ impl pb::HostAgent for AgentService {
             template,
             memory: request.memory,
             hidden: false,
+            warm_of: None,
         };
         let started = std::time::Instant::now();
         let snap = tokio::spawn(async move { handle.snapshot_to_template(req).await })

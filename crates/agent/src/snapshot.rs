@@ -36,6 +36,8 @@ pub struct SnapshotRequest {
     pub memory: bool,
     /// A fork point: not listed, removed when unused.
     pub hidden: bool,
+    /// Made as the warm variant of this built-in template.
+    pub warm_of: Option<TemplateName>,
 }
 
 fn template(op: &'static str) -> impl FnOnce(TemplateError) -> LifecycleError {
@@ -74,6 +76,7 @@ pub(crate) async fn snapshot(
                         source_sandbox_id: Some(rec.spec.sandbox_id.to_string()),
                         created_at_unix_ms: now_unix_ms(),
                         hidden: req.hidden,
+                        warm_of: req.warm_of.as_ref().map(ToString::to_string),
                     },
                     0o644,
                 )

@@ -41,6 +41,15 @@ pub struct TemplateMeta {
     pub created_at_unix_ms: i64,
     /// A fork point: not listed, removed once no sandbox depends on it.
     pub hidden: bool,
+    /// The built-in template this one is the warm variant of ([`warm_variant`]):
+    /// not listed; a create from that built-in restores from it.
+    pub warm_of: Option<String>,
+}
+
+/// The name of built-in template `name`'s warm variant (its booted, idle VM
+/// saved with the default shape).
+pub fn warm_variant(name: &TemplateName) -> Option<TemplateName> {
+    format!("warm-{name}").parse().ok()
 }
 
 /// `warm.json` (root-only: it holds the token the saved guest accepts).
@@ -153,7 +162,7 @@ impl Store {
             .filter_map(|e| e.file_name().to_str()?.parse::<TemplateName>().ok())
             .filter(|n| self.exists(n))
             .map(|name| self.entry(name))
-            .filter(|e| all || !e.meta.hidden)
+            .filter(|e| all || (!e.meta.hidden && e.meta.warm_of.is_none()))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -227,7 +236,8 @@ impl Store {
         if !self.exists(name) {
             return Err(TemplateError::NotFound(name.clone()));
         }
-        if self.meta(name).source_sandbox_id.is_none() {
+        let meta = self.meta(name);
+        if meta.source_sandbox_id.is_none() && meta.warm_of.is_none() {
             return Err(TemplateError::BuiltIn(name.clone()));
         }
         let dir = self.dir(name);

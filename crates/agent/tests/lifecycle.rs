@@ -525,3 +525,73 @@ async fn snapshot_to_template_then_warm_sandboxes_and_a_fork_of_four() {
     assert_eq!(left, ["minimal"]);
     agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn built_in_templates_are_made_warm_so_plain_creates_restore() {
+    init_tracing();
+    let Some(images) = real_images("built_in_templates_are_made_warm_so_plain_creates_restore")
+    else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
+    std::fs::create_dir(store.path().join("templates")).unwrap();
+    std::os::unix::fs::symlink(
+        images.join("templates/minimal"),
+        store.path().join("templates/minimal"),
+    )
+    .unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let warm = |c: &mut AgentConfig| c.warm_templates = vec!["minimal".parse().unwrap()];
+    let agent = start(store.path(), run.path(), warm).await;
+    let variant = store.path().join("templates/warm-minimal/warm.json");
+    assert!(
+        common::eventually(Duration::from_secs(90), || variant.is_file()).await,
+        "no warm variant made"
+    );
+    let (c, a) = (client(&agent), agent.local_addr());
+    // The variant is the host's business: not listed as a template.
+    let listed = c
+        .list_templates(pb::ListTemplatesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    let names: Vec<_> = listed.templates.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["minimal"]);
+    // The default shape restores; another shape boots.
+    let (x, y) = (SandboxId::generate(), SandboxId::generate());
+    let mut s = spec(&x, "minimal");
+    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
+    let sx = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            spec: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned()
+        .sandbox
+        .into_option()
+        .unwrap();
+    assert!(sx.restored, "default shape restores");
+    let sy = create(&c, &y, "minimal").await;
+    assert!(!sy.restored, "another shape boots");
+    println!(
+        "warm create boot_ms={} cold boot_ms={}",
+        sx.boot_ms, sy.boot_ms
+    );
+    assert_eq!(sh(a, &x, "hostname").await, x.as_str());
+    assert_eq!(sh(a, &x, "echo $HELLO").await, "world");
+    destroy(&c, &x).await;
+    destroy(&c, &y).await;
+    // A restart finds it up to date and keeps it.
+    agent.shutdown().await;
+    let made = std::fs::metadata(&variant).unwrap().modified().unwrap();
+    let agent = start(store.path(), run.path(), warm).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        std::fs::metadata(&variant).unwrap().modified().unwrap(),
+        made
+    );
+    agent.shutdown().await;
+}

@@ -1,0 +1,120 @@
+//! Warm variants of built-in templates, made by the agent at start.
+//!
+//! A plain create from a built-in template (`minimal`, `python`) with the default
+//! shape should restore, not boot. For each template named in
+//! `AgentConfig::warm_templates`, the agent boots a sandbox from it once, saves
+//! it idle with its memory as the template `warm-<name>`
+//! ([`crate::templates::warm_variant`]; not listed, tracked as the base of every
+//! sandbox restored from it) and destroys the sandbox. A variant is rebuilt when
+//! it no longer fits: another VMM or accelerator, or a rebuilt template image.
+//! Runs in the background; creates meanwhile boot as before.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_types::{SandboxId, SandboxShape, TemplateName};
+use tracing::{info, warn};
+
+use crate::sandbox::start_create;
+use crate::snapshot::SnapshotRequest;
+use crate::state::SandboxSpec;
+use crate::templates::{warm_variant, WarmMeta};
+use crate::Ctx;
+
+/// How long a freshly booted guest is left alone before it is saved, so that
+/// what it does right after boot has settled.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// The shape warm variants are made for: the API's defaults.
+pub fn default_shape() -> (u32, u32, u32) {
+    (
+        SandboxShape::DEFAULT_VCPUS,
+        SandboxShape::DEFAULT_MEMORY_MB,
+        SandboxShape::DEFAULT_DISK_MB,
+    )
+}
+
+/// Make (or refresh) the warm variant of every configured template, one at a time.
+pub(crate) async fn warm_templates(ctx: Arc<Ctx>) {
+    for name in ctx.config.warm_templates.clone() {
+        match warm_one(&ctx, &name).await {
+            Ok(true) => info!(template = %name, "warm variant made"),
+            Ok(false) => info!(template = %name, "warm variant up to date"),
+            Err(e) => {
+                warn!(template = %name, error = %e, "could not make the warm variant; creates from it boot")
+            }
+        }
+    }
+}
+
+/// Whether the variant `w` (made at `made_ms`) still fits template `name`.
+fn fits(ctx: &Ctx, name: &TemplateName, w: &WarmMeta, made_ms: i64) -> bool {
+    let (vcpus, memory_mb, disk_size_mb) = default_shape();
+    let image_ms = std::fs::metadata(ctx.templates.rootfs(name))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(i64::MAX, |d| d.as_millis() as i64);
+    (w.vcpus, w.memory_mb, w.disk_size_mb) == (vcpus, memory_mb, disk_size_mb)
+        && w.saved.compat == ctx.vmm.snapshot_compat()
+        && image_ms <= made_ms
+}
+
+/// Returns whether a new variant was made.
+async fn warm_one(ctx: &Arc<Ctx>, name: &TemplateName) -> Result<bool, String> {
+    if !ctx.templates.exists(name) {
+        return Err("no such template on this host".into());
+    }
+    let variant = warm_variant(name).ok_or("the template's name is too long for a variant")?;
+    if let Some(w) = ctx.templates.warm(&variant) {
+        if fits(
+            ctx,
+            name,
+            &w,
+            ctx.templates.meta(&variant).created_at_unix_ms,
+        ) {
+            return Ok(false);
+        }
+    }
+    if ctx.templates.exists(&variant) {
+        if ctx.registry.uses_template(&variant) {
+            return Err("the stale variant is in use; it is replaced at the next start".into());
+        }
+        ctx.templates
+            .delete(&variant)
+            .map_err(|e| crate::error_chain(&e))?;
+    }
+    let (vcpus, memory_mb, disk_size_mb) = default_shape();
+    let id = SandboxId::generate();
+    let spec = SandboxSpec {
+        sandbox_id: id.clone(),
+        template: name.clone(),
+        vcpus,
+        memory_mb,
+        disk_size_mb,
+        expires_at_unix_ms: 0,
+        env: Default::default(),
+        team_id: String::new(),
+    };
+    let rx = start_create(ctx, spec).map_err(|e| crate::error_chain(&e))?;
+    match rx.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(crate::error_chain(&e)),
+        Err(_) => return Err("the sandbox's actor stopped".into()),
+    }
+    let handle = ctx
+        .registry
+        .get(&id)
+        .ok_or("the warming sandbox vanished")?;
+    tokio::time::sleep(SETTLE).await;
+    let made = handle
+        .snapshot_to_template(SnapshotRequest {
+            template: variant,
+            memory: true,
+            hidden: false,
+            warm_of: Some(name.clone()),
+        })
+        .await;
+    handle.destroy("warm variant made").await;
+    made.map(|_| true).map_err(|e| crate::error_chain(&e))
+}
