@@ -43,6 +43,12 @@ pub struct AgentOpts {
     /// Free space (MiB) kept on the run directory's filesystem.
     #[arg(long, env = "HEARTH_DISK_RESERVE_MB", default_value_t = hearth_agent::admission::CapacityConfig::default().disk_reserve_mb)]
     pub disk_reserve_mb: u64,
+    /// Built-in templates to make warm at start (a booted, idle VM of the default
+    /// shape saved with its memory, so that plain creates restore in a fraction of a
+    /// boot): `all` (every built-in template on this host), `none`, or names
+    /// separated by commas. Runs in the background; creates meanwhile boot.
+    #[arg(long, env = "HEARTH_WARM_TEMPLATES", default_value = "all")]
+    pub warm_templates: String,
 }
 
 #[derive(Args, Clone)]
@@ -242,6 +248,24 @@ fn agent_config(
         );
     }
     cfg.max_sandboxes = o.max_sandboxes;
+    cfg.warm_templates = match o.warm_templates.trim() {
+        "none" | "" => Vec::new(),
+        // Built-ins are the templates the images directory came with (no source sandbox).
+        "all" => hearth_agent::templates::Store::new(cfg.images_dir.join("templates"))
+            .list(false)
+            .into_iter()
+            .filter(|t| t.meta.source_sandbox_id.is_none())
+            .map(|t| t.name)
+            .collect(),
+        list => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--warm-templates: {n:?}: {e}"))
+            })
+            .collect::<Result<_>>()?,
+    };
     cfg.capacity = hearth_agent::admission::CapacityConfig {
         memory_overcommit: o.memory_overcommit,
         memory_reserve_mb: o.memory_reserve_mb,

@@ -135,6 +135,8 @@ impl Stack {
             .args(["--agent-url", &format!("http://127.0.0.1:{agent_port}")])
             .env("HEARTH_CREDENTIALS", &creds)
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
+            // Tests share one images directory: only those that ask warm templates.
+            .env("HEARTH_WARM_TEMPLATES", "none")
             .env("RUST_LOG", "info")
             .envs(server_env.iter().copied())
             .stdout(log.try_clone().expect("log"))
