@@ -248,6 +248,12 @@ fn agent_config(
         );
     }
     cfg.max_sandboxes = o.max_sandboxes;
+    // Tests of crash and failure paths only: arms lifecycle steps (see hearth_agent::faults).
+    if let Ok(spec) = std::env::var("HEARTH_AGENT_FAULTS") {
+        cfg.faults = hearth_agent::faults::Faults::parse(&spec)
+            .map_err(|e| anyhow::anyhow!("HEARTH_AGENT_FAULTS: {e}"))?;
+        tracing::warn!(faults = %spec, "fault injection armed (HEARTH_AGENT_FAULTS): for tests only");
+    }
     cfg.warm_templates = match o.warm_templates.trim() {
         "none" | "" => Vec::new(),
         // Built-ins are the templates the images directory came with (no source sandbox).
