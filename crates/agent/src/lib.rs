@@ -16,6 +16,7 @@ pub mod disk;
 pub mod faults;
 pub mod lifecycle;
 pub mod net;
+mod pool;
 pub mod proxy;
 mod reaper;
 pub mod recovery;
@@ -104,6 +105,9 @@ pub struct AgentConfig {
     /// from them restore instead of booting. Empty: none (the default here; the
     /// `hearth` commands warm every built-in unless told otherwise).
     pub warm_templates: Vec<TemplateName>,
+    /// Restored, frozen VMs kept ready per warm template (default shape), so that
+    /// a create takes one in the time of an `/init` ([`pool`]). 0: no pool.
+    pub warm_pool: usize,
 }
 
 pub use hearth_proto::AGENT_TOKEN_HEADER;
@@ -132,6 +136,7 @@ impl AgentConfig {
             vm: vmm::VmHostConfig::default(),
             faults: faults::Faults::default(),
             warm_templates: Vec::new(),
+            warm_pool: 0,
         }
     }
 
@@ -425,7 +430,13 @@ impl Agent {
         let reaper = tokio::spawn(reaper::run(ctx.clone()));
         ctx.tasks.track(reaper.abort_handle());
         if !ctx.config.warm_templates.is_empty() {
-            let warmer = tokio::spawn(warm::warm_templates(ctx.clone()));
+            let c = ctx.clone();
+            let warmer = tokio::spawn(async move {
+                warm::warm_templates(c.clone()).await;
+                if c.config.warm_pool > 0 {
+                    pool::run(c).await;
+                }
+            });
             ctx.tasks.track(warmer.abort_handle());
         }
         info!(

@@ -236,11 +236,14 @@ async fn release_vm(actor: &mut Actor, vm: &VmHandle) {
     let ctx = actor.ctx.clone();
     stop_vm(&ctx, vm).await;
     actor.res.vm = None;
-    if let Err(e) = ctx.vmm.forget(actor.id.as_str()).await {
+    let rid = actor.record.borrow().resource_id().clone();
+    if let Err(e) = ctx.vmm.forget(rid.as_str()).await {
         warn!(error = %crate::error_chain(&e), "VM cgroup removal failed");
     }
     release_network(actor).await;
     actor.update(|r| {
+        // What it takes next (a resume) is taken under its own ID.
+        r.vm_id = None;
         r.pid = None;
         r.slot = None;
         r.net = None;
@@ -250,17 +253,18 @@ async fn release_vm(actor: &mut Actor, vm: &VmHandle) {
 
 async fn release_network(actor: &mut Actor) {
     let ctx = actor.ctx.clone();
+    let rid = actor.record.borrow().resource_id().clone();
     if let Some(net) = actor.res.net.take() {
         if let Err(e) = ctx.net.teardown(&net).await {
             warn!(error = %crate::error_chain(&e), "network teardown failed");
         }
     } else if let Some(slot) = actor.res.slot {
-        if let Some(net) = SandboxNet::planned(slot, &actor.id) {
+        if let Some(net) = SandboxNet::planned(slot, &rid) {
             let _ = ctx.net.teardown(&net).await;
         }
     }
     if let Some(slot) = actor.res.slot.take() {
-        if let Err(e) = ctx.slots.release(slot, &actor.id) {
+        if let Err(e) = ctx.slots.release(slot, &rid) {
             warn!(error = %crate::error_chain(&e), slot, "slot release failed");
         }
     }
@@ -476,7 +480,8 @@ async fn undo_resume(actor: &mut Actor, started: Started) {
         if let Err(e) = ctx.vmm.kill(&vm).await {
             warn!(error = %crate::error_chain(&e), "could not kill the resuming VM");
         }
-        if let Err(e) = ctx.vmm.forget(actor.id.as_str()).await {
+        let rid = actor.record.borrow().resource_id().clone();
+        if let Err(e) = ctx.vmm.forget(rid.as_str()).await {
             warn!(error = %crate::error_chain(&e), "VM cgroup removal failed");
         }
     }

@@ -52,12 +52,14 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
             }
         };
         let id = record.spec.sandbox_id.clone();
-        let is_ours = |pid: &u32| pid_alive(*pid) && pid_cmdline_has_name(*pid, id.as_str());
+        // Host resources (VM name included) may carry a pooled VM's ID.
+        let rid = record.resource_id().clone();
+        let is_ours = |pid: &u32| pid_alive(*pid) && pid_cmdline_has_name(*pid, rid.as_str());
         let ours = record
             .pid
             .filter(is_ours)
             .or_else(|| read_pid_file(&dir.join(PID_FILE)).filter(is_ours));
-        let vm = ours.map(|pid| VmHandle::adopted(id.to_string(), pid, dir.join("qmp.sock")));
+        let vm = ours.map(|pid| VmHandle::adopted(rid.to_string(), pid, dir.join("qmp.sock")));
         let record = match record.state {
             SandboxState::Pausing | SandboxState::Paused | SandboxState::Resuming => {
                 match settle_lifecycle(ctx, record, vm.clone()).await {
@@ -120,7 +122,7 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
         let Ok(id) = owner.sandbox_id.parse::<SandboxId>() else {
             continue;
         };
-        if ctx.registry.get(&id).is_some() {
+        if ctx.registry.get(&id).is_some() || ctx.registry.holds_resources_of(&id) {
             continue;
         }
         if let Some(net) = SandboxNet::planned(slot, &id) {
@@ -142,7 +144,7 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
     for name in ctx.vmm.leftovers() {
         let adopted = name
             .parse::<SandboxId>()
-            .map(|id| ctx.registry.get(&id).is_some())
+            .map(|id| ctx.registry.get(&id).is_some() || ctx.registry.holds_resources_of(&id))
             .unwrap_or(false);
         if adopted {
             continue;
@@ -185,7 +187,7 @@ async fn settle_lifecycle(
     mut record: SandboxRecord,
     vm: Option<VmHandle>,
 ) -> Settled {
-    let id = record.spec.sandbox_id.clone();
+    let id = record.resource_id().clone();
     let status = match &vm {
         Some(vm) => match QmpClient::connect(&vm.control_socket, Duration::from_secs(2)).await {
             Ok(mut qmp) => qmp.query_status().await.ok(),
@@ -262,6 +264,7 @@ async fn settle_lifecycle(
                 let _ = std::fs::remove_file(record.run_dir.join(MEMORY_FILE));
             }
             record.state = SandboxState::Paused;
+            record.vm_id = None;
             record.pid = None;
             record.slot = None;
             record.net = None;

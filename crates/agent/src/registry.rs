@@ -28,6 +28,15 @@ pub(crate) enum Command {
         expires_at_unix_ms: i64,
         reply: LifecycleReply,
     },
+    /// Freeze a just-restored sandbox and keep it in the warm pool ([`crate::pool`]).
+    Pool {
+        reply: oneshot::Sender<Result<(), LifecycleError>>,
+    },
+    /// Become the sandbox `spec` (a pooled VM taken by a create, re-keyed already).
+    Claim {
+        spec: Box<crate::state::SandboxSpec>,
+        reply: LifecycleReply,
+    },
     /// Snapshot it into a new template ([`crate::snapshot::snapshot`]).
     Snapshot {
         request: crate::snapshot::SnapshotRequest,
@@ -80,6 +89,32 @@ impl SandboxHandle {
         let (reply, wait) = oneshot::channel();
         self.tx
             .send(Command::Snapshot { request, reply })
+            .await
+            .map_err(|_| LifecycleError::Gone)?;
+        wait.await.map_err(|_| LifecycleError::Gone)?
+    }
+
+    /// Ask the actor to freeze its VM for the warm pool.
+    pub async fn freeze_for_pool(&self) -> Result<(), LifecycleError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Pool { reply })
+            .await
+            .map_err(|_| LifecycleError::Gone)?;
+        wait.await.map_err(|_| LifecycleError::Gone)?
+    }
+
+    /// Ask the actor of a pooled VM to become sandbox `spec`.
+    pub async fn claim(
+        &self,
+        spec: crate::state::SandboxSpec,
+    ) -> Result<SandboxRecord, LifecycleError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Claim {
+                spec: Box::new(spec),
+                reply,
+            })
             .await
             .map_err(|_| LifecycleError::Gone)?;
         wait.await.map_err(|_| LifecycleError::Gone)?
@@ -197,6 +232,50 @@ impl Registry {
                 r.spec.template == *name || r.base.as_ref() == Some(name)
             })
             .count()
+    }
+
+    /// Take a pooled VM of `spec`'s template and shape for `spec`: under one lock,
+    /// the entry is found and re-keyed to `spec`'s ID (so no other create can take
+    /// it). `None` when there is none or the ID is taken.
+    pub fn take_pooled(&self, spec: &crate::state::SandboxSpec) -> Option<SandboxHandle> {
+        let mut map = self.lock();
+        if map.contains_key(&spec.sandbox_id) {
+            return None;
+        }
+        let key = map
+            .iter()
+            .find(|(k, h)| {
+                let r = h.record.borrow();
+                r.pooled
+                    && r.state == crate::state::SandboxState::Running
+                    && **k == r.spec.sandbox_id
+                    && r.spec.template == spec.template
+                    && (r.spec.vcpus, r.spec.memory_mb, r.spec.disk_size_mb)
+                        == (spec.vcpus, spec.memory_mb, spec.disk_size_mb)
+            })
+            .map(|(k, _)| k.clone())?;
+        let handle = map.remove(&key)?;
+        map.insert(spec.sandbox_id.clone(), handle.clone());
+        Some(handle)
+    }
+
+    /// A pooled VM not yet taken, to give its place to a create (capacity).
+    pub fn any_pooled(&self) -> Option<SandboxHandle> {
+        self.lock()
+            .iter()
+            .find(|(k, h)| {
+                let r = h.record.borrow();
+                r.pooled && **k == r.spec.sandbox_id
+            })
+            .map(|(_, h)| h.clone())
+    }
+
+    /// Whether a registered sandbox's host resources are named by `rid` (a pooled
+    /// VM it was given).
+    pub fn holds_resources_of(&self, rid: &SandboxId) -> bool {
+        self.lock()
+            .values()
+            .any(|h| h.record.borrow().resource_id() == rid)
     }
 
     /// Whether a registered sandbox's disk or memory comes from template `name`.

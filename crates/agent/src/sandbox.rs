@@ -314,7 +314,8 @@ async fn run_create(
                 r.state = SandboxState::Error;
                 r.error = Some(e.public_message());
             });
-            release(&actor.ctx, &actor.id, &mut actor.res).await;
+            let rid = actor.record.borrow().resource_id().clone();
+            release(&actor.ctx, &rid, &mut actor.res).await;
             actor.ctx.registry.remove(&actor.id, &actor.self_tx);
             if actor.record.borrow().base.is_some() {
                 actor.ctx.sweep_fork_points();
@@ -668,7 +669,8 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                     let t = Instant::now();
                     actor.update(|r| r.state = SandboxState::Stopping);
                     info!(%reason, "destroying sandbox");
-                    release(&actor.ctx, &actor.id, &mut actor.res).await;
+                    let rid = actor.record.borrow().resource_id().clone();
+                    release(&actor.ctx, &rid, &mut actor.res).await;
                     actor.record.send_modify(|r| r.state = SandboxState::Stopped);
                     actor.ctx.registry.remove(&actor.id, &actor.self_tx);
                     if actor.record.borrow().base.is_some() {
@@ -687,6 +689,26 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
                     let r = crate::lifecycle::pause(&mut actor).await;
                     watching = actor.res.vm.is_some();
                     let _ = reply.send(r.map(|()| actor.record.borrow().clone()));
+                }
+                Some(Command::Pool { reply }) => {
+                    let _ = reply.send(crate::pool::freeze(&mut actor).await);
+                }
+                Some(Command::Claim { spec, reply }) => {
+                    match crate::pool::claim(&mut actor, *spec).await {
+                        Ok(()) => {
+                            let _ = reply.send(Ok(actor.record.borrow().clone()));
+                        }
+                        Err(e) => {
+                            // The pooled VM is of no use: release it; the create
+                            // goes the usual way.
+                            actor.update(|r| r.state = SandboxState::Stopping);
+                            let rid = actor.record.borrow().resource_id().clone();
+                            release(&actor.ctx, &rid, &mut actor.res).await;
+                            actor.ctx.registry.remove(&actor.id, &actor.self_tx);
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    }
                 }
                 Some(Command::Snapshot { request, reply }) => {
                     let r = crate::snapshot::snapshot(&mut actor, &request).await;
@@ -716,7 +738,8 @@ async fn serve(mut actor: Actor, mut rx: mpsc::Receiver<Command>) {
     }
 }
 
-/// Release everything in `res`: VM, network, slot, disk, run directory.
+/// Release everything in `res`: VM, network, slot, disk, run directory. `id`
+/// names the host resources ([`SandboxRecord::resource_id`]).
 /// Problems are logged; every step is attempted.
 async fn release(ctx: &Ctx, id: &SandboxId, res: &mut Resources) {
     if let Some(vm) = res.vm.take() {
@@ -781,5 +804,5 @@ pub(crate) async fn release_recorded(ctx: &Ctx, record: &SandboxRecord, vm: Opti
         disk: record.disk.clone(),
         vm,
     };
-    release(ctx, &record.spec.sandbox_id, &mut res).await;
+    release(ctx, record.resource_id(), &mut res).await;
 }

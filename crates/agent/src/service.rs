@@ -216,7 +216,13 @@ impl AgentService {
 
     /// The actor of sandbox `id`, or NotFound.
     fn handle(&self, id: &SandboxId) -> Result<SandboxHandle, ConnectError> {
-        self.ctx.registry.get(id).ok_or_else(|| {
+        // Pooled VMs are the host's own business.
+        let visible = self
+            .ctx
+            .registry
+            .get(id)
+            .filter(|h| !h.record.borrow().pooled);
+        visible.ok_or_else(|| {
             ConnectError::new(
                 ErrorCode::NotFound,
                 format!("sandbox {id} is not on this host"),
@@ -322,7 +328,37 @@ impl pb::HostAgent for AgentService {
         let spec = self.validate(wire)?;
         let id = spec.sandbox_id.clone();
         info!(sandbox_id = %id, template = %spec.template, "create requested");
-        let reply = start_create(&self.ctx, spec).map_err(|e| {
+        // A pooled VM of this template and shape, when there is one.
+        let ctx = self.ctx.clone();
+        let s = spec.clone();
+        let pooled = tokio::spawn(async move { crate::pool::take(&ctx, &s).await })
+            .await
+            .ok()
+            .flatten();
+        match pooled {
+            Some(Ok(record)) => {
+                return Response::ok(pb::CreateSandboxResponse {
+                    sandbox: to_pb_status(&record).into(),
+                    ..Default::default()
+                })
+            }
+            Some(Err(e)) => crate::pool::log_miss(&id, &e),
+            None => {}
+        }
+        let started = match start_create(&self.ctx, spec.clone()) {
+            // Pooled VMs give their place to real sandboxes.
+            Err(StartError::Registry(InsertError::Refused(_))) => {
+                match self.ctx.registry.any_pooled() {
+                    Some(h) => {
+                        h.destroy("capacity for a create").await;
+                        start_create(&self.ctx, spec)
+                    }
+                    None => start_create(&self.ctx, spec),
+                }
+            }
+            other => other,
+        };
+        let reply = started.map_err(|e| {
             warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create refused");
             start_error(&e)
         })?;
@@ -370,12 +406,7 @@ impl pb::HostAgent for AgentService {
         request: ServiceRequest<'_, pb::GetSandboxRequest>,
     ) -> ServiceResult<pb::GetSandboxResponse> {
         let id = parse_id(request.sandbox_id)?;
-        let handle = self.ctx.registry.get(&id).ok_or_else(|| {
-            ConnectError::new(
-                ErrorCode::NotFound,
-                format!("sandbox {id} is not on this host"),
-            )
-        })?;
+        let handle = self.handle(&id)?;
         Response::ok(pb::GetSandboxResponse {
             sandbox: to_pb_status(&handle.snapshot()).into(),
             ..Default::default()
@@ -392,7 +423,9 @@ impl pb::HostAgent for AgentService {
             .registry
             .all()
             .iter()
-            .map(|h| to_pb_status(&h.snapshot()))
+            .map(|h| h.snapshot())
+            .filter(|r| !r.pooled)
+            .map(|r| to_pb_status(&r))
             .collect();
         sandboxes.sort_by(|a, b| {
             let id = |s: &pb::SandboxStatus| s.spec.as_option().map(|s| s.sandbox_id.clone());

@@ -117,6 +117,13 @@ pub struct SandboxRecord {
     /// `spec.template` (a fork point); the template may not go while it is used.
     #[serde(default)]
     pub base: Option<TemplateName>,
+    /// The ID its host resources (VM name, cgroup, network namespace, slot claim)
+    /// were taken under when that is not its own: a sandbox given a pooled VM.
+    #[serde(default)]
+    pub vm_id: Option<SandboxId>,
+    /// A restored, frozen VM kept ready for a create ([`crate::pool`]): not listed.
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 fn anonymous() -> Memory {
@@ -156,7 +163,14 @@ impl SandboxRecord {
             next_access_token: None,
             restored: false,
             base: None,
+            vm_id: None,
+            pooled: false,
         }
+    }
+
+    /// The ID its host resources are named by ([`SandboxRecord::vm_id`], else its own).
+    pub fn resource_id(&self) -> &SandboxId {
+        self.vm_id.as_ref().unwrap_or(&self.spec.sandbox_id)
     }
 
     /// Whether the reaper should destroy it at `now`.

@@ -595,3 +595,105 @@ async fn built_in_templates_are_made_warm_so_plain_creates_restore() {
     );
     agent.shutdown().await;
 }
+
+async fn registered(c: &Client) -> u32 {
+    c.info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_owned()
+        .running
+}
+
+#[tokio::test]
+async fn a_warm_pool_turns_a_create_into_one_init() {
+    init_tracing();
+    let Some(images) = real_images("a_warm_pool_turns_a_create_into_one_init") else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
+    std::fs::create_dir(store.path().join("templates")).unwrap();
+    std::os::unix::fs::symlink(
+        images.join("templates/minimal"),
+        store.path().join("templates/minimal"),
+    )
+    .unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let pooled = |c: &mut AgentConfig| {
+        c.warm_templates = vec!["minimal".parse().unwrap()];
+        c.warm_pool = 1;
+    };
+    let agent = start(store.path(), run.path(), pooled).await;
+    let c = client(&agent);
+    // Filled: one VM registered, none listed (the warming sandbox is listed
+    // while it exists; pooled VMs never are).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let listed = c
+            .list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_owned();
+        if listed.sandboxes.is_empty() && registered(&c).await == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The pooled VM survives an agent restart and is taken by the next create.
+    agent.shutdown().await;
+    let agent = start(store.path(), run.path(), pooled).await;
+    let (c, a) = (client(&agent), agent.local_addr());
+    assert_eq!(registered(&c).await, 1);
+    let id = SandboxId::generate();
+    let mut s = spec(&id, "minimal");
+    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
+    let st = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            spec: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned()
+        .sandbox
+        .into_option()
+        .unwrap();
+    println!("pooled create boot_ms={}", st.boot_ms);
+    assert!(st.restored);
+    assert_eq!(st.spec.as_option().unwrap().sandbox_id, id.as_str());
+    assert_eq!(sh(a, &id, "hostname").await, id.as_str());
+    assert_eq!(sh(a, &id, "echo $HELLO").await, "world");
+    // It pauses and resumes like any sandbox (its host resources change names).
+    pause(&c, &id).await.expect("pause");
+    resume(&c, &id).await.expect("resume");
+    assert_eq!(sh(a, &id, "hostname").await, id.as_str());
+    let listed = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(listed.sandboxes.len(), 1);
+    destroy(&c, &id).await;
+    // (Files under the run directory now are the refilled pool's.)
+    let held = host_holdings(run.path(), &[&id]);
+    assert!(held.iter().all(|h| h.starts_with("file ")), "{held:?}");
+    // The pool refills; destroying everything leaves nothing behind.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while registered(&c).await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not refill"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.destroy_all().await;
+    let left: Vec<_> = std::fs::read_dir(run.path().join("sandboxes"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    agent.shutdown().await;
+}

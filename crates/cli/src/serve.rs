@@ -49,6 +49,12 @@ pub struct AgentOpts {
     /// separated by commas. Runs in the background; creates meanwhile boot.
     #[arg(long, env = "HEARTH_WARM_TEMPLATES", default_value = "all")]
     pub warm_templates: String,
+    /// VMs kept restored and frozen per warm template (default shape), so that a create
+    /// of that template takes one in the time of a guest `/init` (tens of ms). Each
+    /// holds its memory, a network slot and a QEMU process; they count against host
+    /// capacity and give way to creates when it is short. 0 turns the pool off.
+    #[arg(long, env = "HEARTH_WARM_POOL", default_value_t = 2)]
+    pub warm_pool: usize,
 }
 
 #[derive(Args, Clone)]
@@ -254,6 +260,7 @@ fn agent_config(
             .map_err(|e| anyhow::anyhow!("HEARTH_AGENT_FAULTS: {e}"))?;
         tracing::warn!(faults = %spec, "fault injection armed (HEARTH_AGENT_FAULTS): for tests only");
     }
+    cfg.warm_pool = o.warm_pool;
     cfg.warm_templates = match o.warm_templates.trim() {
         "none" | "" => Vec::new(),
         // Built-ins are the templates the images directory came with (no source sandbox).

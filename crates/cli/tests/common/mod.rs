@@ -137,6 +137,7 @@ impl Stack {
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
             // Tests share one images directory: only those that ask warm templates.
             .env("HEARTH_WARM_TEMPLATES", "none")
+            .env("HEARTH_WARM_POOL", "0")
             .env("RUST_LOG", "info")
             .envs(server_env.iter().copied())
             .stdout(log.try_clone().expect("log"))
