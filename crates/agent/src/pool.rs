@@ -125,6 +125,8 @@ pub(crate) async fn take(
 /// registry key already is `spec`'s ID). On error the caller releases it.
 pub(crate) async fn claim(actor: &mut Actor, spec: SandboxSpec) -> Result<(), LifecycleError> {
     let started = Instant::now();
+    // The registry knows it by the new ID already (also for the release on error).
+    let pooled_id = std::mem::replace(&mut actor.id, spec.sandbox_id.clone());
     let vm = actor.res.vm.clone().ok_or(LifecycleError::Gone)?;
     let net = actor.res.net.clone().ok_or(LifecycleError::Gone)?;
     let current = actor.record.borrow().access_token.clone();
@@ -133,8 +135,6 @@ pub(crate) async fn claim(actor: &mut Actor, spec: SandboxSpec) -> Result<(), Li
         step: "access token",
         source,
     })?;
-    let pooled_id = actor.id.clone();
-    actor.id = spec.sandbox_id.clone();
     actor.update(|r| {
         r.vm_id = Some(r.resource_id().clone());
         r.spec = spec.clone();
