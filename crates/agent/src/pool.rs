@@ -143,6 +143,14 @@ pub(crate) async fn claim(actor: &mut Actor, spec: SandboxSpec) -> Result<(), Li
         r.started_at_unix_ms = crate::state::now_unix_ms();
     });
     let ctx = actor.ctx.clone();
+    ctx.config
+        .faults
+        .check("pool:claim")
+        .await
+        .map_err(|source| LifecycleError::Fault {
+            op: "create",
+            source,
+        })?;
     ctx.vmm
         .resume(&vm)
         .await

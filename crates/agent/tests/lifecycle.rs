@@ -619,9 +619,11 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
     )
     .unwrap();
     let run = tempfile::tempdir().unwrap();
+    let faults = hearth_agent::faults::Faults::default();
     let pooled = |c: &mut AgentConfig| {
         c.warm_templates = vec!["minimal".parse().unwrap()];
         c.warm_pool = 1;
+        c.faults = faults.clone();
     };
     let agent = start(store.path(), run.path(), pooled).await;
     let c = client(&agent);
@@ -690,6 +692,26 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A pooled VM that fails to become the sandbox is released, and the create
+    // goes the usual way (a restore of the warm variant).
+    faults.arm("pool:claim", Fault::Fail);
+    let id2 = SandboxId::generate();
+    let mut s = spec(&id2, "minimal");
+    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
+    let st = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            spec: s.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create despite a failed pooled VM")
+        .into_owned()
+        .sandbox
+        .into_option()
+        .unwrap();
+    faults.clear();
+    assert!(st.restored);
+    assert_eq!(sh(a, &id2, "hostname").await, id2.as_str());
     agent.destroy_all().await;
     let left: Vec<_> = std::fs::read_dir(run.path().join("sandboxes"))
         .unwrap()
