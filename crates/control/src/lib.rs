@@ -179,6 +179,9 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                         expired = r.expired.len(),
                         stale = r.stale.len(),
                         pruned = r.pruned,
+                        paused = r.paused.len(),
+                        retired = r.retired.len(),
+                        corrected = r.corrected.len(),
                         "reconciler pass changed sandboxes"
                     )
                 }

@@ -24,6 +24,12 @@ pub enum DbError {
     },
     #[error("{what} already exists")]
     AlreadyExists { what: String },
+    /// A state change the state table forbids (a bug in the caller).
+    #[error("refused state change")]
+    BadTransition(#[from] hearth_types::BadTransition),
+    /// Only pending, starting, running, paused, stopped and error are stored.
+    #[error("state {state} is never stored")]
+    NotStored { state: hearth_types::SandboxState },
 }
 
 impl DbError {

@@ -9,8 +9,10 @@
 //! PostgreSQL backend (a later issue) adds `migrations/postgres/` and a second pool
 //! variant behind the same methods.
 //!
-//! This crate does not decide policy (who may see what beyond team scoping, which
-//! state transitions are legal): the control plane does.
+//! This crate does not decide policy (who may see what beyond team scoping): the
+//! control plane does. Which state changes are legal is `hearth_types::SandboxState`'s
+//! one table; every state change written here passes it and is a compare-and-set on
+//! the row's current state ([`Db::transition_sandbox`]).
 
 mod error;
 mod hosts;
@@ -26,10 +28,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::SqlitePool;
 
 pub use error::DbError;
+pub use hearth_types::UnknownState;
 pub use models::{
-    Host, NewSandbox, Principal, SandboxRow, SandboxState, Team, Template, UnknownState,
+    Host, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow, SandboxState, Team, Template,
+    TemplateLocation, UnknownOnTimeout,
 };
-pub use quotas::Admission;
+pub use quotas::{Admission, ResumeAdmission};
 pub use sandboxes::{PageCursor, SandboxPage};
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;

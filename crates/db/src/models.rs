@@ -7,71 +7,46 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use hearth_types::{ApiKeyId, HostId, SandboxId, TeamId, TemplateName};
 
-/// Lifecycle state of a sandbox as recorded in the database.
-///
-/// ```text
-/// pending -> starting -> running <-> paused
-/// running | paused -> stopped
-/// any -> error
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SandboxState {
-    Pending,
-    Starting,
-    Running,
-    Paused,
-    Stopped,
-    Error,
+pub use hearth_types::SandboxState;
+
+/// What happens to a sandbox when its time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OnTimeout {
+    /// Destroyed (the default).
+    #[default]
+    Destroy,
+    /// Paused by the control plane, kept for the paused retention period.
+    Pause,
 }
 
-impl SandboxState {
-    pub const ALL: [SandboxState; 6] = [
-        Self::Pending,
-        Self::Starting,
-        Self::Running,
-        Self::Paused,
-        Self::Stopped,
-        Self::Error,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::Pending => "pending",
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Stopped => "stopped",
-            Self::Error => "error",
+            Self::Destroy => "destroy",
+            Self::Pause => "pause",
         }
     }
-
-    /// Whether the sandbox may hold resources on a host.
-    pub fn is_active(&self) -> bool {
-        matches!(
-            self,
-            Self::Pending | Self::Starting | Self::Running | Self::Paused
-        )
-    }
 }
 
-impl fmt::Display for SandboxState {
+impl fmt::Display for OnTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// A state string that is not one of [`SandboxState`]'s.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown sandbox state {0:?}")]
-pub struct UnknownState(pub String);
+/// An `on_timeout` string that is neither `destroy` nor `pause`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("on_timeout must be \"destroy\" or \"pause\", got {0:?}")]
+pub struct UnknownOnTimeout(pub String);
 
-impl FromStr for SandboxState {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+impl FromStr for OnTimeout {
+    type Err = UnknownOnTimeout;
+    fn from_str(s: &str) -> Result<Self, UnknownOnTimeout> {
+        match s {
+            "destroy" => Ok(Self::Destroy),
+            "pause" => Ok(Self::Pause),
+            other => Err(UnknownOnTimeout(other.chars().take(40).collect())),
+        }
     }
 }
 
@@ -103,8 +78,43 @@ pub struct Host {
 pub struct Template {
     pub name: TemplateName,
     pub team_id: TeamId,
+    /// Apparent (sparse) size of its files.
     pub size_bytes: u64,
     pub created_at: DateTime<Utc>,
+    /// Where a team's snapshot lives (`None` for platform templates: on every host
+    /// that lists them) and its name there.
+    pub location: Option<TemplateLocation>,
+    /// Carries memory: a sandbox of its shape starts by restore.
+    pub has_memory: bool,
+    /// Bytes allocated on the host's disk.
+    pub allocated_bytes: u64,
+    pub source_sandbox_id: Option<SandboxId>,
+    /// The shape it was made from (0 when unknown).
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+}
+
+/// The host that holds a team's snapshot and its host-level template name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateLocation {
+    pub host_id: HostId,
+    pub host_name: TemplateName,
+}
+
+/// A team's new snapshot, as the catalogue records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTemplate {
+    pub name: TemplateName,
+    pub team_id: TeamId,
+    pub location: TemplateLocation,
+    pub has_memory: bool,
+    pub allocated_bytes: u64,
+    pub apparent_bytes: u64,
+    pub source_sandbox_id: SandboxId,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
 }
 
 /// What the control plane records when it accepts a create request.
@@ -118,6 +128,7 @@ pub struct NewSandbox {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub timeout_s: u32,
+    pub on_timeout: OnTimeout,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub host_id: Option<HostId>,
@@ -136,6 +147,7 @@ pub struct SandboxRow {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub timeout_s: u32,
+    pub on_timeout: OnTimeout,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub host_id: Option<HostId>,

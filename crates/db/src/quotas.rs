@@ -7,12 +7,30 @@
 //! PostgreSQL (later): the same transaction with `SELECT ... FROM teams WHERE id = $1
 //! FOR UPDATE` first, which serialises admissions of one team and leaves other teams
 //! free.
+//!
+//! What counts: every active sandbox (pending, starting, running, paused) counts
+//! against the number of sandboxes and the disk; only those that hold a VM (not
+//! paused ones) count against vCPUs and memory, as at E2B. A resume therefore passes
+//! the vCPU and memory check in the same atomic step as its `paused` -> `running`.
 
 use hearth_types::{QuotaExceeded, SandboxShape, TeamId, TeamQuota, TeamUsage};
 use sqlx::Row;
 
+use chrono::{DateTime, Utc};
+use hearth_types::{SandboxId, SandboxState};
+
 use crate::sandboxes::insert_row;
-use crate::{Db, NewSandbox, Result};
+use crate::{now_ms, Db, NewSandbox, Result};
+
+/// Whether a resume was admitted (and its row marked `running`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeAdmission {
+    Admitted,
+    /// Nothing was written: the team would pass this limit.
+    Refused(QuotaExceeded),
+    /// The row is not (or no longer) a paused sandbox of the team.
+    NotPaused,
+}
 
 /// Whether a create was admitted (and its row inserted).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,22 +96,100 @@ impl Db {
         s: &NewSandbox,
         default: &TeamQuota,
     ) -> Result<Admission> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let quota = quota_in(&mut tx, s.team_id, default).await?;
-        let usage = usage_in(&mut tx, s.team_id).await?;
-        let shape = SandboxShape {
-            vcpus: s.vcpus,
-            memory_mb: s.memory_mb,
-            disk_size_mb: s.disk_size_mb,
-            timeout_s: s.timeout_s,
+        self.insert_sandboxes_within_quota(std::slice::from_ref(s), default)
+            .await
+    }
+
+    /// [`Db::insert_sandbox_within_quota`] for several sandboxes of one team (a fork):
+    /// all of them or none.
+    pub async fn insert_sandboxes_within_quota(
+        &self,
+        rows: &[NewSandbox],
+        default: &TeamQuota,
+    ) -> Result<Admission> {
+        let Some(first) = rows.first() else {
+            return Ok(Admission::Admitted);
         };
-        if let Err(refused) = quota.admit(&usage, &shape) {
-            tx.rollback().await?;
-            return Ok(Admission::Refused(refused));
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let quota = quota_in(&mut tx, first.team_id, default).await?;
+        let mut usage = usage_in(&mut tx, first.team_id).await?;
+        for s in rows {
+            let shape = SandboxShape {
+                vcpus: s.vcpus,
+                memory_mb: s.memory_mb,
+                disk_size_mb: s.disk_size_mb,
+                timeout_s: s.timeout_s,
+            };
+            if let Err(refused) = quota.admit(&usage, &shape) {
+                tx.rollback().await?;
+                return Ok(Admission::Refused(refused));
+            }
+            usage.sandboxes += 1;
+            usage.vcpus += u64::from(s.vcpus);
+            usage.memory_mb += u64::from(s.memory_mb);
+            usage.disk_mb += u64::from(s.disk_size_mb);
+            insert_row(&mut *tx, s).await?;
         }
-        insert_row(&mut *tx, s).await?;
         tx.commit().await?;
         Ok(Admission::Admitted)
+    }
+
+    /// Resume admission: a `paused` sandbox of `team` becomes `running` with a new
+    /// deadline (and lifetime, with `timeout_s`) if its vCPUs and memory fit the
+    /// team's quota beside what its other sandboxes hold; one transaction.
+    pub async fn resume_within_quota(
+        &self,
+        team: TeamId,
+        id: &SandboxId,
+        expires_at: DateTime<Utc>,
+        timeout_s: Option<u32>,
+        default: &TeamQuota,
+    ) -> Result<ResumeAdmission> {
+        SandboxState::Paused.transition(SandboxState::Running)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "SELECT vcpus, memory_mb FROM sandboxes WHERE id = $1 AND team_id = $2 AND state = 'paused'",
+        )
+        .bind(id.as_str())
+        .bind(team.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(ResumeAdmission::NotPaused);
+        };
+        let vcpus = u64::try_from(row.try_get::<i64, _>("vcpus")?).unwrap_or(0);
+        let memory_mb = u64::try_from(row.try_get::<i64, _>("memory_mb")?).unwrap_or(0);
+        let quota = quota_in(&mut tx, team, default).await?;
+        let usage = usage_in(&mut tx, team).await?;
+        if usage.vcpus + vcpus > u64::from(quota.max_vcpus) {
+            tx.rollback().await?;
+            return Ok(ResumeAdmission::Refused(QuotaExceeded::Vcpus {
+                max: quota.max_vcpus,
+                used: usage.vcpus,
+                asked: u32::try_from(vcpus).unwrap_or(u32::MAX),
+            }));
+        }
+        if usage.memory_mb + memory_mb > quota.max_memory_mb {
+            tx.rollback().await?;
+            return Ok(ResumeAdmission::Refused(QuotaExceeded::MemoryMb {
+                max: quota.max_memory_mb,
+                used: usage.memory_mb,
+                asked: u32::try_from(memory_mb).unwrap_or(u32::MAX),
+            }));
+        }
+        sqlx::query(
+            "UPDATE sandboxes SET state = 'running', error = NULL, expires_at = $1, \
+             timeout_s = COALESCE($2, timeout_s), updated_at = $3 WHERE id = $4 AND state = 'paused'",
+        )
+        .bind(expires_at.timestamp_millis())
+        .bind(timeout_s.map(i64::from))
+        .bind(now_ms())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ResumeAdmission::Admitted)
     }
 }
 
@@ -122,9 +218,12 @@ async fn quota_in(
 }
 
 async fn usage_in(conn: &mut sqlx::SqliteConnection, team: TeamId) -> Result<TeamUsage> {
+    // Paused sandboxes hold no VM: they count for the number and the disk only.
     let r = sqlx::query(
-        "SELECT COUNT(*) AS n, COALESCE(SUM(vcpus), 0) AS vcpus, \
-         COALESCE(SUM(memory_mb), 0) AS memory_mb, COALESCE(SUM(disk_size_mb), 0) AS disk_mb \
+        "SELECT COUNT(*) AS n, \
+         COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE vcpus END), 0) AS vcpus, \
+         COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE memory_mb END), 0) AS memory_mb, \
+         COALESCE(SUM(disk_size_mb), 0) AS disk_mb \
          FROM sandboxes WHERE team_id = $1 \
          AND state IN ('pending', 'starting', 'running', 'paused')",
     )

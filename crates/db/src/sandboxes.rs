@@ -9,6 +9,16 @@ use sqlx::Row;
 use crate::keys::{ms_to_time, parse_team};
 use crate::{now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
 
+/// States a sandbox row may hold (the agent's transient ones never reach the database).
+const STORED: [SandboxState; 6] = [
+    SandboxState::Pending,
+    SandboxState::Starting,
+    SandboxState::Running,
+    SandboxState::Paused,
+    SandboxState::Stopped,
+    SandboxState::Error,
+];
+
 /// Where a page of a listing ends: the next page starts after this row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageCursor {
@@ -24,7 +34,7 @@ pub struct SandboxPage {
 }
 
 const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
-    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at";
+    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at, on_timeout";
 
 impl Db {
     /// Insert a row without any admission check (tests, imports). Creates go through
@@ -134,16 +144,94 @@ impl Db {
         id: &SandboxId,
         expires_at: DateTime<Utc>,
     ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE sandboxes SET state = 'running', error = NULL, expires_at = $1, updated_at = $2 \
-             WHERE id = $3 AND state = 'starting'",
+        self.transition_with_deadline(
+            id,
+            SandboxState::Starting,
+            SandboxState::Running,
+            expires_at,
+            None,
         )
+        .await
+    }
+
+    /// `from` -> `to` (a transition the state table allows) with a new deadline and,
+    /// with `timeout_s`, a new lifetime. Compare-and-set: false when the row was not
+    /// in `from`.
+    pub async fn transition_with_deadline(
+        &self,
+        id: &SandboxId,
+        from: SandboxState,
+        to: SandboxState,
+        expires_at: DateTime<Utc>,
+        timeout_s: Option<u32>,
+    ) -> Result<bool> {
+        from.transition(to)?;
+        let r = sqlx::query(
+            "UPDATE sandboxes SET state = $1, error = NULL, expires_at = $2, \
+             timeout_s = COALESCE($3, timeout_s), updated_at = $4 WHERE id = $5 AND state = $6",
+        )
+        .bind(to.as_str())
         .bind(expires_at.timestamp_millis())
+        .bind(timeout_s.map(i64::from))
         .bind(now_ms())
         .bind(id.as_str())
+        .bind(from.as_str())
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// One state change of sandbox `id`: `from` -> `to`, which the state table must
+    /// allow, recording `error` (cleared when `None`). Compare-and-set on `from`, so of
+    /// two concurrent writers one wins and the other gets false.
+    pub async fn transition_sandbox(
+        &self,
+        id: &SandboxId,
+        from: SandboxState,
+        to: SandboxState,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        self.update_sandbox_state(id, &[from], to, error).await
+    }
+
+    /// New deadline (and lifetime) of a `running` sandbox of `team`. False when it is
+    /// not (or no longer) running.
+    pub async fn set_sandbox_deadline(
+        &self,
+        team: TeamId,
+        id: &SandboxId,
+        expires_at: DateTime<Utc>,
+        timeout_s: u32,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET expires_at = $1, timeout_s = $2, updated_at = $3 \
+             WHERE id = $4 AND team_id = $5 AND state = 'running'",
+        )
+        .bind(expires_at.timestamp_millis())
+        .bind(i64::from(timeout_s))
+        .bind(now_ms())
+        .bind(id.as_str())
+        .bind(team.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Active sandboxes of `team` made from its template `name`.
+    pub async fn count_active_using_template(
+        &self,
+        team: TeamId,
+        name: &hearth_types::TemplateName,
+    ) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND template = $2 \
+             AND state IN ('pending', 'starting', 'running', 'paused')",
+        )
+        .bind(team.to_string())
+        .bind(name.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Delete the row of sandbox `id` (any team) if it is still `starting`: a create
@@ -155,6 +243,16 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// [`Db::delete_starting_sandbox`] for several rows (a failed fork); returns how
+    /// many went.
+    pub async fn delete_starting_sandboxes(&self, ids: &[SandboxId]) -> Result<u64> {
+        let mut n = 0;
+        for id in ids {
+            n += u64::from(self.delete_starting_sandbox(id).await?);
+        }
+        Ok(n)
     }
 
     /// Every sandbox in one of `states`, any team (reconciler, scheduler).
@@ -204,32 +302,43 @@ impl Db {
         Ok(out)
     }
 
-    /// Move sandbox `id` to `to`, recording `error` (cleared when `None`). With `from`,
-    /// only when its current state is one of those (a compare-and-set guard). Returns
-    /// whether a row changed.
+    /// Move sandbox `id` to `to`, recording `error` (cleared when `None`), when its
+    /// current state is one of `from` from which the state table allows `to` (a
+    /// compare-and-set guard; states the table forbids are left out, and asking only
+    /// for forbidden ones is an error). Returns whether a row changed.
     pub async fn update_sandbox_state(
         &self,
         id: &SandboxId,
-        from: Option<&[SandboxState]>,
+        from: &[SandboxState],
         to: SandboxState,
         error: Option<&str>,
     ) -> Result<bool> {
+        let allowed: Vec<SandboxState> = from
+            .iter()
+            .copied()
+            .filter(|f| STORED.contains(f) && f.can_become(to))
+            .collect();
+        if allowed.is_empty() {
+            let from = from.first().copied().unwrap_or(to);
+            return Err(from
+                .transition(to)
+                .err()
+                .map_or(DbError::NotStored { state: from }, DbError::BadTransition));
+        }
+        if !STORED.contains(&to) {
+            return Err(DbError::NotStored { state: to });
+        }
         let mut sql = String::from(
             "UPDATE sandboxes SET state = $1, error = $2, updated_at = $3 WHERE id = $4",
         );
-        if let Some(from) = from {
-            if from.is_empty() {
-                return Ok(false);
-            }
-            let ph: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 5)).collect();
-            sql.push_str(&format!(" AND state IN ({})", ph.join(", ")));
-        }
+        let ph: Vec<String> = (0..allowed.len()).map(|i| format!("${}", i + 5)).collect();
+        sql.push_str(&format!(" AND state IN ({})", ph.join(", ")));
         let mut q = sqlx::query(&sql)
             .bind(to.as_str())
             .bind(error)
             .bind(now_ms())
             .bind(id.as_str());
-        for s in from.unwrap_or_default() {
+        for s in &allowed {
             q = q.bind(s.as_str());
         }
         Ok(q.execute(&self.pool).await?.rows_affected() > 0)
@@ -239,12 +348,12 @@ impl Db {
     pub async fn mark_sandbox_stopped(&self, id: &SandboxId) -> Result<bool> {
         self.update_sandbox_state(
             id,
-            Some(&[
+            &[
                 SandboxState::Pending,
                 SandboxState::Starting,
                 SandboxState::Running,
                 SandboxState::Paused,
-            ]),
+            ],
             SandboxState::Stopped,
             None,
         )
@@ -278,7 +387,7 @@ where
     let now = now_ms();
     sqlx::query(&format!(
         "INSERT INTO sandboxes ({COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15)"
     ))
     .bind(s.id.as_str())
     .bind(s.team_id.to_string())
@@ -294,6 +403,7 @@ where
     .bind(s.created_at.timestamp_millis())
     .bind(s.expires_at.timestamp_millis())
     .bind(now)
+    .bind(s.on_timeout.as_str())
     .execute(exec)
     .await
     .map_err(|e| match &e {
@@ -356,5 +466,12 @@ fn sandbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SandboxRow> {
         expires_at: time_col(r, "expires_at")?,
         error: r.try_get("error")?,
         updated_at: time_col(r, "updated_at")?,
+        on_timeout: r
+            .try_get::<&str, _>("on_timeout")?
+            .parse()
+            .map_err(|e| DbError::Corrupt {
+                column: "sandboxes.on_timeout",
+                source: Box::new(e),
+            })?,
     })
 }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{Duration, Utc};
-use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
+use hearth_types::{HostId, SandboxId, TeamId, TeamQuota, TemplateName};
 
 use crate::{Db, NewSandbox, SandboxState};
 
@@ -16,6 +16,7 @@ fn new_sandbox(team: TeamId, host: Option<HostId>) -> NewSandbox {
         memory_mb: 256,
         disk_size_mb: 1024,
         timeout_s: 300,
+        on_timeout: crate::OnTimeout::Destroy,
         env: BTreeMap::from([("A".into(), "1".into())]),
         metadata: BTreeMap::from([("owner".into(), "me".into())]),
         host_id: host,
@@ -130,7 +131,7 @@ async fn state_updates_honour_the_from_guard() {
     assert!(db
         .update_sandbox_state(
             &s.id,
-            Some(&[SandboxState::Starting]),
+            &[SandboxState::Starting],
             SandboxState::Running,
             None
         )
@@ -140,7 +141,7 @@ async fn state_updates_honour_the_from_guard() {
     assert!(!db
         .update_sandbox_state(
             &s.id,
-            Some(&[SandboxState::Starting]),
+            &[SandboxState::Starting],
             SandboxState::Error,
             Some("x")
         )
@@ -158,12 +159,20 @@ async fn state_updates_honour_the_from_guard() {
     assert_eq!(row.state, SandboxState::Stopped);
     assert!(db.list_running_sandboxes().await.unwrap().is_empty());
 
-    assert!(db
-        .update_sandbox_state(&s.id, None, SandboxState::Error, Some("boom"))
+    // The state table has the last word: a stopped sandbox never changes again.
+    let err = db
+        .update_sandbox_state(
+            &s.id,
+            &[SandboxState::Stopped],
+            SandboxState::Error,
+            Some("boom"),
+        )
         .await
-        .unwrap());
+        .unwrap_err();
+    assert!(matches!(err, crate::DbError::BadTransition(_)), "{err}");
     let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
-    assert_eq!(row.error.as_deref(), Some("boom"));
+    assert_eq!(row.state, SandboxState::Stopped);
+    assert_eq!(row.error, None);
 }
 
 #[tokio::test]
@@ -390,4 +399,218 @@ async fn running_sets_the_expiry_from_then() {
     assert!(db.delete_starting_sandbox(&t.id).await.unwrap());
     assert!(db.get_sandbox(team, &t.id).await.unwrap().is_none());
     assert!(db.get_sandbox(team, &s.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn pause_and_resume_are_compare_and_set_and_follow_the_table() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let s = new_sandbox(team, None);
+    db.insert_sandbox(&s).await.unwrap();
+    let exp = Utc::now() + Duration::seconds(100);
+    // starting -> paused is not in the table.
+    assert!(db
+        .transition_sandbox(&s.id, SandboxState::Starting, SandboxState::Paused, None)
+        .await
+        .is_err());
+    assert!(db.mark_sandbox_running(&s.id, exp).await.unwrap());
+    // Two writers race to pause: exactly one wins.
+    let (a, b) = tokio::join!(
+        db.transition_sandbox(&s.id, SandboxState::Running, SandboxState::Paused, None),
+        db.transition_sandbox(&s.id, SandboxState::Running, SandboxState::Paused, None),
+    );
+    assert_eq!(u8::from(a.unwrap()) + u8::from(b.unwrap()), 1);
+    // Agent-only states are never written.
+    let err = db
+        .transition_sandbox(&s.id, SandboxState::Paused, SandboxState::Resuming, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, crate::DbError::NotStored { .. }), "{err}");
+    // Revert of a failed pause, then the deadline of a running one.
+    assert!(db
+        .transition_sandbox(&s.id, SandboxState::Paused, SandboxState::Running, None)
+        .await
+        .unwrap());
+    let later = Utc::now() + Duration::seconds(5000);
+    assert!(db
+        .set_sandbox_deadline(team, &s.id, later, 5000)
+        .await
+        .unwrap());
+    let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.timeout_s, row.expires_at.timestamp_millis()),
+        (5000, later.timestamp_millis())
+    );
+    // Another team cannot touch it.
+    let other = db.create_team("b").await.unwrap().id;
+    assert!(!db
+        .set_sandbox_deadline(other, &s.id, later, 1)
+        .await
+        .unwrap());
+    // Not running: no deadline change.
+    assert!(db
+        .transition_sandbox(&s.id, SandboxState::Running, SandboxState::Paused, None)
+        .await
+        .unwrap());
+    assert!(!db
+        .set_sandbox_deadline(team, &s.id, later, 1)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let quota = TeamQuota {
+        max_sandboxes: 3,
+        max_vcpus: 2,
+        max_memory_mb: 100_000,
+        max_disk_mb: 100_000,
+    };
+    let mut one = new_sandbox(team, None);
+    one.vcpus = 2;
+    assert_eq!(
+        db.insert_sandbox_within_quota(&one, &quota).await.unwrap(),
+        crate::Admission::Admitted
+    );
+    db.mark_sandbox_running(&one.id, Utc::now()).await.unwrap();
+    db.transition_sandbox(&one.id, SandboxState::Running, SandboxState::Paused, None)
+        .await
+        .unwrap();
+    let usage = db.team_usage(team).await.unwrap();
+    assert_eq!((usage.sandboxes, usage.vcpus, usage.disk_mb), (1, 0, 1024));
+    // The paused one's vCPUs are free for another sandbox...
+    let mut two = new_sandbox(team, None);
+    two.vcpus = 2;
+    assert_eq!(
+        db.insert_sandbox_within_quota(&two, &quota).await.unwrap(),
+        crate::Admission::Admitted
+    );
+    // ...so it cannot resume beside it.
+    let exp = Utc::now() + Duration::seconds(60);
+    match db
+        .resume_within_quota(team, &one.id, exp, Some(60), &quota)
+        .await
+        .unwrap()
+    {
+        crate::ResumeAdmission::Refused(q) => assert!(q.to_string().contains("vCPUs"), "{q}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        db.get_sandbox(team, &one.id).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+    db.mark_sandbox_stopped(&two.id).await.unwrap();
+    assert_eq!(
+        db.resume_within_quota(team, &one.id, exp, Some(60), &quota)
+            .await
+            .unwrap(),
+        crate::ResumeAdmission::Admitted
+    );
+    let row = db.get_sandbox(team, &one.id).await.unwrap().unwrap();
+    assert_eq!((row.state, row.timeout_s), (SandboxState::Running, 60));
+    // Not paused any more, or not the team's: nothing to resume.
+    assert_eq!(
+        db.resume_within_quota(team, &one.id, exp, None, &quota)
+            .await
+            .unwrap(),
+        crate::ResumeAdmission::NotPaused
+    );
+}
+
+#[tokio::test]
+async fn a_fork_is_admitted_whole_or_not_at_all() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let quota = TeamQuota {
+        max_sandboxes: 4,
+        ..TeamQuota::default()
+    };
+    db.insert_sandbox(&new_sandbox(team, None)).await.unwrap();
+    let four: Vec<_> = (0..4).map(|_| new_sandbox(team, None)).collect();
+    match db
+        .insert_sandboxes_within_quota(&four, &quota)
+        .await
+        .unwrap()
+    {
+        crate::Admission::Refused(q) => assert!(q.to_string().contains("4 concurrent"), "{q}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(db.list_sandboxes(team).await.unwrap().len(), 1);
+    assert_eq!(
+        db.insert_sandboxes_within_quota(&four[..3], &quota)
+            .await
+            .unwrap(),
+        crate::Admission::Admitted
+    );
+    assert_eq!(db.list_sandboxes(team).await.unwrap().len(), 4);
+    let ids: Vec<_> = four[..3].iter().map(|s| s.id.clone()).collect();
+    assert_eq!(db.delete_starting_sandboxes(&ids).await.unwrap(), 3);
+    assert_eq!(db.team_usage(team).await.unwrap().sandboxes, 1);
+}
+
+#[tokio::test]
+async fn the_catalogue_maps_team_names_to_host_templates() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let a = db.create_team("a").await.unwrap().id;
+    let b = db.create_team("b").await.unwrap().id;
+    let host = HostId::generate();
+    db.upsert_host(&host, "http://h", "qemu", "tcg")
+        .await
+        .unwrap();
+    let name: TemplateName = "prepared".parse().unwrap();
+    let t = crate::NewTemplate {
+        name: name.clone(),
+        team_id: a,
+        location: crate::TemplateLocation {
+            host_id: host.clone(),
+            host_name: "snap-0123456789abcdef".parse().unwrap(),
+        },
+        has_memory: true,
+        allocated_bytes: 10,
+        apparent_bytes: 1000,
+        source_sandbox_id: SandboxId::generate(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_size_mb: 64,
+    };
+    let got = db.insert_template(&t).await.unwrap();
+    assert_eq!(db.get_template(a, &name).await.unwrap(), Some(got.clone()));
+    assert_eq!(
+        got.location.as_ref().unwrap().host_name.as_str(),
+        "snap-0123456789abcdef"
+    );
+    assert!(got.has_memory && got.allocated_bytes == 10 && got.size_bytes == 1000);
+    // Same name again in the same team: refused; another team may use it.
+    let err = db.insert_template(&t).await.unwrap_err();
+    assert!(matches!(err, crate::DbError::AlreadyExists { .. }), "{err}");
+    let mut for_b = t.clone();
+    for_b.team_id = b;
+    for_b.location.host_name = "snap-fedcba9876543210".parse().unwrap();
+    db.insert_template(&for_b).await.unwrap();
+    assert!(db.get_template(b, &name).await.unwrap().unwrap().team_id == b);
+    // In use by an active sandbox of the team only.
+    let mut s = new_sandbox(a, Some(host));
+    s.template = name.clone();
+    db.insert_sandbox(&s).await.unwrap();
+    assert_eq!(db.count_active_using_template(a, &name).await.unwrap(), 1);
+    assert_eq!(db.count_active_using_template(b, &name).await.unwrap(), 0);
+    db.mark_sandbox_stopped(&s.id).await.unwrap();
+    assert_eq!(db.count_active_using_template(a, &name).await.unwrap(), 0);
+    // Delete: only the team's own, never the platform's.
+    db.upsert_template(TeamId::PLATFORM, &"minimal".parse().unwrap(), 1)
+        .await
+        .unwrap();
+    assert!(!db
+        .delete_team_template(TeamId::PLATFORM, &"minimal".parse().unwrap())
+        .await
+        .unwrap());
+    assert!(!db
+        .delete_team_template(a, &"minimal".parse().unwrap())
+        .await
+        .unwrap());
+    assert!(db.delete_team_template(a, &name).await.unwrap());
+    assert!(db.get_template(a, &name).await.unwrap().is_none());
+    assert!(db.get_template(b, &name).await.unwrap().is_some());
 }

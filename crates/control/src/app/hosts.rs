@@ -168,6 +168,35 @@ pub struct HostSandbox {
     /// `Some` when the host holds it in error (its VM died, shut down or rebooted
     /// itself): the host's message, already free of host details.
     pub failure: Option<String>,
+    pub phase: HostPhase,
+}
+
+/// Where a listed sandbox is on its host (failed ones carry `failure` instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostPhase {
+    /// Starting or running (or failed, see `failure`).
+    #[default]
+    Running,
+    /// Paused: no VM, its memory and disk kept.
+    Paused,
+    /// Pausing, resuming or stopping: the host is working on it.
+    Changing,
+}
+
+/// A template as its host reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTemplate {
+    /// The host-level name.
+    pub name: TemplateName,
+    pub allocated_bytes: u64,
+    pub apparent_bytes: u64,
+    pub has_memory: bool,
+    pub source_sandbox_id: Option<SandboxId>,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    /// Sandboxes on the host that depend on it.
+    pub in_use: u32,
 }
 
 /// Everything the control plane asks of one host agent.
@@ -182,6 +211,29 @@ pub trait HostClient: Send + Sync + 'static {
     async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError>;
     /// Sandboxes the host holds that are not stopped; failed ones carry why.
     async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError>;
+    /// Freeze, save and stop the VM, keeping memory and disk; a failure leaves it
+    /// running.
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), HostError>;
+    /// Restore a paused sandbox; `expires_at_unix_ms` 0 keeps the host's deadline. A
+    /// failure leaves it paused, its snapshot intact.
+    async fn resume_sandbox(
+        &self,
+        id: &SandboxId,
+        expires_at_unix_ms: i64,
+    ) -> Result<(), HostError>;
+    /// Save a running or paused sandbox as the host-level template `template`.
+    async fn snapshot_sandbox(
+        &self,
+        id: &SandboxId,
+        template: &TemplateName,
+        memory: bool,
+    ) -> Result<HostTemplate, HostError>;
+    /// Make one running copy of a running sandbox per spec (all or none).
+    async fn fork_sandbox(&self, id: &SandboxId, copies: Vec<CreateSpec>) -> Result<(), HostError>;
+    async fn list_templates(&self) -> Result<Vec<HostTemplate>, HostError>;
+    /// Remove a host-level template; `Ok(false)` when the host did not have it; refused
+    /// (`FailedPrecondition`) while a sandbox depends on it.
+    async fn delete_template(&self, template: &TemplateName) -> Result<bool, HostError>;
 
     async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError>;
     async fn send_signal(
@@ -239,6 +291,8 @@ pub struct AgentHostClient {
 /// How long a lifecycle RPC may take (a TCG boot takes a few seconds; leave room).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(180);
 const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Flattening a disk (and saving memory) of a large sandbox takes a while.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl AgentHostClient {
     /// `token`: the host agent's shared secret, sent on every call (RPC, proxy, files).
@@ -309,6 +363,36 @@ impl AgentHostClient {
     }
 }
 
+/// The wire form of a sandbox spec.
+fn proto_spec(s: CreateSpec) -> agent::SandboxSpec {
+    agent::SandboxSpec {
+        sandbox_id: s.sandbox_id.to_string(),
+        template: s.template.to_string(),
+        vcpus: s.vcpus,
+        memory_mb: s.memory_mb,
+        disk_size_mb: s.disk_size_mb,
+        expires_at_unix_ms: s.expires_at_unix_ms,
+        env: s.env.into_iter().collect(),
+        team_id: s.team_id.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A host's template report; `None` when its name is not a valid template name.
+fn host_template(t: &agent::TemplateInfo) -> Option<HostTemplate> {
+    Some(HostTemplate {
+        name: t.name.parse().ok()?,
+        allocated_bytes: t.allocated_bytes,
+        apparent_bytes: t.apparent_bytes,
+        has_memory: t.has_memory,
+        source_sandbox_id: t.source_sandbox_id.parse().ok(),
+        vcpus: t.vcpus,
+        memory_mb: t.memory_mb,
+        disk_size_mb: t.disk_size_mb,
+        in_use: t.in_use,
+    })
+}
+
 fn with_token(config: ClientConfig, token: Option<&str>) -> ClientConfig {
     match token {
         Some(t) => config.with_default_header(AGENT_TOKEN_HEADER, t.to_owned()),
@@ -368,17 +452,7 @@ impl HostClient for AgentHostClient {
     }
 
     async fn create_sandbox(&self, s: CreateSpec) -> Result<(), HostError> {
-        let spec = agent::SandboxSpec {
-            sandbox_id: s.sandbox_id.to_string(),
-            template: s.template.to_string(),
-            vcpus: s.vcpus,
-            memory_mb: s.memory_mb,
-            disk_size_mb: s.disk_size_mb,
-            expires_at_unix_ms: s.expires_at_unix_ms,
-            env: s.env.into_iter().collect(),
-            team_id: s.team_id.to_string(),
-            ..Default::default()
-        };
+        let spec = proto_spec(s);
         self.agent
             .create_sandbox_with_options(
                 agent::CreateSandboxRequest {
@@ -425,6 +499,15 @@ impl HostClient for AgentHostClient {
             })
             .filter_map(|s| {
                 let id = s.spec.as_option()?.sandbox_id.parse().ok()?;
+                let phase = match s.state.as_known() {
+                    Some(agent::SandboxState::SANDBOX_STATE_PAUSED) => HostPhase::Paused,
+                    Some(
+                        agent::SandboxState::SANDBOX_STATE_PAUSING
+                        | agent::SandboxState::SANDBOX_STATE_RESUMING
+                        | agent::SandboxState::SANDBOX_STATE_STOPPING,
+                    ) => HostPhase::Changing,
+                    _ => HostPhase::Running,
+                };
                 let failure = matches!(
                     s.state.as_known(),
                     Some(agent::SandboxState::SANDBOX_STATE_ERROR)
@@ -436,9 +519,113 @@ impl HostClient for AgentHostClient {
                         sanitize(&s.error)
                     }
                 });
-                Some(HostSandbox { id, failure })
+                Some(HostSandbox { id, failure, phase })
             })
             .collect())
+    }
+
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), HostError> {
+        self.agent
+            .pause_sandbox_with_options(
+                agent::PauseSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(CREATE_TIMEOUT),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn resume_sandbox(
+        &self,
+        id: &SandboxId,
+        expires_at_unix_ms: i64,
+    ) -> Result<(), HostError> {
+        self.agent
+            .resume_sandbox_with_options(
+                agent::ResumeSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    expires_at_unix_ms,
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(CREATE_TIMEOUT),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn snapshot_sandbox(
+        &self,
+        id: &SandboxId,
+        template: &TemplateName,
+        memory: bool,
+    ) -> Result<HostTemplate, HostError> {
+        let r = self
+            .agent
+            .snapshot_sandbox_with_options(
+                agent::SnapshotSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    template: template.to_string(),
+                    memory,
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(SNAPSHOT_TIMEOUT),
+            )
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        let t = r.template.as_option().ok_or_else(|| HostError::Rpc {
+            code: ErrorCode::Internal,
+            message: "the host agent answered a snapshot without its template".into(),
+        })?;
+        host_template(t).ok_or_else(|| HostError::Rpc {
+            code: ErrorCode::Internal,
+            message: "the host agent reported a bad template name".into(),
+        })
+    }
+
+    async fn fork_sandbox(&self, id: &SandboxId, copies: Vec<CreateSpec>) -> Result<(), HostError> {
+        self.agent
+            .fork_sandbox_with_options(
+                agent::ForkSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    copies: copies.into_iter().map(proto_spec).collect(),
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(CREATE_TIMEOUT),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(())
+    }
+
+    async fn list_templates(&self) -> Result<Vec<HostTemplate>, HostError> {
+        let r = self
+            .agent
+            .list_templates(agent::ListTemplatesRequest::default())
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        Ok(r.templates.iter().filter_map(host_template).collect())
+    }
+
+    async fn delete_template(&self, template: &TemplateName) -> Result<bool, HostError> {
+        let r = self
+            .agent
+            .delete_template_with_options(
+                agent::DeleteTemplateRequest {
+                    template: template.to_string(),
+                    ..Default::default()
+                },
+                CallOptions::default().with_timeout(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        Ok(r.existed)
     }
 
     async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError> {

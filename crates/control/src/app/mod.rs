@@ -9,8 +9,10 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod hosts;
+pub mod lifecycle;
 pub mod reconcile;
 pub mod sandboxes;
+pub mod templates;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -36,6 +38,11 @@ pub struct Policy {
     pub retention: Duration,
     /// Per-team caps on concurrent exec streams and file transfers.
     pub streams: concurrency::StreamCaps,
+    /// A sandbox paused this long (since its last change) is destroyed.
+    pub paused_retention: Duration,
+    /// The reconciler leaves a running or paused row alone this long after its last
+    /// change: a pause or resume may still be under way on its host.
+    pub transition_grace: Duration,
 }
 
 impl Default for Policy {
@@ -46,6 +53,9 @@ impl Default for Policy {
             create_timeout: Duration::from_secs(240),
             retention: Duration::from_secs(7 * 24 * 3600),
             streams: concurrency::StreamCaps::default(),
+            paused_retention: Duration::from_secs(30 * 24 * 3600),
+            // A pause or resume RPC may take up to 180 s (full migration under TCG).
+            transition_grace: Duration::from_secs(240),
         }
     }
 }
@@ -126,14 +136,4 @@ pub async fn bootstrap(db: &Db) -> AppResult<Option<String>> {
     let (key_id, secret) = db.create_api_key(team.id, "admin", true).await?;
     tracing::info!(team_id = %team.id, %key_id, "bootstrapped default team and admin API key");
     Ok(Some(secret))
-}
-
-impl App {
-    /// Templates `team` may use: its own and the platform's.
-    pub async fn list_templates(
-        &self,
-        team: hearth_types::TeamId,
-    ) -> AppResult<Vec<hearth_db::Template>> {
-        Ok(self.db.list_templates(team).await?)
-    }
 }

@@ -2,10 +2,20 @@
 //! runs at start and then on a timer; logs every change it makes.
 //!
 //! Each pass, per configured host: Info (record the host and its templates as platform
-//! templates); then rows `running` on that host that the host no longer lists become
-//! `stopped`, rows the host reports failed (VM died, shut down or rebooted itself)
-//! become `error` with the host's message; and expired rows are destroyed on their
-//! host and marked `stopped`.
+//! templates, except teams' snapshots, `snap-*`); then, for rows `running` or `paused`
+//! on that host:
+//! - `running` that the host no longer lists -> `stopped`; `paused` that it no longer
+//!   lists -> `error` ("lost");
+//! - reported failed (VM died, shut down or rebooted itself) -> `error` with the host's
+//!   message;
+//! - `running` that the host lists paused, or `paused` that it lists running (a pause
+//!   or resume cut off between host and database) -> what the host says, but only
+//!   once the row has not changed for `Policy::transition_grace`, since the control
+//!   plane writes the row before it calls the host; rows the host is pausing or
+//!   resuming are left alone;
+//! - `running` past its deadline: destroyed and `stopped`, or paused
+//!   (`on_timeout: pause`); `paused` longer than `Policy::paused_retention`: destroyed.
+//!
 //! A host that does not answer is left alone: its rows keep their state until it is
 //! back (a restarted agent re-adopts its VMs).
 //!
@@ -15,10 +25,14 @@
 
 use std::collections::HashMap;
 
-use chrono::Utc;
-use hearth_db::SandboxState;
-use hearth_types::{SandboxId, TeamId};
+use std::sync::Arc;
 
+use chrono::Utc;
+use hearth_db::{OnTimeout, SandboxRow, SandboxState};
+use hearth_types::{SandboxId, TeamId, TemplateName};
+
+use super::hosts::{HostClient, HostPhase, HostSandbox};
+use super::templates::SNAPSHOT_PREFIX;
 use super::{App, AppResult};
 
 /// What one pass changed.
@@ -33,6 +47,13 @@ pub struct ReconcileReport {
     pub stale: Vec<SandboxId>,
     /// Rows of finished sandboxes deleted after the retention period.
     pub pruned: u64,
+    /// Reached their deadline with `on_timeout: pause`: now paused.
+    pub paused: Vec<SandboxId>,
+    /// Paused longer than the paused retention: destroyed.
+    pub retired: Vec<SandboxId>,
+    /// Rows set to what their host holds after a pause or resume that was cut off
+    /// (running <-> paused).
+    pub corrected: Vec<SandboxId>,
 }
 
 impl ReconcileReport {
@@ -43,6 +64,9 @@ impl ReconcileReport {
             || !self.expired.is_empty()
             || !self.stale.is_empty()
             || self.pruned > 0
+            || !self.paused.is_empty()
+            || !self.retired.is_empty()
+            || !self.corrected.is_empty()
     }
 }
 
@@ -71,8 +95,20 @@ impl App {
             self.db
                 .upsert_host(&info.host_id, &url, &info.vmm, &info.accel)
                 .await?;
-            for t in &info.templates {
+            // Teams' snapshots (host-level `snap-*` names) are in the catalogue
+            // under their team's names, never platform templates.
+            let platform: Vec<_> = info
+                .templates
+                .iter()
+                .filter(|t| !t.as_str().starts_with(SNAPSHOT_PREFIX))
+                .cloned()
+                .collect();
+            for t in &platform {
                 self.db.upsert_template(TeamId::PLATFORM, t, 0).await?;
+            }
+            if changed {
+                self.refresh_platform_templates(&entry.client, &platform)
+                    .await;
             }
             let host_id = info.host_id.clone();
             self.hosts.set_info(index, info);
@@ -82,76 +118,23 @@ impl App {
             // created on the host already, so the listing below must contain it.
             let rows: Vec<_> = self
                 .db
-                .list_running_sandboxes()
+                .list_sandboxes_in_states(&[SandboxState::Running, SandboxState::Paused])
                 .await?
                 .into_iter()
                 .filter(|r| r.host_id.as_ref() == Some(&host_id))
                 .collect();
-            let listed: HashMap<SandboxId, Option<String>> = match entry
-                .client
-                .list_sandboxes()
-                .await
+            let listed: HashMap<SandboxId, HostSandbox> = match entry.client.list_sandboxes().await
             {
-                Ok(l) => l.into_iter().map(|s| (s.id, s.failure)).collect(),
+                Ok(l) => l.into_iter().map(|s| (s.id.clone(), s)).collect(),
                 Err(e) => {
                     tracing::warn!(host = %url, error = %e, "host agent did not list its sandboxes");
                     continue;
                 }
             };
-            let now = Utc::now();
             for row in rows {
-                match listed.get(&row.id) {
-                    None => {
-                        if self
-                            .db
-                            .update_sandbox_state(
-                                &row.id,
-                                Some(&[SandboxState::Running]),
-                                SandboxState::Stopped,
-                                None,
-                            )
-                            .await?
-                        {
-                            tracing::info!(sandbox_id = %row.id, host = %url,
-                                "sandbox no longer on its host (reaped or lost): marked stopped");
-                            self.end_streams(&row.id);
-                            report.lost.push(row.id);
-                        }
-                        continue;
-                    }
-                    Some(Some(why)) => {
-                        // Its VM died, shut down or rebooted itself: an error the user
-                        // sees; the host keeps its resources until the row is deleted.
-                        if self
-                            .db
-                            .update_sandbox_state(
-                                &row.id,
-                                Some(&[SandboxState::Running]),
-                                SandboxState::Error,
-                                Some(why),
-                            )
-                            .await?
-                        {
-                            tracing::info!(sandbox_id = %row.id, host = %url, reason = %why,
-                                "sandbox failed on its host: marked error");
-                            self.end_streams(&row.id);
-                            report.failed.push(row.id);
-                        }
-                        continue;
-                    }
-                    Some(None) => {}
-                }
-                if row.expires_at <= now {
-                    match self.destroy_row(&row).await {
-                        Ok(()) => {
-                            tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
-                            report.expired.push(row.id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(sandbox_id = %row.id, error = %e, "destroying expired sandbox failed")
-                        }
-                    }
-                }
+                let on_host = listed.get(&row.id);
+                self.reconcile_row(&entry.client, &url, row.clone(), on_host, &mut report)
+                    .await?;
             }
         }
         self.reconcile_stale_starts(&mut report).await?;
@@ -165,6 +148,173 @@ impl App {
             );
         }
         Ok(report)
+    }
+
+    /// Platform templates' sizes, memory and shape as the host reports them (hosts
+    /// without ListTemplates are skipped).
+    async fn refresh_platform_templates(
+        &self,
+        client: &Arc<dyn HostClient>,
+        platform: &[TemplateName],
+    ) {
+        let Ok(list) = client.list_templates().await else {
+            return;
+        };
+        for t in list.iter().filter(|t| platform.contains(&t.name)) {
+            if let Err(e) = self
+                .db
+                .update_platform_template(
+                    &t.name,
+                    t.apparent_bytes,
+                    t.allocated_bytes,
+                    t.has_memory,
+                    (t.vcpus, t.memory_mb, t.disk_size_mb),
+                )
+                .await
+            {
+                tracing::warn!(template = %t.name, error = %e, "recording a platform template failed");
+            }
+        }
+    }
+
+    /// One running or paused row against what its host lists.
+    async fn reconcile_row(
+        &self,
+        client: &Arc<dyn HostClient>,
+        url: &str,
+        row: SandboxRow,
+        listed: Option<&HostSandbox>,
+        report: &mut ReconcileReport,
+    ) -> AppResult<()> {
+        let now = Utc::now();
+        let grace = chrono::Duration::from_std(self.policy.transition_grace)
+            .unwrap_or(chrono::Duration::seconds(240));
+        let settled = row.updated_at + grace <= now;
+        let state = row.state;
+        match listed {
+            None if state == SandboxState::Running => {
+                let gone = self
+                    .db
+                    .transition_sandbox(&row.id, state, SandboxState::Stopped, None)
+                    .await?;
+                if gone {
+                    tracing::info!(sandbox_id = %row.id, host = %url,
+                        "sandbox no longer on its host (reaped or lost): marked stopped");
+                    self.end_streams(&row.id);
+                    report.lost.push(row.id);
+                }
+            }
+            // A paused sandbox its host no longer has: its state is gone.
+            None if settled => {
+                let why = "lost: its host no longer holds the paused sandbox";
+                if self
+                    .db
+                    .transition_sandbox(&row.id, state, SandboxState::Error, Some(why))
+                    .await?
+                {
+                    tracing::warn!(sandbox_id = %row.id, host = %url, "paused sandbox lost on its host: marked error");
+                    report.lost.push(row.id);
+                }
+            }
+            None => {}
+            Some(HostSandbox {
+                failure: Some(why), ..
+            }) => {
+                // Its VM died, shut down or rebooted itself: an error the user
+                // sees; the host keeps its resources until the row is deleted.
+                let failed = self
+                    .db
+                    .transition_sandbox(&row.id, state, SandboxState::Error, Some(why))
+                    .await?;
+                if failed {
+                    tracing::info!(sandbox_id = %row.id, host = %url, reason = %why,
+                        "sandbox failed on its host: marked error");
+                    self.end_streams(&row.id);
+                    report.failed.push(row.id);
+                }
+            }
+            Some(h) => match (state, h.phase) {
+                // The host is working on it, or a change of ours may still be on its way.
+                (_, HostPhase::Changing) => {}
+                (SandboxState::Running, HostPhase::Paused)
+                | (SandboxState::Paused, HostPhase::Running)
+                    if !settled => {}
+                (SandboxState::Running, HostPhase::Paused) => {
+                    self.correct(&row, SandboxState::Paused, report).await?
+                }
+                (SandboxState::Paused, HostPhase::Running) => {
+                    self.correct(&row, SandboxState::Running, report).await?
+                }
+                (SandboxState::Running, HostPhase::Running) if row.expires_at <= now => {
+                    self.expire(client, &row, report).await
+                }
+                (SandboxState::Paused, HostPhase::Paused) if settled => {
+                    let keep = chrono::Duration::from_std(self.policy.paused_retention)
+                        .unwrap_or(chrono::Duration::days(30));
+                    if row.updated_at + keep <= now {
+                        match self.destroy_row(&row).await {
+                            Ok(()) => {
+                                tracing::info!(sandbox_id = %row.id, "paused past its retention: destroyed");
+                                report.retired.push(row.id);
+                            }
+                            Err(e) => {
+                                tracing::warn!(sandbox_id = %row.id, error = %e, "destroying a retired paused sandbox failed")
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    /// The row says `row.state`, its host (settled) says `to`: the host is right.
+    async fn correct(
+        &self,
+        row: &SandboxRow,
+        to: SandboxState,
+        report: &mut ReconcileReport,
+    ) -> AppResult<()> {
+        if self
+            .db
+            .transition_sandbox(&row.id, row.state, to, None)
+            .await?
+        {
+            tracing::warn!(sandbox_id = %row.id, from = %row.state, to = %to,
+                "row did not match its host after an interrupted pause or resume: corrected");
+            report.corrected.push(row.id.clone());
+        }
+        Ok(())
+    }
+
+    /// A running sandbox past its deadline: paused or destroyed, as it asked.
+    async fn expire(
+        &self,
+        client: &Arc<dyn HostClient>,
+        row: &SandboxRow,
+        report: &mut ReconcileReport,
+    ) {
+        match row.on_timeout {
+            OnTimeout::Pause => match self.pause_row(&row.id, client).await {
+                Ok(()) => {
+                    tracing::info!(sandbox_id = %row.id, "sandbox reached its timeout: paused");
+                    report.paused.push(row.id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %row.id, error = %e, "pausing an expired sandbox failed")
+                }
+            },
+            OnTimeout::Destroy => match self.destroy_row(row).await {
+                Ok(()) => {
+                    tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
+                    report.expired.push(row.id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %row.id, error = %e, "destroying expired sandbox failed")
+                }
+            },
+        }
     }
 
     /// `starting` rows older than the create timeout: no create is waiting on them
@@ -187,7 +337,7 @@ impl App {
                 .db
                 .update_sandbox_state(
                     &row.id,
-                    Some(&[SandboxState::Starting]),
+                    &[SandboxState::Starting],
                     SandboxState::Error,
                     Some(&message),
                 )

@@ -13,8 +13,10 @@
 //!
 //! Expiry: the control plane reaps at `expires_at`, set to "running since + timeout_s"
 //! when the boot finishes, so a short `timeout_s` never ends a sandbox while it boots.
-//! The host agent gets a later backstop deadline (create timeout + `timeout_s`) that
-//! only matters if the control plane is gone.
+//! It owns every deadline: the host agent is given none (`expires_at_unix_ms` 0), since
+//! a deadline can move (`POST .../timeout`, resume) and the agent has no call to move
+//! it, and a sandbox with `on_timeout: pause` must be paused, not destroyed, at expiry.
+//! A sandbox whose control plane is gone therefore stays until it is back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use base64::Engine;
 use chrono::{Duration, Utc};
 use connectrpc::ErrorCode;
-use hearth_db::{Admission, NewSandbox, PageCursor, SandboxRow, SandboxState};
+use hearth_db::{Admission, NewSandbox, OnTimeout, PageCursor, SandboxRow, SandboxState};
 use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
@@ -41,6 +43,8 @@ pub struct CreateParams {
     pub timeout_s: Option<i64>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    /// "destroy" (default) or "pause".
+    pub on_timeout: Option<String>,
 }
 
 /// Parse a sandbox ID from a URL path segment.
@@ -101,7 +105,20 @@ fn decode_token(t: &str) -> AppResult<PageCursor> {
     })
 }
 
-fn not_found(id: &SandboxId) -> AppError {
+/// `expires_at_unix_ms` for the host: no deadline of its own.
+pub(crate) const HOST_NO_DEADLINE: i64 = 0;
+
+/// `on_timeout` as sent: default destroy.
+pub(crate) fn parse_on_timeout(s: Option<&str>) -> AppResult<OnTimeout> {
+    match s {
+        None => Ok(OnTimeout::Destroy),
+        Some(s) => s
+            .parse()
+            .map_err(|e: hearth_db::UnknownOnTimeout| AppError::InvalidArgument(e.to_string())),
+    }
+}
+
+pub(crate) fn not_found(id: &SandboxId) -> AppError {
     AppError::NotFound(format!("sandbox '{id}' not found"))
 }
 
@@ -115,7 +132,9 @@ impl App {
             .template
             .parse()
             .map_err(|e: hearth_types::IdError| AppError::InvalidArgument(e.to_string()))?;
-        let shape = SandboxShape::validate_wide(
+        // What was sent is checked before anything is looked up; the template's
+        // defaults are filled in (and checked again) below.
+        SandboxShape::validate_wide(
             &self.limits,
             p.vcpus,
             p.memory_mb,
@@ -123,23 +142,59 @@ impl App {
             p.timeout_s,
         )
         .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
+        let on_timeout = parse_on_timeout(p.on_timeout.as_deref())?;
         validate::env("env", &p.env)?;
         validate::metadata(&p.metadata)?;
-        if self.db.get_template(team, &template).await?.is_none() {
+        let Some(tpl) = self.db.get_template(team, &template).await? else {
             return Err(AppError::NotFound(format!(
                 "template '{template}' not found"
             )));
-        }
-        let load = self.db.count_active_by_host().await?;
-        let host_id = self.hosts.pick(&template, &load).ok_or_else(|| {
+        };
+        // A template brings its disk size (the smallest disk it fits) and, when it
+        // carries memory, the shape it restores into.
+        let disk_size_mb = match p.disk_size_mb {
+            Some(d) if tpl.disk_size_mb > 0 && d < i64::from(tpl.disk_size_mb) => {
+                return Err(AppError::InvalidArgument(format!(
+                    "disk_size_mb must be at least {} for template '{template}', got {d}",
+                    tpl.disk_size_mb
+                )))
+            }
+            Some(d) => Some(d),
+            None if tpl.disk_size_mb > 0 => {
+                Some(i64::from(tpl.disk_size_mb.max(self.limits.min_disk_mb)))
+            }
+            None => None,
+        };
+        let warm = |asked: Option<i64>, of_template: u32| match asked {
+            None if tpl.has_memory && of_template > 0 => Some(i64::from(of_template)),
+            other => other,
+        };
+        let shape = SandboxShape::validate_wide(
+            &self.limits,
+            warm(p.vcpus, tpl.vcpus),
+            warm(p.memory_mb, tpl.memory_mb),
+            disk_size_mb,
+            p.timeout_s,
+        )
+        .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
+        // A team's snapshot lives on one host under its host-level name.
+        let (host_id, host_template) = match &tpl.location {
+            Some(loc) => (loc.host_id.clone(), loc.host_name.clone()),
+            None => {
+                let load = self.db.count_active_by_host().await?;
+                let host = self.hosts.pick(&template, &load).ok_or_else(|| {
+                    AppError::Unavailable(format!(
+                        "no host agent that has template '{template}' is reachable"
+                    ))
+                })?;
+                (host, template.clone())
+            }
+        };
+        let client = self.hosts.get(&host_id).ok_or_else(|| {
             AppError::Unavailable(format!(
-                "no host agent that has template '{template}' is reachable"
+                "host {host_id} (which holds template '{template}') is not reachable"
             ))
         })?;
-        let client = self
-            .hosts
-            .get(&host_id)
-            .ok_or_else(|| AppError::Unavailable(format!("host {host_id} is not reachable")))?;
 
         let now = Utc::now();
         let lifetime = Duration::seconds(i64::from(shape.timeout_s));
@@ -152,6 +207,7 @@ impl App {
             memory_mb: shape.memory_mb,
             disk_size_mb: shape.disk_size_mb,
             timeout_s: shape.timeout_s,
+            on_timeout,
             env: p.env.clone(),
             metadata: p.metadata,
             host_id: Some(host_id.clone()),
@@ -170,12 +226,12 @@ impl App {
         let spec = CreateSpec {
             sandbox_id: row.id.clone(),
             team_id: team,
-            template,
+            template: host_template,
             vcpus: shape.vcpus,
             memory_mb: shape.memory_mb,
             disk_size_mb: shape.disk_size_mb,
-            // The host's own backstop; the control plane reaps earlier (see module docs).
-            expires_at_unix_ms: row.expires_at.timestamp_millis(),
+            // The control plane owns every deadline (see module docs).
+            expires_at_unix_ms: HOST_NO_DEADLINE,
             env: p.env,
         };
         let id = row.id.clone();
@@ -191,7 +247,7 @@ impl App {
             .ok_or_else(|| not_found(&id))
     }
 
-    fn create_timeout(&self) -> Duration {
+    pub(crate) fn create_timeout(&self) -> Duration {
         Duration::from_std(self.policy.create_timeout).unwrap_or(Duration::seconds(240))
     }
 
@@ -235,7 +291,7 @@ impl App {
                 self.db
                     .update_sandbox_state(
                         &id,
-                        Some(&[SandboxState::Starting]),
+                        &[SandboxState::Starting],
                         SandboxState::Error,
                         Some(&e.to_string()),
                     )
@@ -357,6 +413,17 @@ impl App {
         }
     }
 
+    /// The client of the host that holds `row`.
+    pub(crate) fn host_of(&self, row: &SandboxRow) -> AppResult<Arc<dyn HostClient>> {
+        let host_id = row
+            .host_id
+            .as_ref()
+            .ok_or_else(|| AppError::Internal(format!("sandbox {} has no host", row.id)))?;
+        self.hosts
+            .get(host_id)
+            .ok_or_else(|| AppError::Unavailable(format!("host {host_id} is not reachable")))
+    }
+
     /// The host of a sandbox that must be running for the operation (exec, files).
     pub(crate) async fn running_host(
         &self,
@@ -367,6 +434,11 @@ impl App {
         match row.state {
             SandboxState::Running => {}
             SandboxState::Stopped => return Err(AppError::Conflict("sandbox is stopped".into())),
+            SandboxState::Paused => {
+                return Err(AppError::Conflict(
+                    "sandbox is paused: resume it first (POST /v1/sandboxes/{id}/resume)".into(),
+                ))
+            }
             other => {
                 return Err(AppError::Conflict(format!(
                     "sandbox is {other}, not running"

@@ -8,6 +8,7 @@ use axum::Json;
 use futures::StreamExt;
 
 use super::error::{ApiError, ErrorBody};
+use super::reject::ApiJsonOrEmpty;
 use super::types::*;
 use super::{ApiJson, AppState, Caller};
 use crate::app::sandboxes::parse_id;
@@ -176,4 +177,105 @@ pub async fn list_templates(
     Ok(Json(TemplateList {
         templates: list.into_iter().map(Into::into).collect(),
     }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn pause_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    let id = parse_id(&id)?;
+    Ok(Json(s.app.pause_sandbox(caller.team_id, &id).await?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", params(("id" = String, Path)),
+    request_body(content = ResumeRequest, description = "Optional."),
+    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn resume_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJsonOrEmpty(req): ApiJsonOrEmpty<ResumeRequest>,
+) -> ApiResult<Json<Sandbox>> {
+    let id = parse_id(&id)?;
+    let row = s
+        .app
+        .resume_sandbox(caller.team_id, &id, req.timeout_s)
+        .await?;
+    Ok(Json(row.into()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", params(("id" = String, Path)),
+    request_body = TimeoutRequest,
+    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn set_timeout(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<TimeoutRequest>,
+) -> ApiResult<Json<Sandbox>> {
+    let id = parse_id(&id)?;
+    let row = s
+        .app
+        .set_sandbox_timeout(caller.team_id, &id, req.timeout_s)
+        .await?;
+    Ok(Json(row.into()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", params(("id" = String, Path)),
+    request_body = SnapshotRequest,
+    responses((status = 201, body = TemplateInfo), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn snapshot_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SnapshotRequest>,
+) -> ApiResult<(StatusCode, Json<TemplateInfo>)> {
+    let id = parse_id(&id)?;
+    let t = s
+        .app
+        .snapshot_sandbox(caller.team_id, &id, &req.name, req.memory)
+        .await?;
+    Ok((StatusCode::CREATED, Json(t.into())))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", params(("id" = String, Path)),
+    request_body(content = ForkRequest, description = "Optional."),
+    responses((status = 201, body = ForkResponse), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn fork_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJsonOrEmpty(req): ApiJsonOrEmpty<ForkRequest>,
+) -> ApiResult<(StatusCode, Json<ForkResponse>)> {
+    let id = parse_id(&id)?;
+    let rows = s.app.fork_sandbox(caller.team_id, &id, req.count).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ForkResponse {
+            sandboxes: rows.into_iter().map(Into::into).collect(),
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/templates/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn delete_template(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.app.delete_template(caller.team_id, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -63,7 +63,31 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/files",
             get(handlers::download_file).put(handlers::upload_file),
         )
+        .route(
+            "/v1/sandboxes/{id}/pause",
+            axum::routing::post(handlers::pause_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}/resume",
+            axum::routing::post(handlers::resume_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}/timeout",
+            axum::routing::post(handlers::set_timeout),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshots",
+            axum::routing::post(handlers::snapshot_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}/fork",
+            axum::routing::post(handlers::fork_sandbox),
+        )
         .route("/v1/templates", get(handlers::list_templates))
+        .route(
+            "/v1/templates/{name}",
+            axum::routing::delete(handlers::delete_template),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/v1/health", get(handlers::health))

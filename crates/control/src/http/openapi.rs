@@ -47,9 +47,16 @@ impl Modify for Security {
         handlers::upload_file,
         handlers::download_file,
         handlers::list_templates,
+        handlers::pause_sandbox,
+        handlers::resume_sandbox,
+        handlers::set_timeout,
+        handlers::snapshot_sandbox,
+        handlers::fork_sandbox,
+        handlers::delete_template,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
-        ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList)),
+        ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
+        ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -126,6 +133,9 @@ pub fn document() -> Value {
                     add(op, 400, "Malformed JSON or an invalid field.");
                     add(op, 413, "The JSON body is larger than 1 MiB.");
                     add(op, 415, "The body's content type is not JSON.");
+                }
+                if path.contains("{name}") {
+                    add(op, 400, "Malformed template name.");
                 }
                 if path.contains("{id}") {
                     add(op, 400, "Malformed ID or parameter.");
@@ -237,6 +247,33 @@ pub fn document() -> Value {
         json!({"example": {"template": "minimal", "timeout_s": 120}}),
     );
 
+    set(
+        &mut doc,
+        &format!("{create}/on_timeout"),
+        json!({"enum": ["destroy", "pause"], "default": "destroy"}),
+    );
+    for schema in ["ResumeRequest", "TimeoutRequest"] {
+        set(
+            &mut doc,
+            &format!("/components/schemas/{schema}/properties/timeout_s"),
+            json!({"minimum": 1, "maximum": limits.max_timeout_s}),
+        );
+    }
+    set(
+        &mut doc,
+        "/components/schemas/TimeoutRequest",
+        json!({"required": ["timeout_s"]}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/ForkRequest/properties/count",
+        json!({"minimum": 1, "maximum": crate::app::lifecycle::MAX_FORK, "default": 1}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/SnapshotRequest/properties/name",
+        json!({"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "example": "prepared"}),
+    );
     let exec = "/components/schemas/ExecRequest/properties";
     set(
         &mut doc,

@@ -132,6 +132,67 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 /// Bodies over [`MAX_JSON_BODY`] are 413; malformed ones 400 with serde's message.
 pub struct ApiJson<T>(pub T);
 
+/// Like [`ApiJson`], but an empty body (no bytes, or only whitespace) is
+/// `T::default()`: for endpoints whose body is optional.
+pub struct ApiJsonOrEmpty<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJsonOrEmpty<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let empty = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        if empty {
+            return Ok(ApiJsonOrEmpty(T::default()));
+        }
+        let headers = req.headers().clone();
+        let bytes = read_body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJsonOrEmpty(T::default()));
+        }
+        if headers.get(header::CONTENT_TYPE).is_some() && !is_json(&headers) {
+            return Err(error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "request body must be JSON: send content-type: application/json".into(),
+            ));
+        }
+        match Json::<T>::from_bytes(&bytes) {
+            Ok(Json(v)) => Ok(ApiJsonOrEmpty(v)),
+            Err(rej) => Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                rej.body_text(),
+            )),
+        }
+    }
+}
+
+/// The whole request body, within [`MAX_JSON_BODY`].
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Response> {
+    Bytes::from_request(req, state).await.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body is larger than {MAX_JSON_BODY} bytes"),
+            )
+        } else {
+            error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("reading the request body failed: {}", rej.body_text()),
+            )
+        }
+    })
+}
+
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
     T: DeserializeOwned,
@@ -155,21 +216,7 @@ where
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request body is larger than {MAX_JSON_BODY} bytes"),
-                )
-            } else {
-                error_response(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_argument",
-                    format!("reading the request body failed: {}", rej.body_text()),
-                )
-            }
-        })?;
+        let bytes = read_body(req, state).await?;
         match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rej) => Err(error_response(

@@ -57,6 +57,9 @@ pub struct CreateSandboxRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// What happens when the time is up: "destroy" (default) or "pause" (kept paused
+    /// for the paused retention period, then destroyed).
+    pub on_timeout: Option<String>,
 }
 
 impl From<CreateSandboxRequest> for CreateParams {
@@ -70,6 +73,7 @@ impl From<CreateSandboxRequest> for CreateParams {
             timeout_s: r.timeout_s,
             env: r.env,
             metadata: r.metadata,
+            on_timeout: r.on_timeout,
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct Sandbox {
     pub memory_mb: u32,
     pub disk_size_mb: u32,
     pub timeout_s: u32,
+    /// destroy | pause
+    pub on_timeout: String,
     pub metadata: BTreeMap<String, String>,
     pub host_id: Option<String>,
     /// RFC 3339
@@ -106,6 +112,7 @@ impl From<SandboxRow> for Sandbox {
             memory_mb: r.memory_mb,
             disk_size_mb: r.disk_size_mb,
             timeout_s: r.timeout_s,
+            on_timeout: r.on_timeout.to_string(),
             metadata: r.metadata,
             host_id: r.host_id.map(|h| h.to_string()),
             created_at: r.created_at.to_rfc3339(),
@@ -237,8 +244,23 @@ pub struct FileWritten {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TemplateInfo {
     pub name: String,
+    /// The platform team (all zeros) for built-in templates, else the team that made it.
     pub team_id: String,
+    /// Apparent (sparse) size of its files in bytes.
     pub size_bytes: u64,
+    /// Bytes it takes on its host's disk.
+    pub allocated_bytes: u64,
+    /// Carries memory: a sandbox of its shape starts by restore, not boot.
+    pub has_memory: bool,
+    /// The sandbox it was made from (null for built-in templates).
+    pub source_sandbox_id: Option<String>,
+    /// The host that holds it (null for built-in templates: every host that lists it).
+    pub host_id: Option<String>,
+    /// The shape it was made from (0 when unknown); a sandbox from it gets these
+    /// unless the request says otherwise, and at least its disk size.
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
     /// RFC 3339
     pub created_at: String,
 }
@@ -249,6 +271,13 @@ impl From<Template> for TemplateInfo {
             name: t.name.to_string(),
             team_id: t.team_id.to_string(),
             size_bytes: t.size_bytes,
+            allocated_bytes: t.allocated_bytes,
+            has_memory: t.has_memory,
+            source_sandbox_id: t.source_sandbox_id.map(|s| s.to_string()),
+            host_id: t.location.map(|l| l.host_id.to_string()),
+            vcpus: t.vcpus,
+            memory_mb: t.memory_mb,
+            disk_size_mb: t.disk_size_mb,
             created_at: t.created_at.to_rfc3339(),
         }
     }
@@ -257,4 +286,44 @@ impl From<Template> for TemplateInfo {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TemplateList {
     pub templates: Vec<TemplateInfo>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/resume` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ResumeRequest {
+    /// New lifetime in seconds, counted from the resume. Default: the sandbox's own.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub timeout_s: Option<i64>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TimeoutRequest {
+    /// Seconds from now after which the sandbox is destroyed (or paused).
+    #[serde(default, deserialize_with = "whole_number")]
+    pub timeout_s: Option<i64>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/snapshots`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SnapshotRequest {
+    /// The new template's name, unique in the team.
+    pub name: String,
+    /// Keep memory too (a warm template: its sandboxes start by restore). Default false.
+    #[serde(default)]
+    pub memory: bool,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/fork` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ForkRequest {
+    /// Copies to make, 1 to 16 (default 1).
+    #[serde(default, deserialize_with = "whole_number")]
+    pub count: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ForkResponse {
+    /// The new copies, running.
+    pub sandboxes: Vec<Sandbox>,
 }

@@ -1,0 +1,165 @@
+//! The templates catalogue: platform templates (built in on every host that lists
+//! them) and each team's snapshots, which live on the host that made them under a
+//! host-level name the control plane picks (`snap-` + 16 random characters), so that
+//! team names never clash on a host and a team never learns another's.
+//!
+//! Snapshot: host SnapshotSandbox first, then the catalogue row; a host failure
+//! leaves no row, and a row that cannot be written (the name was taken meanwhile)
+//! deletes the host's new template again. Delete: refused while an active sandbox of
+//! the team uses the template (checked here, and the host refuses too).
+
+use std::sync::Arc;
+
+use hearth_db::{DbError, NewTemplate, Template, TemplateLocation};
+use hearth_types::{SandboxId, TeamId, TemplateName};
+use rand::Rng;
+
+use super::{App, AppError, AppResult};
+use hearth_db::SandboxState;
+
+/// Prefix of host-level names of teams' snapshots; never a platform template's.
+pub const SNAPSHOT_PREFIX: &str = "snap-";
+
+/// A fresh host-level template name: `snap-` + 16 of `[a-z0-9]`.
+fn host_level_name() -> AppResult<TemplateName> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..16)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{SNAPSHOT_PREFIX}{suffix}")
+        .parse()
+        .map_err(|e: hearth_types::IdError| AppError::Internal(e.to_string()))
+}
+
+fn parse_name(name: &str) -> AppResult<TemplateName> {
+    name.parse()
+        .map_err(|e: hearth_types::IdError| AppError::InvalidArgument(e.to_string()))
+}
+
+fn template_not_found(name: &str) -> AppError {
+    AppError::NotFound(format!("template '{name}' not found"))
+}
+
+impl App {
+    /// Templates `team` may use: its own and the platform's.
+    pub async fn list_templates(&self, team: TeamId) -> AppResult<Vec<Template>> {
+        Ok(self.db.list_templates(team).await?)
+    }
+
+    /// Save sandbox `id` (running or paused) as the team's template `name`.
+    pub async fn snapshot_sandbox(
+        self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+        name: &str,
+        memory: bool,
+    ) -> AppResult<Template> {
+        let name = parse_name(name)?;
+        if name.as_str().starts_with(SNAPSHOT_PREFIX) {
+            return Err(AppError::InvalidArgument(format!(
+                "template name must not start with '{SNAPSHOT_PREFIX}' (reserved)"
+            )));
+        }
+        let row = self.get_sandbox(team, id).await?;
+        if !matches!(row.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(AppError::Conflict(format!(
+                "sandbox is {}: only a running or paused sandbox can be snapshotted",
+                row.state
+            )));
+        }
+        if let Some(t) = self.db.get_template(team, &name).await? {
+            return Err(AppError::Conflict(if t.team_id.is_platform() {
+                format!("'{name}' is the name of a platform template: pick another name")
+            } else {
+                format!("template '{name}' already exists: pick another name or delete it first")
+            }));
+        }
+        let client = self.host_of(&row)?;
+        let host_id = row
+            .host_id
+            .clone()
+            .ok_or_else(|| AppError::Internal(format!("sandbox {id} has no host")))?;
+        let host_name = host_level_name()?;
+        let app = self.clone();
+        let sid = id.clone();
+        tokio::spawn(async move {
+            let made = client
+                .snapshot_sandbox(&sid, &host_name, memory)
+                .await
+                .map_err(AppError::host("snapshotting the sandbox failed"))?;
+            let new = NewTemplate {
+                name: name.clone(),
+                team_id: team,
+                location: TemplateLocation {
+                    host_id,
+                    host_name: host_name.clone(),
+                },
+                has_memory: made.has_memory,
+                allocated_bytes: made.allocated_bytes,
+                apparent_bytes: made.apparent_bytes,
+                source_sandbox_id: sid.clone(),
+                vcpus: row.vcpus,
+                memory_mb: row.memory_mb,
+                disk_size_mb: if made.disk_size_mb > 0 {
+                    made.disk_size_mb
+                } else {
+                    row.disk_size_mb
+                },
+            };
+            match app.db.insert_template(&new).await {
+                Ok(t) => {
+                    tracing::info!(sandbox_id = %sid, template = %name, host_template = %host_name,
+                        memory = made.has_memory, "snapshot saved as a template");
+                    Ok(t)
+                }
+                Err(e) => {
+                    // Not in the catalogue: the host's copy must not stay behind.
+                    if let Err(d) = client.delete_template(&host_name).await {
+                        tracing::warn!(template = %host_name, error = %d, "removing an unrecorded snapshot failed");
+                    }
+                    Err(match e {
+                        DbError::AlreadyExists { .. } => AppError::Conflict(format!(
+                            "template '{name}' already exists: pick another name or delete it first"
+                        )),
+                        other => AppError::Db(other),
+                    })
+                }
+            }
+        })
+        .await
+        .map_err(|e| AppError::Internal(format!("snapshot task failed: {e}")))?
+    }
+
+    /// Delete the team's own template `name` (on its host and in the catalogue).
+    pub async fn delete_template(&self, team: TeamId, name: &str) -> AppResult<()> {
+        let name = parse_name(name)?;
+        let t = self
+            .db
+            .get_template(team, &name)
+            .await?
+            .filter(|t| t.team_id == team)
+            .ok_or_else(|| template_not_found(name.as_str()))?;
+        let users = self.db.count_active_using_template(team, &name).await?;
+        if users > 0 {
+            return Err(AppError::Conflict(format!(
+                "template '{name}' is used by {users} active sandbox(es): delete them first"
+            )));
+        }
+        if let Some(loc) = &t.location {
+            let client = self.hosts.get(&loc.host_id).ok_or_else(|| {
+                AppError::Unavailable(format!(
+                    "host {} (which holds template '{name}') is not reachable",
+                    loc.host_id
+                ))
+            })?;
+            client
+                .delete_template(&loc.host_name)
+                .await
+                .map_err(AppError::host("deleting the template failed"))?;
+        }
+        self.db.delete_team_template(team, &name).await?;
+        tracing::info!(team_id = %team, template = %name, "template deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,477 @@
+//! Shared by the handler tests: [`FakeHost`], a hand-written host agent, and [`Env`],
+//! the real router over an in-memory database with two teams.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bytes::Bytes;
+use connectrpc::ErrorCode;
+use futures::StreamExt;
+use hearth_control::app::hosts::{
+    ByteStream, CreateSpec, HostClient, HostError, HostInfo, HostPhase, HostSandbox, HostTemplate,
+    ProcEvent, ProcEvents, ProcSpec, Signal,
+};
+use hearth_control::app::Policy;
+use hearth_control::{router, App, AppState};
+use hearth_db::Db;
+use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId, TemplateName};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+/// Stands in for a host agent (and the guest agents behind its envd proxy) in logic
+/// tests. It models what the control plane relies on: CreateSandbox makes the sandbox
+/// listed by ListSandboxes until DestroySandbox; a started process emits Started, its
+/// output and an exit; `sleep` runs until SIGKILL, which ends it with exit code 137;
+/// uploads consume the whole body stream. Lifecycle as the agent's contract says:
+/// PauseSandbox only of a running sandbox (then listed PAUSED), ResumeSandbox only of a
+/// paused one; a failure (injected with `fail_*`) changes nothing. SnapshotSandbox of a
+/// running or paused sandbox makes a template (AlreadyExists if the name is taken);
+/// ForkSandbox makes every copy or none; DeleteTemplate is refused
+/// (FailedPrecondition) while a sandbox of this host was made from it. It does not
+/// boot anything.
+#[derive(Default)]
+pub struct FakeHost {
+    pub host_id: Option<HostId>,
+    state: Mutex<FakeState>,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub sandboxes: HashSet<SandboxId>,
+    /// Sandboxes the host holds in error, with its message.
+    pub failed: HashMap<SandboxId, String>,
+    pub creates: usize,
+    pub destroys: usize,
+    pub fail_create: Option<HostError>,
+    /// How long CreateSandbox takes (a boot).
+    pub create_delay: Option<std::time::Duration>,
+    pub signals: Vec<(u32, Signal)>,
+    pub stdin: Vec<u8>,
+    pub uploads: Vec<(String, usize)>,
+    /// `sleep`: ends on SIGKILL.
+    pub killers: Vec<mpsc::UnboundedSender<Result<ProcEvent, HostError>>>,
+    /// `cat`: echoes stdin and ends when stdin is closed.
+    pub cats: Vec<mpsc::UnboundedSender<Result<ProcEvent, HostError>>>,
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Paused sandboxes (also in `sandboxes`).
+    pub paused: HashSet<SandboxId>,
+    /// The template each sandbox was made from.
+    pub made_from: HashMap<SandboxId, TemplateName>,
+    pub templates: HashMap<TemplateName, HostTemplate>,
+    pub fail_pause: Option<HostError>,
+    pub fail_resume: Option<HostError>,
+    pub fail_snapshot: Option<HostError>,
+    pub fail_fork: Option<HostError>,
+    pub pauses: usize,
+    pub resumes: usize,
+    /// Deadlines sent with creates, forks and resumes.
+    pub deadlines: Vec<i64>,
+    pub forks: usize,
+}
+
+impl FakeHost {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FakeHost {
+            host_id: Some(HostId::generate()),
+            ..Default::default()
+        })
+    }
+    pub fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl HostClient for FakeHost {
+    fn url(&self) -> &str {
+        "http://fake-agent"
+    }
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        let st = self.st();
+        Ok(HostInfo {
+            host_id: self.host_id.clone().unwrap(),
+            vmm: "qemu".into(),
+            accel: "tcg".into(),
+            templates: std::iter::once("minimal".parse().unwrap())
+                .chain(st.templates.keys().cloned())
+                .collect(),
+            running: st.sandboxes.len() as u32,
+        })
+    }
+    async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {
+        let delay = self.st().create_delay;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let mut st = self.st();
+        st.creates += 1;
+        if let Some(e) = st.fail_create.clone() {
+            return Err(e);
+        }
+        st.deadlines.push(spec.expires_at_unix_ms);
+        if spec.template.as_str() != "minimal" && !st.templates.contains_key(&spec.template) {
+            return Err(HostError::Rpc {
+                code: ErrorCode::NotFound,
+                message: format!("template {} not on this host", spec.template),
+            });
+        }
+        st.made_from.insert(spec.sandbox_id.clone(), spec.template);
+        st.sandboxes.insert(spec.sandbox_id);
+        Ok(())
+    }
+    async fn destroy_sandbox(&self, id: &SandboxId) -> Result<bool, HostError> {
+        let mut st = self.st();
+        st.destroys += 1;
+        st.failed.remove(id);
+        st.paused.remove(id);
+        st.made_from.remove(id);
+        Ok(st.sandboxes.remove(id))
+    }
+    async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError> {
+        let st = self.st();
+        Ok(st
+            .sandboxes
+            .iter()
+            .map(|id| HostSandbox {
+                id: id.clone(),
+                failure: st.failed.get(id).cloned(),
+                phase: if st.paused.contains(id) {
+                    HostPhase::Paused
+                } else {
+                    HostPhase::Running
+                },
+            })
+            .collect())
+    }
+    async fn pause_sandbox(&self, id: &SandboxId) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.pauses += 1;
+        if !st.sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        if st.paused.contains(id) {
+            return Err(precondition("the sandbox is paused"));
+        }
+        if let Some(e) = st.fail_pause.clone() {
+            return Err(e);
+        }
+        st.paused.insert(id.clone());
+        Ok(())
+    }
+    async fn resume_sandbox(&self, id: &SandboxId, expires: i64) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.resumes += 1;
+        if !st.sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        if !st.paused.contains(id) {
+            return Err(precondition("the sandbox is not paused"));
+        }
+        if let Some(e) = st.fail_resume.clone() {
+            return Err(e);
+        }
+        st.deadlines.push(expires);
+        st.paused.remove(id);
+        Ok(())
+    }
+    async fn snapshot_sandbox(
+        &self,
+        id: &SandboxId,
+        template: &TemplateName,
+        memory: bool,
+    ) -> Result<HostTemplate, HostError> {
+        let mut st = self.st();
+        if !st.sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        if st.templates.contains_key(template) {
+            return Err(HostError::Rpc {
+                code: ErrorCode::AlreadyExists,
+                message: format!("template {template} exists"),
+            });
+        }
+        if let Some(e) = st.fail_snapshot.clone() {
+            return Err(e);
+        }
+        let t = HostTemplate {
+            name: template.clone(),
+            allocated_bytes: 3 << 20,
+            apparent_bytes: 64 << 20,
+            has_memory: memory,
+            source_sandbox_id: Some(id.clone()),
+            vcpus: 1,
+            memory_mb: 256,
+            disk_size_mb: 512,
+            in_use: 0,
+        };
+        st.templates.insert(template.clone(), t.clone());
+        Ok(t)
+    }
+    async fn fork_sandbox(&self, id: &SandboxId, copies: Vec<CreateSpec>) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.forks += 1;
+        if !st.sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        if st.paused.contains(id) {
+            return Err(precondition("the sandbox is paused"));
+        }
+        if let Some(e) = st.fail_fork.clone() {
+            return Err(e);
+        }
+        for c in copies {
+            st.deadlines.push(c.expires_at_unix_ms);
+            st.made_from.insert(c.sandbox_id.clone(), c.template);
+            st.sandboxes.insert(c.sandbox_id);
+        }
+        Ok(())
+    }
+    async fn list_templates(&self) -> Result<Vec<HostTemplate>, HostError> {
+        Ok(self.st().templates.values().cloned().collect())
+    }
+    async fn delete_template(&self, template: &TemplateName) -> Result<bool, HostError> {
+        let mut st = self.st();
+        if st.made_from.values().any(|t| t == template) {
+            return Err(precondition("the template is in use"));
+        }
+        Ok(st.templates.remove(template).is_some())
+    }
+    async fn start_process(
+        &self,
+        _id: &SandboxId,
+        spec: ProcSpec,
+    ) -> Result<ProcEvents, HostError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pid = 42;
+        tx.send(Ok(ProcEvent::Started { pid })).unwrap();
+        match spec.cmd.as_str() {
+            "sleep" => self.st().killers.push(tx),
+            "cat" => self.st().cats.push(tx),
+            _ => {
+                tx.send(Ok(ProcEvent::Stdout(Bytes::from_static(b"hi\n"))))
+                    .unwrap();
+                tx.send(Ok(ProcEvent::Stderr(Bytes::from_static(&[0xff, 0xfe]))))
+                    .unwrap();
+                tx.send(Ok(ProcEvent::Exited {
+                    exit_code: 3,
+                    error: None,
+                }))
+                .unwrap();
+            }
+        }
+        Ok(tokio_stream_from(rx))
+    }
+    async fn send_signal(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        pid: u32,
+        s: Signal,
+    ) -> Result<(), HostError> {
+        let mut st = self.st();
+        st.signals.push((pid, s));
+        for k in st.killers.drain(..) {
+            let _ = k.send(Ok(ProcEvent::Exited {
+                exit_code: 137,
+                error: None,
+            }));
+        }
+        Ok(())
+    }
+    async fn send_input(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        _: u32,
+        d: Bytes,
+        _: bool,
+    ) -> Result<(), HostError> {
+        self.st().stdin.extend_from_slice(&d);
+        Ok(())
+    }
+    async fn close_stdin(&self, _: &SandboxId, _: &str, _: u32) -> Result<(), HostError> {
+        let mut st = self.st();
+        let data = st.stdin.clone();
+        for k in st.cats.drain(..) {
+            let _ = k.send(Ok(ProcEvent::Stdout(Bytes::from(data.clone()))));
+            let _ = k.send(Ok(ProcEvent::Exited {
+                exit_code: 0,
+                error: None,
+            }));
+        }
+        Ok(())
+    }
+    async fn resize_pty(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        _: u32,
+        _: u32,
+        _: u32,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
+    async fn upload_file(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        path: &str,
+        mut body: ByteStream,
+    ) -> Result<(), HostError> {
+        let mut data = Vec::new();
+        while let Some(chunk) = body.next().await {
+            data.extend_from_slice(&chunk?);
+        }
+        let mut st = self.st();
+        st.uploads.push((path.to_owned(), data.len()));
+        st.files.push((path.to_owned(), data));
+        Ok(())
+    }
+    async fn download_file(
+        &self,
+        _: &SandboxId,
+        _: &str,
+        path: &str,
+    ) -> Result<(Option<u64>, ByteStream), HostError> {
+        let st = self.st();
+        let Some((_, data)) = st.files.iter().rev().find(|(p, _)| p == path) else {
+            return Err(HostError::Http {
+                status: 404,
+                message: format!("{path}: no such file"),
+            });
+        };
+        let data = Bytes::from(data.clone());
+        Ok((
+            Some(data.len() as u64),
+            futures::stream::iter([Ok(data)]).boxed(),
+        ))
+    }
+}
+
+pub fn tokio_stream_from(
+    mut rx: mpsc::UnboundedReceiver<Result<ProcEvent, HostError>>,
+) -> ProcEvents {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+pub struct Env {
+    pub router: axum::Router,
+    pub state: AppState,
+    pub host: Arc<FakeHost>,
+    pub key_a: String,
+    pub key_b: String,
+    pub team_a: TeamId,
+}
+
+pub async fn env() -> Env {
+    env_with(Policy::default()).await
+}
+
+pub async fn env_with(policy: Policy) -> Env {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team_a = db.create_team("a").await.unwrap().id;
+    let team_b = db.create_team("b").await.unwrap().id;
+    let (_, key_a) = db.create_api_key(team_a, "k", false).await.unwrap();
+    let (_, key_b) = db.create_api_key(team_b, "k", false).await.unwrap();
+    let host = FakeHost::new();
+    let app = App::new(
+        db,
+        vec![host.clone() as Arc<dyn HostClient>],
+        SandboxLimits::default(),
+        1024,
+    )
+    .with_policy(policy);
+    let state = AppState::new(app);
+    // Registers the host and its templates, as at start.
+    state.app().reconcile_once().await.unwrap();
+    Env {
+        router: router(state.clone()),
+        state,
+        host,
+        key_a,
+        key_b,
+        team_a,
+    }
+}
+
+impl Env {
+    pub async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+
+    pub async fn create(&self) -> String {
+        let (s, v) = self
+            .call(
+                "POST",
+                "/v1/sandboxes",
+                Some(&self.key_a),
+                Some(json!({"template": "minimal"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn row_count(&self) -> usize {
+        self.state
+            .app()
+            .db
+            .list_sandboxes(self.team_a)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+pub fn assert_error(status: StatusCode, v: &Value, want: StatusCode, code: &str, needle: &str) {
+    assert_eq!(status, want, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+fn not_found(id: &SandboxId) -> HostError {
+    HostError::Rpc {
+        code: ErrorCode::NotFound,
+        message: format!("sandbox {id} not found"),
+    }
+}
+
+fn precondition(m: &str) -> HostError {
+    HostError::Rpc {
+        code: ErrorCode::FailedPrecondition,
+        message: m.to_owned(),
+    }
+}
