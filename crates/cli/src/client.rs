@@ -100,6 +100,21 @@ pub fn hint(e: &ApiError) -> Option<&'static str> {
              (`hearth sandbox list`, then `hearth sandbox rm ID`), ask for smaller ones \
              (--vcpus, --memory-mb, --disk-size-mb), or ask an admin for a larger quota",
         ),
+        "conflict" if e.message.contains("resume it first") => {
+            Some("resume it with `hearth sandbox resume ID`")
+        }
+        "conflict" if e.message.contains("only a paused sandbox can be resumed") => {
+            Some("it is not paused: `hearth sandbox get ID` shows its state")
+        }
+        "conflict" if e.message.contains("already exists") => Some(
+            "pick another --name, or delete the old one with `hearth snapshot rm NAME`",
+        ),
+        "conflict" if e.message.contains("active sandbox") => Some(
+            "destroy the sandboxes made from it first (`hearth sandbox list`, `hearth sandbox rm ID`)",
+        ),
+        "unavailable" if e.message.contains("retry") => {
+            Some("the sandbox is still paused with its state: run `hearth sandbox resume ID` again")
+        }
         "capacity_exceeded" => Some(
             "the host cannot hold this sandbox now: ask for a smaller one \
              (--vcpus, --memory-mb, --disk-size-mb) or retry once other sandboxes end",

@@ -54,6 +54,7 @@ pub async fn sandbox_create(g: &Global, a: CreateArgs) -> Result<()> {
         "memory_mb": a.memory_mb,
         "disk_size_mb": a.disk_size_mb,
         "timeout_s": a.timeout_s,
+        "on_timeout": a.on_timeout,
         "env": kv_map(&a.env),
         "metadata": kv_map(&a.metadata),
     });
@@ -154,7 +155,10 @@ pub async fn template_list(g: &Global) -> Result<()> {
         print_json(&v);
     } else {
         let rows = v["templates"].as_array().cloned().unwrap_or_default();
-        print_table(&rows, &["name", "team_id", "size_bytes", "created_at"]);
+        print_table(
+            &rows,
+            &["name", "team_id", "has_memory", "size_bytes", "created_at"],
+        );
     }
     Ok(())
 }

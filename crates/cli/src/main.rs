@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod cmd;
 mod config;
+mod lifecycle;
 mod output;
 mod serve;
 
@@ -61,6 +62,9 @@ enum Command {
     /// Templates you can create sandboxes from.
     #[command(subcommand)]
     Template(TemplateCmd),
+    /// Save sandboxes as your team's templates (with or without memory), list and delete them.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Benchmarks that print numbers (and write them under bench/results/).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -80,6 +84,51 @@ enum SandboxCmd {
     Rm {
         #[arg(required = true)]
         ids: Vec<String>,
+    },
+    /// Pause a running sandbox: its memory, processes and disk are kept, its VM is
+    /// stopped and it holds no vCPUs or memory until `hearth sandbox resume`.
+    Pause { id: String },
+    /// Resume a paused sandbox exactly where it was; its lifetime starts again.
+    Resume {
+        id: String,
+        /// New lifetime in seconds from now (default: the sandbox's own).
+        #[arg(long = "timeout", value_name = "SECONDS")]
+        timeout_s: Option<u32>,
+    },
+    /// Make running copies of a running sandbox (memory, processes, disk); the original keeps running.
+    Fork {
+        id: String,
+        /// Number of copies, 1 to 16.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u32,
+    },
+    /// Keep a running sandbox alive: it ends (or pauses, with --on-timeout pause) SECONDS from now.
+    Timeout { id: String, seconds: u32 },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Save a running or paused sandbox as a template of your team; a running one is
+    /// frozen for the moment of the snapshot and then carries on.
+    Create {
+        /// Sandbox ID.
+        id: String,
+        /// Template name (lowercase letters, digits, '-', '_'), unique in your team.
+        #[arg(long)]
+        name: String,
+        /// Keep memory too: sandboxes from it start by restore (warm), with the
+        /// processes that ran at the snapshot.
+        #[arg(long)]
+        memory: bool,
+    },
+    /// List your team's snapshots (`hearth template list` shows the built-in ones too).
+    #[command(alias = "ls")]
+    List,
+    /// Delete snapshots; one that sandboxes still use is refused.
+    #[command(alias = "delete")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -102,7 +151,7 @@ enum TemplateCmd {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// Template to boot from.
+    /// Template to boot from: a built-in one or one of your snapshots.
     #[arg(long, short, default_value = "minimal")]
     pub template: String,
     #[arg(long)]
@@ -111,9 +160,13 @@ pub struct CreateArgs {
     pub memory_mb: Option<u32>,
     #[arg(long)]
     pub disk_size_mb: Option<u32>,
-    /// Seconds until the sandbox is destroyed automatically.
+    /// Seconds until the sandbox is destroyed (or paused, see --on-timeout) automatically.
     #[arg(long)]
     pub timeout_s: Option<u32>,
+    /// What happens when its time is up: destroy it, or pause it (kept paused for the
+    /// server's paused retention, resumable with `hearth sandbox resume`).
+    #[arg(long, value_parser = ["destroy", "pause"])]
+    pub on_timeout: Option<String>,
     /// Environment variable for every command, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_kv)]
     pub env: Vec<(String, String)>,
@@ -197,7 +250,11 @@ impl Command {
     fn is_client(&self) -> bool {
         matches!(
             self,
-            Command::Sandbox(_) | Command::Template(_) | Command::Exec(_) | Command::Cp(_)
+            Command::Sandbox(_)
+                | Command::Template(_)
+                | Command::Snapshot(_)
+                | Command::Exec(_)
+                | Command::Cp(_)
         )
     }
 }
@@ -222,7 +279,26 @@ async fn run(cli: Cli) -> i32 {
         Command::Sandbox(SandboxCmd::List(a)) => cmd::sandbox_list(&g, a).await.map(|_| 0),
         Command::Sandbox(SandboxCmd::Get { id }) => cmd::sandbox_get(&g, &id).await.map(|_| 0),
         Command::Sandbox(SandboxCmd::Rm { ids }) => cmd::sandbox_rm(&g, &ids).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::Pause { id }) => lifecycle::pause(&g, &id).await.map(|_| 0),
+        Command::Sandbox(SandboxCmd::Resume { id, timeout_s }) => {
+            lifecycle::resume(&g, &id, timeout_s).await.map(|_| 0)
+        }
+        Command::Sandbox(SandboxCmd::Fork { id, count }) => {
+            lifecycle::fork(&g, &id, count).await.map(|_| 0)
+        }
+        Command::Sandbox(SandboxCmd::Timeout { id, seconds }) => {
+            lifecycle::timeout(&g, &id, seconds).await.map(|_| 0)
+        }
         Command::Template(TemplateCmd::List) => cmd::template_list(&g).await.map(|_| 0),
+        Command::Snapshot(SnapshotCmd::Create { id, name, memory }) => {
+            lifecycle::snapshot_create(&g, &id, &name, memory)
+                .await
+                .map(|_| 0)
+        }
+        Command::Snapshot(SnapshotCmd::List) => lifecycle::snapshot_list(&g).await.map(|_| 0),
+        Command::Snapshot(SnapshotCmd::Rm { names }) => {
+            lifecycle::snapshot_rm(&g, &names).await.map(|_| 0)
+        }
         Command::Exec(a) => cmd::exec(&g, a).await,
         Command::Cp(a) => cmd::cp(&g, a).await.map(|_| 0),
         Command::Bench(b) => bench::run(&g, b).await.map(|_| 0),

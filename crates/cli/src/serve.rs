@@ -104,6 +104,9 @@ pub struct PolicyOpts {
     /// Days a stopped or failed sandbox stays listed (`--all`) before its row is deleted.
     #[arg(long, env = "HEARTH_RETENTION_DAYS", default_value_t = 7)]
     pub retention_days: u32,
+    /// Days a sandbox may stay paused (since its last change) before it is destroyed.
+    #[arg(long, env = "HEARTH_PAUSED_RETENTION_DAYS", default_value_t = 30)]
+    pub paused_retention_days: u32,
 }
 
 impl PolicyOpts {
@@ -116,6 +119,9 @@ impl PolicyOpts {
                 max_disk_mb: self.team_max_disk_mb,
             },
             retention: std::time::Duration::from_secs(u64::from(self.retention_days) * 24 * 3600),
+            paused_retention: std::time::Duration::from_secs(
+                u64::from(self.paused_retention_days) * 24 * 3600,
+            ),
             streams: hearth_control::app::concurrency::StreamCaps {
                 exec_streams: self.team_max_exec_streams,
                 transfers: self.team_max_transfers,
