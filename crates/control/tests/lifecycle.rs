@@ -891,3 +891,128 @@ async fn the_reconciler_settles_pauses_cut_off_between_host_and_database() {
     assert_eq!(state_of(&e, &b).await, SandboxState::Running);
     assert_eq!(state_of(&e, &c).await, SandboxState::Error);
 }
+
+#[tokio::test]
+async fn processes_can_be_listed_and_reattached_after_a_resume() {
+    let e = env().await;
+    let id = e.create().await;
+    e.host
+        .st()
+        .procs
+        .push(hearth_control::app::hosts::ProcInfo {
+            pid: 7,
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), "while true; do date; sleep 1; done".into()],
+            cwd: Some("/".into()),
+            tag: None,
+        });
+    e.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        Some(&e.key_a),
+        None,
+    )
+    .await;
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/processes"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT, "conflict", "resume it first");
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/processes/7/connect"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::CONFLICT, "conflict", "paused");
+    e.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/resume"),
+        Some(&e.key_a),
+        None,
+    )
+    .await;
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/processes"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["processes"][0]["pid"], 7);
+    assert_eq!(v["processes"][0]["args"][0], "-c");
+    // Connect: NDJSON events until the process ends.
+    let (s, v) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/processes/7/connect?timeout_s=30"),
+            Some(&e.key_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let text = v.as_str().unwrap().to_owned();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "stdout");
+    assert_eq!(lines[0]["data"], "c3RpbGwgY291bnRpbmcK"); // "still counting\n"
+    assert_eq!(lines.last().unwrap()["type"], "exit");
+    assert_eq!(lines.last().unwrap()["exit_code"], 0);
+    // Bad and unknown pids, bad timeouts, another team.
+    for (path, want, needle) in [
+        (
+            "processes/0/connect",
+            StatusCode::BAD_REQUEST,
+            "pid must be",
+        ),
+        (
+            "processes/x/connect",
+            StatusCode::BAD_REQUEST,
+            "pid must be",
+        ),
+        ("processes/8/connect", StatusCode::NOT_FOUND, "pid 8"),
+        (
+            "processes/7/connect?timeout_s=0",
+            StatusCode::BAD_REQUEST,
+            "timeout_s",
+        ),
+        (
+            "processes/7/connect?timeout_s=99999",
+            StatusCode::BAD_REQUEST,
+            "timeout_s",
+        ),
+    ] {
+        let (s, v) = e
+            .call(
+                "POST",
+                &format!("/v1/sandboxes/{id}/{path}"),
+                Some(&e.key_a),
+                None,
+            )
+            .await;
+        assert_eq!(s, want, "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{path}: {v}"
+        );
+    }
+    let (s, v) = e
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/processes"),
+            Some(&e.key_b),
+            None,
+        )
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
+}

@@ -167,6 +167,51 @@ impl App {
     }
 }
 
+impl App {
+    /// Processes running in a running sandbox (those started before a pause too).
+    pub async fn list_processes(
+        &self,
+        team: TeamId,
+        id: &SandboxId,
+    ) -> AppResult<Vec<super::hosts::ProcInfo>> {
+        let host = self.running_host(team, id).await?;
+        host.list_processes(id)
+            .await
+            .map_err(|e| guest_error("listing the processes failed", e))
+    }
+
+    /// Re-attach to process `pid`: its output from now on and its end, for at most
+    /// `timeout_s` (default and maximum as exec's). Takes one of the team's exec
+    /// stream slots; ends at once when the sandbox is destroyed.
+    pub async fn process_connect(
+        &self,
+        team: TeamId,
+        id: &SandboxId,
+        pid: u32,
+        timeout_s: Option<i64>,
+    ) -> AppResult<ProcEvents> {
+        let secs = hearth_types::check_range(
+            "timeout_s",
+            timeout_s,
+            validate::DEFAULT_EXEC_TIMEOUT_S,
+            1,
+            validate::MAX_EXEC_TIMEOUT_S,
+        )
+        .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
+        let permit = self.permit(team, super::concurrency::Kind::Exec)?;
+        let (host, ended) = self.running_stream(team, id).await?;
+        let events = host
+            .connect_process(id, pid, std::time::Duration::from_secs(u64::from(secs)))
+            .await
+            .map_err(|e| guest_error("connecting to the process failed", e))?;
+        Ok(until_deleted(events, ended)
+            .inspect(move |_| {
+                let _ = &permit;
+            })
+            .boxed())
+    }
+}
+
 fn deleted() -> HostError {
     HostError::Rpc {
         code: ErrorCode::Aborted,

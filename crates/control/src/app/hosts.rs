@@ -137,6 +137,16 @@ pub enum ProcEvent {
     },
 }
 
+/// A process running in a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub cwd: Option<String>,
+    pub tag: Option<String>,
+}
+
 /// What to start in a guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcSpec {
@@ -252,6 +262,15 @@ pub trait HostClient: Send + Sync + 'static {
         pty: bool,
     ) -> Result<(), HostError>;
     async fn close_stdin(&self, id: &SandboxId, user: &str, pid: u32) -> Result<(), HostError>;
+    /// Processes running in the guest (started by exec, before or after a pause).
+    async fn list_processes(&self, id: &SandboxId) -> Result<Vec<ProcInfo>, HostError>;
+    /// Re-attach to a running process: its output from now on and its end.
+    async fn connect_process(
+        &self,
+        id: &SandboxId,
+        pid: u32,
+        deadline: Duration,
+    ) -> Result<ProcEvents, HostError>;
     async fn resize_pty(
         &self,
         id: &SandboxId,
@@ -276,6 +295,42 @@ pub trait HostClient: Send + Sync + 'static {
         user: &str,
         path: &str,
     ) -> Result<(Option<u64>, ByteStream), HostError>;
+}
+
+/// The events of a process stream (Start or Connect: both carry `event`), without
+/// keepalives.
+macro_rules! proc_events {
+    ($stream:expr) => {{
+        use process::__buffa::oneof::process_event::{data_event::Output, Event};
+        let events = futures::stream::unfold(Some($stream), |state| async move {
+            let mut stream = state?;
+            loop {
+                match stream.message().await {
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(HostError::from_connect(e)), None)),
+                    Ok(Some(msg)) => {
+                        let msg = msg.to_owned_message();
+                        let ev = match msg.event.into_option().and_then(|e| e.event) {
+                            Some(Event::Start(s)) => ProcEvent::Started { pid: s.pid },
+                            Some(Event::Data(d)) => match d.output {
+                                Some(Output::Stdout(b)) => ProcEvent::Stdout(b.into()),
+                                Some(Output::Stderr(b)) => ProcEvent::Stderr(b.into()),
+                                Some(Output::Pty(b)) => ProcEvent::Pty(b.into()),
+                                None => continue,
+                            },
+                            Some(Event::End(e)) => ProcEvent::Exited {
+                                exit_code: e.exit_code,
+                                error: e.error,
+                            },
+                            Some(Event::Keepalive(_)) | None => continue,
+                        };
+                        return Some((Ok(ev), Some(stream)));
+                    }
+                }
+            }
+        });
+        events.boxed()
+    }};
 }
 
 /// The real host agent: Connect RPC for lifecycle, the agent's envd reverse proxy
@@ -658,35 +713,51 @@ impl HostClient for AgentHostClient {
             .start_with_options(req, user_opts(&spec.user).with_timeout(spec.deadline))
             .await
             .map_err(HostError::from_connect)?;
-        use process::__buffa::oneof::process_event::{data_event::Output, Event};
-        let events = futures::stream::unfold(Some(stream), |state| async move {
-            let mut stream = state?;
-            loop {
-                match stream.message().await {
-                    Ok(None) => return None,
-                    Err(e) => return Some((Err(HostError::from_connect(e)), None)),
-                    Ok(Some(msg)) => {
-                        let msg = msg.to_owned_message();
-                        let ev = match msg.event.into_option().and_then(|e| e.event) {
-                            Some(Event::Start(s)) => ProcEvent::Started { pid: s.pid },
-                            Some(Event::Data(d)) => match d.output {
-                                Some(Output::Stdout(b)) => ProcEvent::Stdout(b.into()),
-                                Some(Output::Stderr(b)) => ProcEvent::Stderr(b.into()),
-                                Some(Output::Pty(b)) => ProcEvent::Pty(b.into()),
-                                None => continue,
-                            },
-                            Some(Event::End(e)) => ProcEvent::Exited {
-                                exit_code: e.exit_code,
-                                error: e.error,
-                            },
-                            Some(Event::Keepalive(_)) | None => continue,
-                        };
-                        return Some((Ok(ev), Some(stream)));
-                    }
+        Ok(proc_events!(stream))
+    }
+
+    async fn list_processes(&self, id: &SandboxId) -> Result<Vec<ProcInfo>, HostError> {
+        let r = self
+            .process(id)?
+            .list_with_options(process::ListRequest::default(), user_opts("root"))
+            .await
+            .map_err(HostError::from_connect)?
+            .into_owned();
+        Ok(r.processes
+            .iter()
+            .map(|p| {
+                let cfg = p.config.as_option();
+                ProcInfo {
+                    pid: p.pid,
+                    cmd: cfg.map(|c| sanitize(&c.cmd)).unwrap_or_default(),
+                    args: cfg
+                        .map(|c| c.args.iter().map(|a| sanitize(a)).collect())
+                        .unwrap_or_default(),
+                    cwd: cfg.and_then(|c| c.cwd.as_deref().map(sanitize)),
+                    tag: p.tag.as_deref().map(sanitize),
                 }
-            }
-        });
-        Ok(events.boxed())
+            })
+            .collect())
+    }
+
+    async fn connect_process(
+        &self,
+        id: &SandboxId,
+        pid: u32,
+        deadline: Duration,
+    ) -> Result<ProcEvents, HostError> {
+        let stream = self
+            .process(id)?
+            .connect_with_options(
+                process::ConnectRequest {
+                    process: selector(pid).into(),
+                    ..Default::default()
+                },
+                user_opts("root").with_timeout(deadline),
+            )
+            .await
+            .map_err(HostError::from_connect)?;
+        Ok(proc_events!(stream))
     }
 
     async fn send_signal(

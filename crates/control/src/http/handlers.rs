@@ -5,12 +5,16 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine;
+use bytes::Bytes;
 use futures::StreamExt;
+use serde_json::json;
 
 use super::error::{ApiError, ErrorBody};
 use super::reject::ApiJsonOrEmpty;
 use super::types::*;
 use super::{ApiJson, AppState, Caller};
+use crate::app::hosts::{HostError, ProcEvent};
 use crate::app::sandboxes::parse_id;
 use crate::app::AppError;
 
@@ -278,4 +282,76 @@ pub async fn delete_template(
 ) -> ApiResult<StatusCode> {
     s.app.delete_template(caller.team_id, &name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", params(("id" = String, Path)),
+    responses((status = 200, body = ProcessList), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_processes(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ProcessList>> {
+    let id = parse_id(&id)?;
+    let list = s.app.list_processes(caller.team_id, &id).await?;
+    Ok(Json(ProcessList {
+        processes: list.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// One NDJSON line of a process stream.
+fn event_line(ev: Result<ProcEvent, HostError>) -> Bytes {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let v = match ev {
+        Ok(ProcEvent::Started { pid }) => json!({"type": "started", "pid": pid}),
+        Ok(ProcEvent::Stdout(d) | ProcEvent::Pty(d)) => {
+            json!({"type": "stdout", "data": b64.encode(d)})
+        }
+        Ok(ProcEvent::Stderr(d)) => json!({"type": "stderr", "data": b64.encode(d)}),
+        Ok(ProcEvent::Exited { exit_code, .. }) => json!({"type": "exit", "exit_code": exit_code}),
+        Err(e) => {
+            let body = ApiError(AppError::Host {
+                context: "the process stream failed".into(),
+                source: e,
+            })
+            .body();
+            json!({"type": "error", "error": {"code": body.error.code, "message": body.error.message}})
+        }
+    };
+    let mut line = v.to_string().into_bytes();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{pid}/connect",
+    params(("id" = String, Path), ("pid" = u32, Path), ConnectQuery),
+    responses((status = 200, content_type = "application/x-ndjson",
+        description = "One JSON object a line, as the exec WebSocket's server frames: \
+            started, stdout/stderr (base64 data), exit, error; ends with exit or error."),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn connect_process(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((id, pid)): Path<(String, String)>,
+    Query(q): Query<ConnectQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let pid: u32 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+        AppError::InvalidArgument(format!(
+            "pid must be a process ID, got {:?}",
+            pid.chars().take(20).collect::<String>()
+        ))
+    })?;
+    let events = s
+        .app
+        .process_connect(caller.team_id, &id, pid, q.timeout_s)
+        .await?;
+    let body = events.map(|ev| Ok::<_, std::convert::Infallible>(event_line(ev)));
+    let mut resp = Body::from_stream(body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
 }

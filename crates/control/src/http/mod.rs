@@ -83,6 +83,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/fork",
             axum::routing::post(handlers::fork_sandbox),
         )
+        .route(
+            "/v1/sandboxes/{id}/processes",
+            get(handlers::list_processes),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/connect",
+            axum::routing::post(handlers::connect_process),
+        )
         .route("/v1/templates", get(handlers::list_templates))
         .route(
             "/v1/templates/{name}",

@@ -53,10 +53,12 @@ impl Modify for Security {
         handlers::snapshot_sandbox,
         handlers::fork_sandbox,
         handlers::delete_template,
+        handlers::list_processes,
+        handlers::connect_process,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
-        ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse)),
+        ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -146,7 +148,10 @@ pub fn document() -> Value {
                         add(op, 503, "The sandbox's host or guest does not answer.");
                     }
                 }
-                if path.ends_with("/exec") || path.ends_with("/exec/ws") {
+                if path.ends_with("/exec")
+                    || path.ends_with("/exec/ws")
+                    || path.ends_with("/connect")
+                {
                     add(
                         op,
                         429,

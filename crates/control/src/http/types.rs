@@ -327,3 +327,37 @@ pub struct ForkResponse {
     /// The new copies, running.
     pub sandboxes: Vec<Sandbox>,
 }
+
+/// A process running in a sandbox.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub cwd: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl From<crate::app::hosts::ProcInfo> for ProcessInfo {
+    fn from(p: crate::app::hosts::ProcInfo) -> Self {
+        ProcessInfo {
+            pid: p.pid,
+            cmd: p.cmd,
+            args: p.args,
+            cwd: p.cwd,
+            tag: p.tag,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProcessList {
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// How long `POST .../processes/{pid}/connect` streams at most.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ConnectQuery {
+    /// Seconds, 1 to 3600 (default 60); the stream ends then, the process keeps running.
+    pub timeout_s: Option<i64>,
+}

@@ -13,7 +13,7 @@ use connectrpc::ErrorCode;
 use futures::StreamExt;
 use hearth_control::app::hosts::{
     ByteStream, CreateSpec, HostClient, HostError, HostInfo, HostPhase, HostSandbox, HostTemplate,
-    ProcEvent, ProcEvents, ProcSpec, Signal,
+    ProcEvent, ProcEvents, ProcInfo, ProcSpec, Signal,
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
@@ -73,6 +73,8 @@ pub struct FakeState {
     /// Deadlines sent with creates, forks and resumes.
     pub deadlines: Vec<i64>,
     pub forks: usize,
+    /// Processes that List reports and Connect re-attaches to (they survive pauses).
+    pub procs: Vec<ProcInfo>,
 }
 
 impl FakeHost {
@@ -241,6 +243,41 @@ impl HostClient for FakeHost {
             return Err(precondition("the template is in use"));
         }
         Ok(st.templates.remove(template).is_some())
+    }
+    async fn list_processes(&self, id: &SandboxId) -> Result<Vec<ProcInfo>, HostError> {
+        let st = self.st();
+        if !st.sandboxes.contains(id) || st.paused.contains(id) {
+            return Err(not_found(id));
+        }
+        Ok(st.procs.clone())
+    }
+    async fn connect_process(
+        &self,
+        id: &SandboxId,
+        pid: u32,
+        _deadline: std::time::Duration,
+    ) -> Result<ProcEvents, HostError> {
+        let st = self.st();
+        if !st.sandboxes.contains(id) || st.paused.contains(id) {
+            return Err(not_found(id));
+        }
+        if !st.procs.iter().any(|p| p.pid == pid) {
+            return Err(HostError::Rpc {
+                code: ErrorCode::NotFound,
+                message: format!("process with pid {pid} not found"),
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Ok(ProcEvent::Stdout(Bytes::from_static(
+            b"still counting\n",
+        ))))
+        .unwrap();
+        tx.send(Ok(ProcEvent::Exited {
+            exit_code: 0,
+            error: None,
+        }))
+        .unwrap();
+        Ok(tokio_stream_from(rx))
     }
     async fn start_process(
         &self,
