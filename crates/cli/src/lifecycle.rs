@@ -159,9 +159,39 @@ pub async fn snapshot_rm(g: &Global, names: &[String]) -> Result<()> {
     }
     if failed > 0 {
         anyhow::bail!(
-            "{failed} of {} snapshots could not be deleted (one in use needs its sandboxes destroyed first: `hearth sandbox list`)",
+            "{failed} of {} snapshots could not be deleted (`hearth snapshot list` shows yours)",
             names.len()
         );
+    }
+    Ok(())
+}
+
+/// Processes running in a sandbox (those started before a pause too).
+pub async fn ps(g: &Global, id: &str) -> Result<()> {
+    let c = client(g)?;
+    let v: Value = c
+        .json(c.request(Method::GET, &format!("/v1/sandboxes/{id}/processes")))
+        .await?;
+    if g.json {
+        print_json(&v);
+    } else {
+        let rows: Vec<Value> = v["processes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let args: Vec<&str> = p["args"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                json!({
+                    "pid": p["pid"],
+                    "command": format!("{} {}", p["cmd"].as_str().unwrap_or(""), args.join(" ")).trim_end(),
+                })
+            })
+            .collect();
+        print_table(&rows, &["pid", "command"]);
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ enum SandboxCmd {
     },
     /// Keep a running sandbox alive: it ends (or pauses, with --on-timeout pause) SECONDS from now.
     Timeout { id: String, seconds: u32 },
+    /// List the processes running in a sandbox (those started before a pause too).
+    Ps { id: String },
 }
 
 #[derive(Subcommand)]
@@ -289,6 +291,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Sandbox(SandboxCmd::Timeout { id, seconds }) => {
             lifecycle::timeout(&g, &id, seconds).await.map(|_| 0)
         }
+        Command::Sandbox(SandboxCmd::Ps { id }) => lifecycle::ps(&g, &id).await.map(|_| 0),
         Command::Template(TemplateCmd::List) => cmd::template_list(&g).await.map(|_| 0),
         Command::Snapshot(SnapshotCmd::Create { id, name, memory }) => {
             lifecycle::snapshot_create(&g, &id, &name, memory)
