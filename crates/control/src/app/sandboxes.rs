@@ -160,7 +160,13 @@ impl App {
                 )))
             }
             Some(d) => Some(d),
-            None if tpl.disk_size_mb > 0 => {
+            // A warm template's disk is the size its saved guest knows (another
+            // size boots instead of restoring).
+            None if tpl.has_memory && tpl.disk_size_mb > 0 => Some(i64::from(tpl.disk_size_mb)),
+            // Others get the API's default unless their image is larger (the guest
+            // grows the image to its disk at boot): the default shape is the one a
+            // built-in template's warm variant and pool serve.
+            None if tpl.disk_size_mb > SandboxShape::DEFAULT_DISK_MB => {
                 Some(i64::from(tpl.disk_size_mb.max(self.limits.min_disk_mb)))
             }
             None => None,
