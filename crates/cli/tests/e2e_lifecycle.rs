@@ -142,3 +142,48 @@ fn pause_resume_snapshot_and_fork_through_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn on_timeout_pause_pauses_instead_of_destroying_and_a_warm_snapshot_restores() {
+    if !e2e_available() {
+        return;
+    }
+    let stack = Stack::start();
+    let _cleanup = Cleanup(&stack);
+    let sb = json_of(&stack.cli(&[
+        "--json",
+        "sandbox",
+        "create",
+        "--timeout-s",
+        "8",
+        "--on-timeout",
+        "pause",
+    ]));
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["on_timeout"], "pause", "{sb}");
+    let r = stack.sh(&id, "echo warm > /tmp/mem-only");
+    assert_eq!(r["exit_code"], 0, "{r}");
+    // The reconciler (every 2 s) pauses it once its time is up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let state = loop {
+        let v = json_of(&stack.cli(&["--json", "sandbox", "get", &id]));
+        if v["state"] != "running" || std::time::Instant::now() > deadline {
+            break v["state"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(state, "paused", "not paused at its timeout");
+    let v = json_of(&stack.cli(&["--json", "sandbox", "resume", &id, "--timeout", "600"]));
+    assert_eq!(v["state"], "running", "{v}");
+    // /tmp is in memory: only a restore brings it back.
+    assert_eq!(stack.sh(&id, "cat /tmp/mem-only")["stdout"], "warm\n");
+
+    // A snapshot with memory: a sandbox from it starts with the same memory.
+    let t = json_of(&stack.cli(&[
+        "--json", "snapshot", "create", &id, "--name", "e2e-snap", "--memory",
+    ]));
+    assert_eq!(t["has_memory"], true, "{t}");
+    let child = json_of(&stack.cli(&["--json", "sandbox", "create", "--template", "e2e-snap"]));
+    let child_id = child["id"].as_str().unwrap().to_string();
+    assert_eq!(stack.sh(&child_id, "cat /tmp/mem-only")["stdout"], "warm\n");
+}
