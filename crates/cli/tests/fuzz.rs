@@ -172,6 +172,29 @@ generation = {{ max-examples = 8 }}
         let left = leftovers(sid, &stack.run_dir());
         assert!(left.is_empty(), "{sid} left {left:?}");
     }
+    // Snapshots the fuzzer made (POST .../snapshots on a sandbox it created) live in
+    // the shared images directory: delete the team's templates too.
+    let templates: Value = stack
+        .req(Method::GET, "/v1/templates")
+        .send()
+        .expect("list templates")
+        .json()
+        .expect("templates JSON");
+    let own: Vec<String> = templates["templates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["team_id"] != "00000000-0000-0000-0000-000000000000")
+        .filter_map(|t| t["name"].as_str().map(str::to_string))
+        .collect();
+    eprintln!("snapshots after fuzzing: {own:?}");
+    for name in &own {
+        let r = stack
+            .req(Method::DELETE, &format!("/v1/templates/{name}"))
+            .send()
+            .expect("delete template");
+        assert_eq!(r.status().as_u16(), 204, "delete template {name}");
+    }
 
     match status {
         None => {
