@@ -185,6 +185,24 @@ pub fn document() -> Value {
                         }
                     }
                 }
+                if path.ends_with("/connect") {
+                    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                        for p in params.iter_mut() {
+                            if p["name"] == "pid" {
+                                set_in(&mut p["schema"], json!({"minimum": 1}));
+                            } else if p["name"] == "timeout_s" {
+                                set_in(
+                                    &mut p["schema"],
+                                    json!({
+                                        "minimum": 1,
+                                        "maximum": validate::MAX_EXEC_TIMEOUT_S,
+                                        "default": validate::DEFAULT_EXEC_TIMEOUT_S
+                                    }),
+                                );
+                            }
+                        }
+                    }
+                }
                 if path.ends_with("/files") {
                     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
                         for p in params.iter_mut().filter(|p| p["in"] == "query") {
