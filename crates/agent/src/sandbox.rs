@@ -558,6 +558,40 @@ pub(crate) async fn init_guest(
         .map_err(|message| SandboxError::GuestInit { message })
 }
 
+/// Ask the guest to flush its filesystems to its disk (`POST /sync`, hearth's
+/// extension of envd), bounded in time. Before a disk-only snapshot of a running
+/// sandbox: without it the copy holds only what the guest kernel had written back.
+pub(crate) async fn sync_guest(
+    ctx: &Ctx,
+    net: &SandboxNet,
+    token: Option<&AccessToken>,
+) -> Result<(), String> {
+    let mut req = http::Request::post(format!("http://{}/sync", net.guest_address));
+    if let Some(t) = token {
+        req = req.header(ACCESS_TOKEN_HEADER, t.as_str());
+    }
+    let req = req
+        .body(axum::body::Body::empty())
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let resp = ctx
+            .http
+            .request(req)
+            .await
+            .map_err(|e| format!("request failed: {}", crate::error_chain(&e)))?;
+        let status = resp.status();
+        let _ = read_at_most(resp.into_body(), GUEST_BODY_LIMIT).await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {status}"))
+        }
+    };
+    tokio::time::timeout(GUEST_INIT_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("no answer within {GUEST_INIT_TIMEOUT:?}"))?
+}
+
 /// The first `limit` bytes of `body` (less if it ends or fails first); the rest
 /// is never read.
 async fn read_at_most(mut body: hyper::body::Incoming, limit: usize) -> Vec<u8> {

@@ -149,6 +149,17 @@ async fn build(
     let rootfs = tmp.join(templates::ROOTFS);
     let (frozen_ms, saved) = match (rec.state, actor.res.vm.clone()) {
         (SandboxState::Running, Some(vm)) => {
+            // Without memory the disk alone must hold what the guest wrote.
+            if !req.memory {
+                if let Some(net) = actor.res.net.clone() {
+                    if let Err(e) =
+                        crate::sandbox::sync_guest(&actor.ctx, &net, rec.access_token.as_ref())
+                            .await
+                    {
+                        warn!(error = %e, "the guest did not sync its disks; the snapshot is crash-consistent only");
+                    }
+                }
+            }
             let frozen = Instant::now();
             actor
                 .ctx

@@ -59,12 +59,11 @@ fn pause_resume_snapshot_and_fork_through_the_cli() {
     let _cleanup = Cleanup(&stack);
     let sb = stack.create(serde_json::json!({"template": "minimal", "timeout_s": 600}));
     let id = sb["id"].as_str().unwrap().to_string();
-    // A counter in the background and a file on disk. `sync`: a disk-only snapshot of a
-    // running sandbox takes the disk as it is on the host; without it the new file was
-    // found with NUL bytes in the copy (reported to the agent side).
+    // A counter in the background and a file on disk, not synced: a disk-only snapshot
+    // asks the guest to sync first (without that the file was found as NUL bytes).
     let r = stack.sh(
         &id,
-        "echo kept > /keep; sync; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) >/dev/null 2>&1 &",
+        "echo kept > /keep; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) >/dev/null 2>&1 &",
     );
     assert_eq!(r["exit_code"], 0, "{r}");
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -186,4 +185,9 @@ fn on_timeout_pause_pauses_instead_of_destroying_and_a_warm_snapshot_restores() 
     let child = json_of(&stack.cli(&["--json", "sandbox", "create", "--template", "e2e-snap"]));
     let child_id = child["id"].as_str().unwrap().to_string();
     assert_eq!(stack.sh(&child_id, "cat /tmp/mem-only")["stdout"], "warm\n");
+    // ...but its own identity.
+    assert_eq!(
+        stack.sh(&child_id, "hostname")["stdout"],
+        format!("{child_id}\n")
+    );
 }

@@ -43,6 +43,7 @@ pub fn app(state: AgentState) -> axum::Router {
         .route("/files", get(download).post(upload))
         .route("/init", post(init))
         .route("/envs", get(envs))
+        .route("/sync", post(sync_disks))
         .method_not_allowed_fallback(|| async {
             HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
@@ -420,6 +421,16 @@ async fn init(State(state): State<AgentState>, request: Request) -> Result<Statu
         d.workdir = Some(PathBuf::from(w));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// hearth's extension: flush every filesystem's dirty data to its disk (the host
+/// agent calls it before it copies the disk of a running sandbox into a
+/// template, so that the copy holds what was written, not only what the kernel
+/// had flushed by chance).
+async fn sync_disks() -> StatusCode {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    let _ = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+    StatusCode::NO_CONTENT
 }
 
 /// Names a JSON error without its text, which can quote the body (and so the token).

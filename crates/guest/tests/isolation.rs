@@ -202,6 +202,7 @@ async fn every_endpoint_needs_the_token() {
                     .body("x"),
             ),
             with(a.anon.get(url("/envs"))),
+            with(a.anon.post(url("/sync"))),
         ];
         for rb in answers {
             let (status, _) = status_json(rb.send().await.expect("send")).await;
