@@ -8,6 +8,9 @@
 //! the same command line and the same confinement as a sandbox (own uid, seccomp,
 //! a cgroup with the same limits, disk as a qcow2 overlay passed by descriptor,
 //! console on a socket), without the agent, the network namespace and the API.
+//!
+//! `lifecycle` ([`lifecycle_bench`]) and `density` ([`density_bench`]) start a host
+//! agent of their own in this process and need no control plane.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,10 +27,21 @@ use tokio::io::AsyncReadExt;
 use crate::output::print_json;
 use crate::{client, Global};
 
+#[path = "bench_density.rs"]
+mod density_bench;
+#[path = "bench_lifecycle.rs"]
+mod lifecycle_bench;
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Cold create latency vs. raw QEMU boot, and exec round-trip time.
     Create(CreateBench),
+    /// Cold vs. warm create, raw restore, pause/resume at 256 MiB and 1 GiB,
+    /// warm snapshot size and fork of 4, with goal checks (own agent, no control plane).
+    Lifecycle(lifecycle_bench::LifecycleBench),
+    /// Host memory (PSS) per idle sandbox, warm-restored vs. cold-booted, beside the
+    /// guest's own `used` (own agent, no control plane).
+    Density(density_bench::DensityBench),
 }
 
 #[derive(Args)]
@@ -65,6 +79,8 @@ pub struct CreateBench {
 pub async fn run(g: &Global, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Create(b) => create(g, b).await,
+        BenchCmd::Lifecycle(b) => lifecycle_bench::run(g, b).await,
+        BenchCmd::Density(b) => density_bench::run(g, b).await,
     }
 }
 

@@ -1,0 +1,39 @@
+//! `hearth bench lifecycle|density --help` explain themselves (the benchmarks
+//! themselves boot many VMs and are not run in the test suite).
+
+use std::process::Command;
+
+fn help(sub: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bench", sub, "--help"])
+        .output()
+        .expect("running hearth");
+    assert!(out.status.success(), "bench {sub} --help failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn lifecycle_help_names_its_options() {
+    let h = help("lifecycle");
+    for want in ["--samples", "--images", "--accel", "--out-dir", "--json"] {
+        assert!(h.contains(want), "no {want} in:\n{h}");
+    }
+}
+
+#[test]
+fn density_help_names_its_options() {
+    let h = help("density");
+    for want in ["--count", "--parallel", "--images", "--out-dir", "PSS"] {
+        assert!(h.contains(want), "no {want} in:\n{h}");
+    }
+}
+
+#[test]
+fn bench_help_lists_both() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["bench", "--help"])
+        .output()
+        .expect("running hearth");
+    let h = String::from_utf8_lossy(&out.stdout);
+    assert!(h.contains("lifecycle") && h.contains("density"), "{h}");
+}
