@@ -85,6 +85,14 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(o: &AgentOpts) -> Result<Self> {
+        // The agent's own log, only when asked for (RUST_LOG=hearth_agent=debug
+        // shows the steps of each create): stderr stays progress lines otherwise.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let images = &o.images;
         for p in ["kernel/vmlinux", "templates/minimal/rootfs.ext4"] {
             if !images.join(p).is_file() {
