@@ -135,9 +135,6 @@ impl Stack {
             .args(["--agent-url", &format!("http://127.0.0.1:{agent_port}")])
             .env("HEARTH_CREDENTIALS", &creds)
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
-            // Tests share one images directory: only those that ask warm templates.
-            .env("HEARTH_WARM_TEMPLATES", "none")
-            .env("HEARTH_WARM_POOL", "0")
             .env("RUST_LOG", "info")
             .envs(server_env.iter().copied())
             .stdout(log.try_clone().expect("log"))
@@ -185,6 +182,10 @@ impl Stack {
             .args(["--accel", "tcg", "--destroy-on-shutdown"])
             .args(&self.agent_args)
             .env("HEARTH_AGENT_TOKEN", AGENT_TOKEN)
+            // Tests share one images directory and count what a host holds: no warm
+            // variants or pool unless a test asks (--warm-templates, --warm-pool).
+            .env("HEARTH_WARM_TEMPLATES", "none")
+            .env("HEARTH_WARM_POOL", "0")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
