@@ -60,6 +60,11 @@ pub struct LifecycleBench {
     /// and resume at each size).
     #[arg(long, default_value_t = 10)]
     pub samples: usize,
+    /// Pooled VMs the benchmark's agent keeps for `minimal` (its warm variant,
+    /// default shape), as `hearth up` does: warm_create_* measure a create served
+    /// from the pool (the default path of a plain create). 0 measures no pool.
+    #[arg(long, default_value_t = 1)]
+    pub warm_pool: usize,
     #[command(flatten)]
     pub agent: AgentOpts,
 }
@@ -84,7 +89,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub async fn start(o: &AgentOpts) -> Result<Self> {
+    pub async fn start(o: &AgentOpts, pool: usize) -> Result<Self> {
         // The agent's own log, only when asked for (RUST_LOG=hearth_agent=debug
         // shows the steps of each create): stderr stays progress lines otherwise.
         if std::env::var_os("RUST_LOG").is_some() {
@@ -128,6 +133,10 @@ impl Harness {
         // the vCPU limit (4 x cores) would stop at 8 sandboxes on 2 cores.
         c.capacity.vcpu_limit = Some(1024);
         c.max_sandboxes = 256;
+        if pool > 0 {
+            c.warm_templates = vec!["minimal".parse().context("template name")?];
+            c.warm_pool = pool;
+        }
         let agent = Agent::start(c)
             .await
             .context("starting the benchmark's host agent (run as root)")?;
@@ -191,6 +200,62 @@ impl Harness {
             .into_option()
             .context("create returned no status")?;
         Ok((id, st, ms(t)))
+    }
+
+    /// Create `minimal` with the API's default shape (the one its warm variant and
+    /// the pool serve); returns the status and wall ms.
+    pub async fn create_default(&self) -> Result<(SandboxId, pb::SandboxStatus, f64)> {
+        let id = SandboxId::generate();
+        self.track(&id);
+        let (vcpus, memory_mb, disk_size_mb) = (
+            hearth_types::SandboxShape::DEFAULT_VCPUS,
+            hearth_types::SandboxShape::DEFAULT_MEMORY_MB,
+            hearth_types::SandboxShape::DEFAULT_DISK_MB,
+        );
+        let mut spec = Self::spec(&id, "minimal", memory_mb);
+        (spec.vcpus, spec.disk_size_mb) = (vcpus, disk_size_mb);
+        let t = Instant::now();
+        let st = self
+            .client
+            .create_sandbox(pb::CreateSandboxRequest {
+                spec: spec.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("create from minimal (default shape): {e}"))?
+            .into_owned()
+            .sandbox
+            .into_option()
+            .context("create returned no status")?;
+        Ok((id, st, ms(t)))
+    }
+
+    /// Wait until the agent holds `pool` VMs besides the listed sandboxes.
+    pub async fn wait_pool(&self, pool: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let info = self
+                .client
+                .info(pb::InfoRequest::default())
+                .await
+                .map_err(|e| anyhow!("info: {e}"))?
+                .into_owned();
+            let listed = self
+                .client
+                .list_sandboxes(pb::ListSandboxesRequest::default())
+                .await
+                .map_err(|e| anyhow!("list: {e}"))?
+                .into_owned()
+                .sandboxes
+                .len();
+            if info.running as usize >= listed + pool {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the warm pool did not fill within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn track(&self, id: &SandboxId) {
@@ -395,7 +460,16 @@ where
     F: FnOnce(std::sync::Arc<Harness>) -> Fut,
     Fut: std::future::Future<Output = Result<Value>>,
 {
-    let h = std::sync::Arc::new(Harness::start(o).await?);
+    with_harness_pooled(o, 0, work).await
+}
+
+/// [`with_harness`] with a warm pool of `pool` VMs for `minimal`.
+pub async fn with_harness_pooled<F, Fut>(o: &AgentOpts, pool: usize, work: F) -> Result<Value>
+where
+    F: FnOnce(std::sync::Arc<Harness>) -> Fut,
+    Fut: std::future::Future<Output = Result<Value>>,
+{
+    let h = std::sync::Arc::new(Harness::start(o, pool).await?);
     let result = tokio::select! {
         r = work(h.clone()) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
@@ -453,7 +527,11 @@ pub async fn run(g: &Global, b: LifecycleBench) -> Result<()> {
         bail!("--samples must be at least 1");
     }
     let samples = b.samples;
-    let result = with_harness(&b.agent, |h| async move { lifecycle(&h, samples).await }).await?;
+    let pool = b.warm_pool;
+    let result = with_harness_pooled(&b.agent, pool, |h| async move {
+        lifecycle(&h, samples, pool).await
+    })
+    .await?;
     let text: Vec<String> = result["goals"]
         .as_object()
         .map(|o| {
@@ -474,7 +552,7 @@ pub async fn run(g: &Global, b: LifecycleBench) -> Result<()> {
     write_and_print(g, &b.agent.out_dir, "lifecycle", &result, &text)
 }
 
-async fn lifecycle(h: &Harness, samples: usize) -> Result<Value> {
+async fn lifecycle(h: &Harness, samples: usize, pool: usize) -> Result<Value> {
     const WARM: &str = "bench-warm-256";
     const WARM_1G: &str = "bench-warm-1024";
 
@@ -523,6 +601,31 @@ async fn lifecycle(h: &Harness, samples: usize) -> Result<Value> {
         raws.push(t);
     }
     raw.finish();
+
+    // Creates served from the warm pool (the default path of a plain create of a
+    // built-in template): each one waits for the pool to be full again first.
+    let (mut pooled, mut pooled_boot) = (vec![], vec![]);
+    let mut pooled_missed = 0;
+    if pool > 0 {
+        for i in 0..samples {
+            h.wait_pool(pool, Duration::from_secs(180)).await?;
+            let (id, st, t) = h.create_default().await?;
+            h.sh(&id, "true").await?;
+            h.destroy(&id).await?;
+            // A pooled create reports the time of its /init (tens of ms).
+            if !st.restored || st.boot_ms > 150 {
+                pooled_missed += 1;
+            }
+            progress(&format!(
+                "pooled warm create {}/{samples}: {t:.0} ms (boot_ms {}, restored {})",
+                i + 1,
+                st.boot_ms,
+                st.restored
+            ));
+            pooled.push(t);
+            pooled_boot.push(f64::from(st.boot_ms));
+        }
+    }
 
     // Pause and resume at 256 MiB (the source) and 1 GiB (a fresh idle guest).
     let small = pause_resume(h, &src, SMALL_MB, samples).await?;
@@ -579,13 +682,20 @@ async fn lifecycle(h: &Harness, samples: usize) -> Result<Value> {
     h.delete_template(WARM).await?;
 
     let (cold_p50, cold_p95) = summary(cold.clone());
-    let (warm_p50, warm_p95) = summary(warm.clone());
+    // warm_create_* is the default warm path: the pool when there is one, else a
+    // restore of the warm template (both are reported).
+    let (restore_p50, restore_p95) = summary(warm.clone());
+    let (warm_p50, warm_p95) = if pooled.is_empty() {
+        (restore_p50, restore_p95)
+    } else {
+        summary(pooled.clone())
+    };
     let (raw_p50, raw_p95) = summary(raws.clone());
     let speedup = cold_p50 / warm_p50;
     let vs_raw = warm_p50 / raw_p50;
     let pause_ratio = large.pause_p50 / small.pause_p50;
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
-    Ok(json!({
+    let mut v = json!({
         "benchmark": "lifecycle",
         "at": chrono::Utc::now().to_rfc3339(),
         "accel": h.accel.as_str(),
@@ -623,12 +733,27 @@ async fn lifecycle(h: &Harness, samples: usize) -> Result<Value> {
         },
         "samples": {
             "cold_create_ms": cold, "cold_boot_ms": cold_boot,
-            "warm_create_ms": warm, "warm_boot_ms": warm_boot,
+            "restore_create_ms": warm, "restore_boot_ms": warm_boot,
             "raw_restore_ms": raws,
             "pause_256_ms": small.pause, "resume_256_ms": small.resume,
             "pause_1024_ms": large.pause, "resume_1024_ms": large.resume,
         },
-    }))
+    });
+    // The pool and the plain restore path, beside the default warm path above.
+    let extra = json!({
+        "warm_pool": pool,
+        "pooled_creates_missed": pooled_missed,
+        "restore_create_p50_ms": round1(restore_p50),
+        "restore_create_p95_ms": round1(restore_p95),
+        "restore_vs_cold_speedup": r3(cold_p50 / restore_p50),
+        "restore_vs_raw_ratio": r3(restore_p50 / raw_p50),
+        "pooled_create_ms": pooled,
+        "pooled_boot_ms": pooled_boot,
+    });
+    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    Ok(v)
 }
 
 struct PauseResume {
