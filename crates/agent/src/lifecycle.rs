@@ -116,7 +116,12 @@ fn io(op: &'static str, step: &'static str) -> impl FnOnce(std::io::Error) -> Li
     move |source| LifecycleError::Io { op, step, source }
 }
 
-async fn fault(actor: &Actor, op: &'static str, step: &str) -> Result<(), LifecycleError> {
+/// Run the fault hook of `step` (tests arm steps to fail or hang; see [`crate::faults`]).
+pub(crate) async fn fault(
+    actor: &Actor,
+    op: &'static str,
+    step: &str,
+) -> Result<(), LifecycleError> {
     actor
         .ctx
         .config

@@ -21,7 +21,7 @@ use hearth_types::{SandboxId, TemplateName};
 use tracing::{debug, info, warn};
 
 use crate::lifecycle::LifecycleError;
-use crate::sandbox::{init_guest, start_create, Actor};
+use crate::sandbox::{init_guest, Actor};
 use crate::state::{AccessToken, SandboxRecord, SandboxSpec, SandboxState};
 use crate::templates::warm_variant;
 use crate::Ctx;
@@ -63,24 +63,7 @@ fn pooled(ctx: &Ctx, name: &TemplateName) -> usize {
 
 /// Restore one VM of `name`'s warm variant, let it answer, freeze it.
 async fn fill_one(ctx: &Arc<Ctx>, name: &TemplateName) -> Result<(), String> {
-    let (vcpus, memory_mb, disk_size_mb) = crate::warm::default_shape();
-    let id = SandboxId::generate();
-    let spec = SandboxSpec {
-        sandbox_id: id.clone(),
-        template: name.clone(),
-        vcpus,
-        memory_mb,
-        disk_size_mb,
-        expires_at_unix_ms: 0,
-        env: Default::default(),
-        team_id: String::new(),
-    };
-    let rx = start_create(ctx, spec).map_err(|e| crate::error_chain(&e))?;
-    let rec = match rx.await {
-        Ok(Ok(rec)) => rec,
-        Ok(Err(e)) => return Err(crate::error_chain(&e)),
-        Err(_) => return Err("the sandbox's actor stopped".into()),
-    };
+    let (id, rec) = crate::warm::create_default(ctx, name).await?;
     let handle = ctx.registry.get(&id).ok_or("the pooled VM vanished")?;
     if !rec.restored {
         handle.destroy("not restored: no use in the pool").await;

@@ -524,16 +524,31 @@ pub(crate) async fn init_guest(
     if let Some(new) = new {
         body["accessToken"] = new.as_str().into();
     }
-    let mut req = http::Request::post(format!("http://{}/init", net.guest_address))
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(current) = current {
-        req = req.header(ACCESS_TOKEN_HEADER, current.as_str());
+    guest_post(ctx, net, "/init", current, Some(body.to_string()))
+        .await
+        .map_err(|message| SandboxError::GuestInit { message })
+}
+
+/// `POST <path>` to the guest agent with the token `token` (and a JSON body),
+/// bounded in time ([`GUEST_INIT_TIMEOUT`], body included) and in the size of
+/// what is read back; a non-2xx answer is an error quoting its (escaped) body.
+async fn guest_post(
+    ctx: &Ctx,
+    net: &SandboxNet,
+    path: &str,
+    token: Option<&AccessToken>,
+    json: Option<String>,
+) -> Result<(), String> {
+    let mut req = http::Request::post(format!("http://{}{path}", net.guest_address));
+    if json.is_some() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(t) = token {
+        req = req.header(ACCESS_TOKEN_HEADER, t.as_str());
     }
     let req = req
-        .body(axum::body::Body::from(body.to_string()))
-        .map_err(|e| SandboxError::GuestInit {
-            message: e.to_string(),
-        })?;
+        .body(json.map_or_else(axum::body::Body::empty, axum::body::Body::from))
+        .map_err(|e| e.to_string())?;
     let call = async {
         let resp = ctx
             .http
@@ -553,9 +568,7 @@ pub(crate) async fn init_guest(
     };
     tokio::time::timeout(GUEST_INIT_TIMEOUT, call)
         .await
-        .map_err(|_| format!("no complete answer within {GUEST_INIT_TIMEOUT:?}"))
-        .and_then(|r| r)
-        .map_err(|message| SandboxError::GuestInit { message })
+        .map_err(|_| format!("no complete answer within {GUEST_INIT_TIMEOUT:?}"))?
 }
 
 /// Ask the guest to flush its filesystems to its disk (`POST /sync`, hearth's
@@ -566,30 +579,7 @@ pub(crate) async fn sync_guest(
     net: &SandboxNet,
     token: Option<&AccessToken>,
 ) -> Result<(), String> {
-    let mut req = http::Request::post(format!("http://{}/sync", net.guest_address));
-    if let Some(t) = token {
-        req = req.header(ACCESS_TOKEN_HEADER, t.as_str());
-    }
-    let req = req
-        .body(axum::body::Body::empty())
-        .map_err(|e| e.to_string())?;
-    let call = async {
-        let resp = ctx
-            .http
-            .request(req)
-            .await
-            .map_err(|e| format!("request failed: {}", crate::error_chain(&e)))?;
-        let status = resp.status();
-        let _ = read_at_most(resp.into_body(), GUEST_BODY_LIMIT).await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}"))
-        }
-    };
-    tokio::time::timeout(GUEST_INIT_TIMEOUT, call)
-        .await
-        .map_err(|_| format!("no answer within {GUEST_INIT_TIMEOUT:?}"))?
+    guest_post(ctx, net, "/sync", token, None).await
 }
 
 /// The first `limit` bytes of `body` (less if it ends or fails first); the rest

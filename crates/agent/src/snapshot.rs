@@ -123,16 +123,7 @@ pub(crate) async fn snapshot(
 }
 
 async fn fault(actor: &Actor, step: &str) -> Result<(), LifecycleError> {
-    actor
-        .ctx
-        .config
-        .faults
-        .check(step)
-        .await
-        .map_err(|source| LifecycleError::Fault {
-            op: "snapshot",
-            source,
-        })
+    crate::lifecycle::fault(actor, "snapshot", step).await
 }
 
 /// Fill `tmp` with the disk (and the saved VM); returns how long the VM was

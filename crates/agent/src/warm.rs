@@ -47,6 +47,32 @@ pub(crate) async fn warm_templates(ctx: Arc<Ctx>) {
     }
 }
 
+/// Create a host-internal sandbox (no team, no deadline) from template `name`
+/// with the default shape and wait until it runs: the warming sandbox, a pooled VM.
+pub(crate) async fn create_default(
+    ctx: &Arc<Ctx>,
+    name: &TemplateName,
+) -> Result<(SandboxId, crate::state::SandboxRecord), String> {
+    let (vcpus, memory_mb, disk_size_mb) = default_shape();
+    let id = SandboxId::generate();
+    let spec = SandboxSpec {
+        sandbox_id: id.clone(),
+        template: name.clone(),
+        vcpus,
+        memory_mb,
+        disk_size_mb,
+        expires_at_unix_ms: 0,
+        env: Default::default(),
+        team_id: String::new(),
+    };
+    let rx = start_create(ctx, spec).map_err(|e| crate::error_chain(&e))?;
+    match rx.await {
+        Ok(Ok(rec)) => Ok((id, rec)),
+        Ok(Err(e)) => Err(crate::error_chain(&e)),
+        Err(_) => Err("the sandbox's actor stopped".into()),
+    }
+}
+
 /// Whether the variant `w` (made at `made_ms`) still fits template `name`.
 fn fits(ctx: &Ctx, name: &TemplateName, w: &WarmMeta, made_ms: i64) -> bool {
     let (vcpus, memory_mb, disk_size_mb) = default_shape();
@@ -84,24 +110,7 @@ async fn warm_one(ctx: &Arc<Ctx>, name: &TemplateName) -> Result<bool, String> {
             .delete(&variant)
             .map_err(|e| crate::error_chain(&e))?;
     }
-    let (vcpus, memory_mb, disk_size_mb) = default_shape();
-    let id = SandboxId::generate();
-    let spec = SandboxSpec {
-        sandbox_id: id.clone(),
-        template: name.clone(),
-        vcpus,
-        memory_mb,
-        disk_size_mb,
-        expires_at_unix_ms: 0,
-        env: Default::default(),
-        team_id: String::new(),
-    };
-    let rx = start_create(ctx, spec).map_err(|e| crate::error_chain(&e))?;
-    match rx.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(crate::error_chain(&e)),
-        Err(_) => return Err("the sandbox's actor stopped".into()),
-    }
+    let (id, _) = create_default(ctx, name).await?;
     let handle = ctx
         .registry
         .get(&id)
