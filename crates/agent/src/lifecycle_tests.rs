@@ -347,3 +347,58 @@ async fn fork_makes_restored_copies_and_its_point_goes_with_them() {
     }
     assert_running(&s, &h.snapshot());
 }
+
+#[tokio::test]
+async fn pooled_vms_are_taken_once_and_evicted_under_the_registry_lock() {
+    let s = setup().await;
+    let (pool_id, _) = running(&s).await;
+    let h = s.ctx.registry.get(&pool_id).unwrap();
+    h.freeze_for_pool().await.unwrap();
+    assert!(h.snapshot().pooled);
+    assert_eq!(s.log.all(), ["vmm.pause"]);
+    // A create of another shape does not take it; one of the same shape does,
+    // and only once (the entry is re-keyed at once).
+    let mut other = spec(&SandboxId::generate());
+    other.memory_mb = 512;
+    assert!(s.ctx.registry.take_pooled(&other).is_none());
+    let want = spec(&SandboxId::generate());
+    let taken = s.ctx.registry.take_pooled(&want).expect("pooled VM taken");
+    assert!(s.ctx.registry.get(&pool_id).is_none());
+    assert!(s.ctx.registry.get(&want.sandbox_id).is_some());
+    let again = spec(&SandboxId::generate());
+    assert!(s.ctx.registry.take_pooled(&again).is_none(), "taken twice");
+    // Nor is a pooled VM being claimed evicted.
+    assert!(s.ctx.registry.evict_pooled(9, |_| true).is_empty());
+    let token_before = taken.snapshot().access_token;
+    let rec = taken.claim(want.clone()).await.unwrap();
+    assert_eq!(rec.spec.sandbox_id, want.sandbox_id);
+    assert_eq!(
+        rec.vm_id.as_ref(),
+        Some(&pool_id),
+        "host resources keep their name"
+    );
+    assert!(!rec.pooled && rec.state == SandboxState::Running);
+    assert_ne!(rec.access_token, token_before, "a new token at the claim");
+
+    // A second pooled VM is evicted (and then destroyed by the caller).
+    let (p2, _) = running(&s).await;
+    s.ctx
+        .registry
+        .get(&p2)
+        .unwrap()
+        .freeze_for_pool()
+        .await
+        .unwrap();
+    let evicted = s.ctx.registry.evict_pooled(9, |_| true);
+    assert_eq!(evicted.len(), 1);
+    assert!(s.ctx.registry.get(&p2).is_none());
+    evicted[0].destroy("test").await;
+    // The claimed sandbox is destroyed under its own ID, releasing the pooled names.
+    s.ctx
+        .registry
+        .get(&want.sandbox_id)
+        .unwrap()
+        .destroy("test")
+        .await;
+    assert!(slot_files(&s.ctx).is_empty());
+}

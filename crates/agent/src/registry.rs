@@ -259,15 +259,25 @@ impl Registry {
         Some(handle)
     }
 
-    /// A pooled VM not yet taken, to give its place to a create (capacity).
-    pub fn any_pooled(&self) -> Option<SandboxHandle> {
-        self.lock()
+    /// Take up to `max` pooled VMs not yet given to a create that match `pred` out
+    /// of the registry (under its lock, so no create can take them any more), for
+    /// the caller to destroy.
+    pub fn evict_pooled(
+        &self,
+        max: usize,
+        pred: impl Fn(&SandboxRecord) -> bool,
+    ) -> Vec<SandboxHandle> {
+        let mut map = self.lock();
+        let keys: Vec<SandboxId> = map
             .iter()
-            .find(|(k, h)| {
+            .filter(|(k, h)| {
                 let r = h.record.borrow();
-                r.pooled && **k == r.spec.sandbox_id
+                r.pooled && **k == r.spec.sandbox_id && pred(&r)
             })
-            .map(|(_, h)| h.clone())
+            .map(|(k, _)| k.clone())
+            .take(max)
+            .collect();
+        keys.iter().filter_map(|k| map.remove(k)).collect()
     }
 
     /// Whether a registered sandbox's host resources are named by `rid` (a pooled

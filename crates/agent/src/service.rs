@@ -348,13 +348,10 @@ impl pb::HostAgent for AgentService {
         let started = match start_create(&self.ctx, spec.clone()) {
             // Pooled VMs give their place to real sandboxes.
             Err(StartError::Registry(InsertError::Refused(_))) => {
-                match self.ctx.registry.any_pooled() {
-                    Some(h) => {
-                        h.destroy("capacity for a create").await;
-                        start_create(&self.ctx, spec)
-                    }
-                    None => start_create(&self.ctx, spec),
+                for h in self.ctx.registry.evict_pooled(1, |_| true) {
+                    h.destroy("capacity for a create").await;
                 }
+                start_create(&self.ctx, spec)
             }
             other => other,
         };

@@ -103,8 +103,18 @@ async fn warm_one(ctx: &Arc<Ctx>, name: &TemplateName) -> Result<bool, String> {
         }
     }
     if ctx.templates.exists(&variant) {
+        // Pooled VMs of the stale variant are the pool's own: they go with it.
+        for h in ctx
+            .registry
+            .evict_pooled(usize::MAX, |r| r.base.as_ref() == Some(&variant))
+        {
+            h.destroy("stale warm variant").await;
+        }
         if ctx.registry.uses_template(&variant) {
-            return Err("the stale variant is in use; it is replaced at the next start".into());
+            return Err(
+                "the stale variant is used by sandboxes; it is replaced at a start after they are gone"
+                    .into(),
+            );
         }
         ctx.templates
             .delete(&variant)
