@@ -87,15 +87,35 @@ pub(crate) async fn recover(ctx: &Arc<Ctx>) -> RecoveryReport {
         match vm {
             Some(vm) if adoptable => {
                 // Reconnect the control socket to check the VMM still answers.
-                match QmpClient::connect(&vm.control_socket, Duration::from_secs(1)).await {
+                let frozen = match QmpClient::connect(&vm.control_socket, Duration::from_secs(1))
+                    .await
+                {
                     Ok(mut qmp) => match qmp.query_status().await {
-                        Ok(st) => info!(sandbox_id = %id, status = %st.status, "QMP reconnected"),
+                        Ok(st) => {
+                            info!(sandbox_id = %id, status = %st.status, "QMP reconnected");
+                            !st.running
+                        }
                         Err(e) => {
-                            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP query-status failed")
+                            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP query-status failed");
+                            false
                         }
                     },
                     Err(e) => {
-                        warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP reconnect failed; adopting by PID")
+                        warn!(sandbox_id = %id, error = %crate::error_chain(&e), "QMP reconnect failed; adopting by PID");
+                        false
+                    }
+                };
+                // A running sandbox found frozen was caught by the agent's death
+                // mid-snapshot (or mid-fork): unfreeze it. Pooled VMs stay frozen.
+                if frozen && !record.pooled {
+                    // The QMP connection above is closed: QEMU serves one client.
+                    match ctx.vmm.resume(&vm).await {
+                        Ok(()) => {
+                            info!(sandbox_id = %id, "unfroze a sandbox a snapshot was cut short on")
+                        }
+                        Err(e) => {
+                            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "could not unfreeze a frozen sandbox")
+                        }
                     }
                 }
                 match adopt(ctx, record, Some(vm)) {

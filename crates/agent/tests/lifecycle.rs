@@ -243,6 +243,20 @@ fn host_holdings(run: &Path, ids: &[&SandboxId]) -> BTreeSet<String> {
     s
 }
 
+/// A template store of the test's own: the images' kernel and `minimal` by
+/// symlink, so templates made here never land in the shared images directory.
+fn private_store(images: &Path) -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
+    std::fs::create_dir(store.path().join("templates")).unwrap();
+    std::os::unix::fs::symlink(
+        images.join("templates/minimal"),
+        store.path().join("templates/minimal"),
+    )
+    .unwrap();
+    store
+}
+
 async fn start(images: &Path, run: &Path, adjust: impl FnOnce(&mut AgentConfig)) -> RunningAgent {
     let mut c = config(images, run);
     adjust(&mut c);
@@ -330,6 +344,8 @@ async fn failures_and_agent_crashes_mid_pause_and_resume_lose_nothing() {
     else {
         return;
     };
+    let store = private_store(&images);
+    let images = store.path().to_owned();
     let run = tempfile::tempdir().unwrap();
     let faults = hearth_agent::faults::Faults::default();
     let mut agent = start(&images, run.path(), |c| c.faults = faults.clone()).await;
@@ -358,6 +374,7 @@ async fn failures_and_agent_crashes_mid_pause_and_resume_lose_nothing() {
     for (step, after) in [
         ("resume:restored", pb::SandboxState::SANDBOX_STATE_PAUSED),
         ("resume:running", pb::SandboxState::SANDBOX_STATE_RUNNING),
+        ("snapshot:frozen", pb::SandboxState::SANDBOX_STATE_RUNNING),
         ("pause:saved", pb::SandboxState::SANDBOX_STATE_RUNNING),
         ("pause:switched", pb::SandboxState::SANDBOX_STATE_PAUSED),
     ] {
@@ -367,6 +384,15 @@ async fn failures_and_agent_crashes_mid_pause_and_resume_lose_nothing() {
         let call = tokio::spawn(async move {
             if step.starts_with("pause") {
                 let _ = pause(&c, &id2).await;
+            } else if step.starts_with("snapshot") {
+                let _ = c
+                    .snapshot_sandbox(pb::SnapshotSandboxRequest {
+                        sandbox_id: id2.to_string(),
+                        template: "snap-crash".into(),
+                        memory: true,
+                        ..Default::default()
+                    })
+                    .await;
             } else {
                 let _ = resume(&c, &id2).await;
             }
@@ -390,12 +416,19 @@ async fn failures_and_agent_crashes_mid_pause_and_resume_lose_nothing() {
         if after == pb::SandboxState::SANDBOX_STATE_PAUSED {
             assert_eq!(host_holdings(run.path(), &[&id]), paused, "{step}");
         } else {
+            // Running and unfrozen (a snapshot cut short left the VM frozen).
             assert_eq!(
                 sh(agent.local_addr(), &id, "cat /tmp/f").await,
                 "kept",
                 "{step}"
             );
         }
+        // No half-built template is left.
+        let templates: Vec<_> = std::fs::read_dir(images.join("templates"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(templates, ["minimal"], "{step}");
     }
     // Paused now: it resumes and still has its file.
     resume(&client(&agent), &id)
@@ -415,14 +448,7 @@ async fn snapshot_to_template_then_warm_sandboxes_and_a_fork_of_four() {
         return;
     };
     // Templates made here go into a private copy of the store.
-    let store = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
-    std::fs::create_dir(store.path().join("templates")).unwrap();
-    std::os::unix::fs::symlink(
-        images.join("templates/minimal"),
-        store.path().join("templates/minimal"),
-    )
-    .unwrap();
+    let store = private_store(&images);
     let run = tempfile::tempdir().unwrap();
     let agent = start(store.path(), run.path(), |_| ()).await;
     let (c, a) = (client(&agent), agent.local_addr());
@@ -533,14 +559,7 @@ async fn built_in_templates_are_made_warm_so_plain_creates_restore() {
     else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
-    std::fs::create_dir(store.path().join("templates")).unwrap();
-    std::os::unix::fs::symlink(
-        images.join("templates/minimal"),
-        store.path().join("templates/minimal"),
-    )
-    .unwrap();
+    let store = private_store(&images);
     let run = tempfile::tempdir().unwrap();
     let warm = |c: &mut AgentConfig| c.warm_templates = vec!["minimal".parse().unwrap()];
     let agent = start(store.path(), run.path(), warm).await;
@@ -610,14 +629,7 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
     let Some(images) = real_images("a_warm_pool_turns_a_create_into_one_init") else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(images.join("kernel"), store.path().join("kernel")).unwrap();
-    std::fs::create_dir(store.path().join("templates")).unwrap();
-    std::os::unix::fs::symlink(
-        images.join("templates/minimal"),
-        store.path().join("templates/minimal"),
-    )
-    .unwrap();
+    let store = private_store(&images);
     let run = tempfile::tempdir().unwrap();
     let faults = hearth_agent::faults::Faults::default();
     let pooled = |c: &mut AgentConfig| {
