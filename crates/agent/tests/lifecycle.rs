@@ -278,7 +278,8 @@ async fn pause_and_resume_keep_processes_files_env_and_clock() {
     start_bg(
         a,
         &id,
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done",
+        // Written aside and renamed: a reader never sees a half-written file.
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 1; done",
     )
     .await;
     let waiter = start_bg(a, &id, "sleep 8; echo waited").await;
@@ -505,9 +506,11 @@ async fn snapshot_to_template_then_warm_sandboxes_and_a_fork_of_four() {
     start_bg(
         a,
         &src,
-        "while true; do date +%s > /tmp/tick; sleep 1; done",
+        // Written aside and renamed: a reader never sees a half-written file.
+        "while true; do date +%s > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 1; done",
     )
     .await;
+    sh(a, &src, "while [ ! -s /tmp/tick ]; do sleep 0.1; done").await;
     let copies: Vec<SandboxId> = (0..4).map(|_| SandboxId::generate()).collect();
     let forked = c
         .fork_sandbox(pb::ForkSandboxRequest {

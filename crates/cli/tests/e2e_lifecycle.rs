@@ -63,7 +63,7 @@ fn pause_resume_snapshot_and_fork_through_the_cli() {
     // asks the guest to sync first (without that the file was found as NUL bytes).
     let r = stack.sh(
         &id,
-        "echo kept > /keep; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) >/dev/null 2>&1 &",
+        "echo kept > /keep; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done) >/dev/null 2>&1 &",
     );
     assert_eq!(r["exit_code"], 0, "{r}");
     std::thread::sleep(std::time::Duration::from_secs(1));
