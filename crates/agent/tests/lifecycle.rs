@@ -37,12 +37,29 @@ fn spec(id: &SandboxId, template: &str) -> pb::SandboxSpec {
 }
 
 async fn create(c: &Client, id: &SandboxId, template: &str) -> pb::SandboxStatus {
+    create_spec(c, spec(id, template)).await
+}
+
+/// Create `minimal` with the API's default shape: the one its warm variant and
+/// the warm pool serve.
+async fn create_default(c: &Client, id: &SandboxId) -> pb::SandboxStatus {
+    let mut s = spec(id, "minimal");
+    (s.vcpus, s.memory_mb, s.disk_size_mb) = (
+        hearth_types::SandboxShape::DEFAULT_VCPUS,
+        hearth_types::SandboxShape::DEFAULT_MEMORY_MB,
+        hearth_types::SandboxShape::DEFAULT_DISK_MB,
+    );
+    create_spec(c, s).await
+}
+
+async fn create_spec(c: &Client, s: pb::SandboxSpec) -> pb::SandboxStatus {
+    let what = format!("create {} from {}", s.sandbox_id, s.template);
     c.create_sandbox(pb::CreateSandboxRequest {
-        spec: spec(id, template).into(),
+        spec: s.into(),
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("create {id} from {template}: {e}"))
+    .unwrap_or_else(|e| panic!("{what}: {e}"))
     .into_owned()
     .sandbox
     .into_option()
@@ -582,19 +599,7 @@ async fn built_in_templates_are_made_warm_so_plain_creates_restore() {
     assert_eq!(names, ["minimal"]);
     // The default shape restores; another shape boots.
     let (x, y) = (SandboxId::generate(), SandboxId::generate());
-    let mut s = spec(&x, "minimal");
-    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
-    let sx = c
-        .create_sandbox(pb::CreateSandboxRequest {
-            spec: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_owned()
-        .sandbox
-        .into_option()
-        .unwrap();
+    let sx = create_default(&c, &x).await;
     assert!(sx.restored, "default shape restores");
     let sy = create(&c, &y, "minimal").await;
     assert!(!sy.restored, "another shape boots");
@@ -666,19 +671,7 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
     let (c, a) = (client(&agent), agent.local_addr());
     assert_eq!(registered(&c).await, 1);
     let id = SandboxId::generate();
-    let mut s = spec(&id, "minimal");
-    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
-    let st = c
-        .create_sandbox(pb::CreateSandboxRequest {
-            spec: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_owned()
-        .sandbox
-        .into_option()
-        .unwrap();
+    let st = create_default(&c, &id).await;
     println!("pooled create boot_ms={}", st.boot_ms);
     assert!(st.restored);
     assert_eq!(st.spec.as_option().unwrap().sandbox_id, id.as_str());
@@ -711,19 +704,7 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
     // goes the usual way (a restore of the warm variant).
     faults.arm("pool:claim", Fault::Fail);
     let id2 = SandboxId::generate();
-    let mut s = spec(&id2, "minimal");
-    (s.vcpus, s.memory_mb, s.disk_size_mb) = (1, 256, 1024);
-    let st = c
-        .create_sandbox(pb::CreateSandboxRequest {
-            spec: s.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create despite a failed pooled VM")
-        .into_owned()
-        .sandbox
-        .into_option()
-        .unwrap();
+    let st = create_default(&c, &id2).await;
     faults.clear();
     assert!(st.restored);
     assert_eq!(sh(a, &id2, "hostname").await, id2.as_str());
