@@ -107,6 +107,12 @@ pub struct PolicyOpts {
     /// Days a sandbox may stay paused (since its last change) before it is destroyed.
     #[arg(long, env = "HEARTH_PAUSED_RETENTION_DAYS", default_value_t = 30)]
     pub paused_retention_days: u32,
+    /// Domain E2B clients are told to reach sandbox ports under: port P of sandbox ID
+    /// is `P-ID.DOMAIN`, answered by this server's sandbox proxy when that name points
+    /// at it (a wildcard DNS record, or `*.localhost` on one machine). Default:
+    /// `localhost:PORT` with this server's port.
+    #[arg(long, env = "HEARTH_E2B_DOMAIN")]
+    pub e2b_domain: Option<String>,
 }
 
 impl PolicyOpts {
@@ -126,6 +132,7 @@ impl PolicyOpts {
                 exec_streams: self.team_max_exec_streams,
                 transfers: self.team_max_transfers,
             },
+            e2b_domain: self.e2b_domain.clone(),
             ..Default::default()
         }
     }

@@ -131,13 +131,6 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 .map_err(ControlError::AgentUrl)?,
         ));
     }
-    let state = AppState::new(
-        App::new(db, hosts, config.limits, config.max_upload_bytes).with_policy(config.policy),
-    );
-    // First pass before serving, so a create right after start finds its host.
-    if let Err(e) = state.app().reconcile_once().await {
-        tracing::warn!(error = %e, "initial reconcile failed");
-    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ControlError::Bind {
@@ -148,6 +141,19 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         addr: config.listen,
         source,
     })?;
+    let mut policy = config.policy.clone();
+    // E2B clients reach port P of a sandbox as `P-<id>.<domain>`; `*.localhost`
+    // resolves to loopback in browsers, so this serves a one-machine install as is.
+    if policy.e2b_domain.is_none() {
+        policy.e2b_domain = Some(format!("localhost:{}", local_addr.port()));
+    }
+    let state = AppState::new(
+        App::new(db, hosts, config.limits, config.max_upload_bytes).with_policy(policy),
+    );
+    // First pass before serving, so a create right after start finds its host.
+    if let Err(e) = state.app().reconcile_once().await {
+        tracing::warn!(error = %e, "initial reconcile failed");
+    }
     let (stop, stop_rx) = watch::channel(false);
 
     let mut rx = stop_rx.clone();

@@ -991,6 +991,8 @@ async fn reconciler_gives_up_on_stuck_starts() {
         host_id: Some(host_id),
         created_at: then,
         expires_at: then + chrono::Duration::hours(2),
+        secure: true,
+        auto_resume: false,
     };
     e.state.app().db.insert_sandbox(&stuck).await.unwrap();
     let fresh = e.create().await;

@@ -20,6 +20,7 @@ mod keys;
 mod models;
 mod quotas;
 mod sandboxes;
+mod secrets;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -134,6 +134,10 @@ pub struct NewSandbox {
     pub host_id: Option<HostId>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The guest agent's port needs the sandbox's envd access token (E2B's `secure`).
+    pub secure: bool,
+    /// Traffic through the sandbox proxy resumes it when paused.
+    pub auto_resume: bool,
 }
 
 /// A sandbox row.
@@ -155,4 +159,8 @@ pub struct SandboxRow {
     pub expires_at: DateTime<Utc>,
     pub error: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// The guest agent's port needs the sandbox's envd access token (E2B's `secure`).
+    pub secure: bool,
+    /// Traffic through the sandbox proxy resumes it when paused.
+    pub auto_resume: bool,
 }

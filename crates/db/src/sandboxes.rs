@@ -34,7 +34,7 @@ pub struct SandboxPage {
 }
 
 const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
-    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at, on_timeout";
+    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at, on_timeout, secure, auto_resume";
 
 impl Db {
     /// Insert a row without any admission check (tests, imports). Creates go through
@@ -387,7 +387,7 @@ where
     let now = now_ms();
     sqlx::query(&format!(
         "INSERT INTO sandboxes ({COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15, $16, $17)"
     ))
     .bind(s.id.as_str())
     .bind(s.team_id.to_string())
@@ -404,6 +404,8 @@ where
     .bind(s.expires_at.timestamp_millis())
     .bind(now)
     .bind(s.on_timeout.as_str())
+    .bind(s.secure)
+    .bind(s.auto_resume)
     .execute(exec)
     .await
     .map_err(|e| match &e {
@@ -473,5 +475,7 @@ fn sandbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SandboxRow> {
                 column: "sandboxes.on_timeout",
                 source: Box::new(e),
             })?,
+        secure: r.try_get("secure")?,
+        auto_resume: r.try_get("auto_resume")?,
     })
 }

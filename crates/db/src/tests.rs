@@ -22,6 +22,8 @@ fn new_sandbox(team: TeamId, host: Option<HostId>) -> NewSandbox {
         host_id: host,
         created_at: now,
         expires_at: now + Duration::seconds(300),
+        secure: true,
+        auto_resume: false,
     }
 }
 
@@ -613,4 +615,30 @@ async fn the_catalogue_maps_team_names_to_host_templates() {
     assert!(db.delete_team_template(a, &name).await.unwrap());
     assert!(db.get_template(a, &name).await.unwrap().is_none());
     assert!(db.get_template(b, &name).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_secret_is_made_once_and_kept() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let a = db
+        .get_or_create_secret("k", || vec![1, 2, 3])
+        .await
+        .unwrap();
+    let b = db.get_or_create_secret("k", || vec![9]).await.unwrap();
+    assert_eq!(a, vec![1, 2, 3]);
+    assert_eq!(b, a, "a second call must not replace the secret");
+    let other = db.get_or_create_secret("other", || vec![7]).await.unwrap();
+    assert_eq!(other, vec![7]);
+}
+
+#[tokio::test]
+async fn secure_and_auto_resume_round_trip() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("t").await.unwrap().id;
+    let mut s = new_sandbox(team, None);
+    s.secure = false;
+    s.auto_resume = true;
+    db.insert_sandbox(&s).await.unwrap();
+    let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert!(!row.secure && row.auto_resume);
 }

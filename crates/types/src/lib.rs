@@ -13,3 +13,7 @@ pub use limits::{
     check_range, LimitError, QuotaExceeded, SandboxLimits, SandboxShape, TeamQuota, TeamUsage,
 };
 pub use state::{BadTransition, SandboxState, UnknownState};
+
+/// The version of E2B's in-VM daemon `envd` whose API hearth's guest agent speaks in
+/// full. E2B's SDKs turn features on by it (they read it from the create response).
+pub const ENVD_VERSION: &str = "0.5.7";

@@ -244,6 +244,8 @@ impl App {
                 host_id: src.host_id.clone(),
                 created_at: now,
                 expires_at: now + self.create_timeout() + lifetime,
+                secure: src.secure,
+                auto_resume: src.auto_resume,
             })
             .collect();
         match self

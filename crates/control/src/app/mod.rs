@@ -5,6 +5,7 @@
 //! knows about status codes; errors are [`AppError`].
 
 pub mod concurrency;
+pub mod e2b_tokens;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -27,7 +28,7 @@ pub use error::{AppError, AppResult};
 use hosts::{HostClient, Hosts};
 
 /// Admission and housekeeping rules of the control plane (from its config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// Quota of a team without its own `team_quotas` row.
     pub team_quota: TeamQuota,
@@ -43,6 +44,10 @@ pub struct Policy {
     /// The reconciler leaves a running or paused row alone this long after its last
     /// change: a pause or resume may still be under way on its host.
     pub transition_grace: Duration,
+    /// The `domain` E2B clients are told: a sandbox's port P is reached as
+    /// `P-<sandbox id>.<domain>` through the sandbox proxy. `None`: not announced
+    /// (`hearth_control::start` fills in `localhost:<its port>`).
+    pub e2b_domain: Option<String>,
 }
 
 impl Default for Policy {
@@ -56,6 +61,7 @@ impl Default for Policy {
             paused_retention: Duration::from_secs(30 * 24 * 3600),
             // A pause or resume RPC may take up to 180 s (full migration under TCG).
             transition_grace: Duration::from_secs(240),
+            e2b_domain: None,
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct App {
     streams: Mutex<HashMap<SandboxId, CancellationToken>>,
     /// Exec streams and file transfers in flight, per team.
     concurrency: concurrency::Counters,
+    /// The key behind sandboxes' access tokens (see `e2b_tokens`), read once.
+    token_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl App {
@@ -88,6 +96,7 @@ impl App {
             policy: Policy::default(),
             streams: Mutex::new(HashMap::new()),
             concurrency: concurrency::Counters::default(),
+            token_key: tokio::sync::OnceCell::new(),
         }
     }
 

@@ -45,6 +45,11 @@ pub struct CreateParams {
     pub metadata: BTreeMap<String, String>,
     /// "destroy" (default) or "pause".
     pub on_timeout: Option<String>,
+    /// The guest agent's port needs the sandbox's envd access token through the
+    /// sandbox proxy (E2B's `secure`); default true.
+    pub secure: Option<bool>,
+    /// Traffic through the sandbox proxy resumes the sandbox when it is paused.
+    pub auto_resume: bool,
 }
 
 /// Parse a sandbox ID from a URL path segment.
@@ -220,6 +225,8 @@ impl App {
             created_at: now,
             // Provisional: reset to "running since + timeout_s" once it runs.
             expires_at: now + self.create_timeout() + lifetime,
+            secure: p.secure.unwrap_or(true),
+            auto_resume: p.auto_resume,
         };
         match self
             .db

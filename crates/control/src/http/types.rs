@@ -74,6 +74,7 @@ impl From<CreateSandboxRequest> for CreateParams {
             env: r.env,
             metadata: r.metadata,
             on_timeout: r.on_timeout,
+            ..Default::default()
         }
     }
 }
