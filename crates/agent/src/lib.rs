@@ -168,6 +168,8 @@ fn default_listener_limits() -> hearth_serve::ServerLimits {
         body_idle_timeout: Duration::from_secs(3600),
         max_connections: 4096,
         shutdown_grace: Duration::from_secs(5),
+        // The control plane speaks HTTP/1.1 to it (upgrades for WebSockets included).
+        http2: false,
     }
 }
 
@@ -530,6 +532,18 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
         .route(
             "/sandboxes/{id}/envd/{*rest}",
             axum::routing::any(proxy::handle),
+        )
+        .route(
+            "/sandboxes/{id}/port/{port}/{*rest}",
+            axum::routing::any(proxy::handle_port),
+        )
+        .route(
+            "/sandboxes/{id}/port/{port}",
+            axum::routing::any(proxy::handle_port_root),
+        )
+        .route(
+            "/sandboxes/{id}/port/{port}/",
+            axum::routing::any(proxy::handle_port_root),
         )
         .with_state(ctx)
         .fallback_service(connect.into_axum_service())

@@ -1,10 +1,15 @@
 //! Reverse proxy from `/sandboxes/{sb-id}/envd/{*rest}` to the sandbox's guest
-//! agent at `http://<guest_address>/{rest}` (query kept). Bodies stream both ways
-//! without buffering; hop-by-hop headers are stripped. Unknown sandboxes get a
-//! JSON 404. It owns no sandbox state: it reads the registry.
+//! agent at `http://<guest_address>/{rest}` (query kept), and from
+//! `/sandboxes/{sb-id}/port/{port}/{*rest}` to any port of the guest (the guest
+//! agent's own port is the envd route). Bodies stream both ways without buffering;
+//! hop-by-hop headers are stripped; a WebSocket (any `Upgrade`) is spliced through
+//! once the guest answers 101. Unknown sandboxes get a JSON 404. It owns no sandbox
+//! state: it reads the registry. Guest ports are reachable from the host only by
+//! root (the host guard), so this proxy is the one way in for anyone else.
 //!
-//! The guest is hostile: the request carries the sandbox's access token
-//! (`X-Access-Token`, replacing any the caller sent) and never the agent token;
+//! The guest is hostile: a request to its agent carries the sandbox's access token
+//! (`X-Access-Token`, replacing any the caller sent; requests to other ports carry
+//! none) and never the agent token;
 //! the guest must send its response head within
 //! [`crate::AgentConfig::guest_header_timeout`] of the request body's end, in at
 //! most [`crate::GUEST_MAX_HEAD_BYTES`]; redirects are passed back, never
@@ -63,9 +68,61 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `/sandboxes/{id}/envd/{*rest}`: the guest agent.
 pub(crate) async fn handle(
     State(ctx): State<Arc<Ctx>>,
     Path((id, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    forward(ctx, id, None, rest, req).await
+}
+
+/// `/sandboxes/{id}/port/{port}/{*rest}`: any port of the guest.
+pub(crate) async fn handle_port(
+    State(ctx): State<Arc<Ctx>>,
+    Path((id, port, rest)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    match parse_port(&port) {
+        Ok(port) => forward(ctx, id, Some(port), rest, req).await,
+        Err(r) => r,
+    }
+}
+
+/// `/sandboxes/{id}/port/{port}` and `.../{port}/`: the root path of a guest port.
+pub(crate) async fn handle_port_root(
+    State(ctx): State<Arc<Ctx>>,
+    Path((id, port)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    match parse_port(&port) {
+        Ok(port) => forward(ctx, id, Some(port), String::new(), req).await,
+        Err(r) => r,
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn parse_port(s: &str) -> Result<u16, Response> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!(
+                "port {:?} is not a port number (1-65535)",
+                escape_guest_text(s, 16)
+            ),
+        )),
+    }
+}
+
+/// Forward `req` to the guest of sandbox `id`: its agent when `port` is `None` or
+/// the agent's own port, else `port`.
+async fn forward(
+    ctx: Arc<Ctx>,
+    id: String,
+    port: Option<u16>,
+    rest: String,
     req: Request,
 ) -> Response {
     let not_found = || {
@@ -84,9 +141,14 @@ pub(crate) async fn handle(
     let (addr, token, record) = {
         let r = handle.record.borrow();
         match (r.state, r.guest_address) {
-            (crate::state::SandboxState::Running, Some(addr)) => {
-                (addr, r.access_token.clone(), handle.record.clone())
-            }
+            (crate::state::SandboxState::Running, Some(agent)) => match port {
+                Some(p) if p != agent.port() => (
+                    std::net::SocketAddr::new(agent.ip(), p),
+                    None,
+                    handle.record.clone(),
+                ),
+                _ => (agent, r.access_token.clone(), handle.record.clone()),
+            },
             (state, _) => {
                 return error(
                     StatusCode::CONFLICT,
@@ -110,7 +172,12 @@ pub(crate) async fn handle(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string()),
     };
     let (mut parts, body) = req.into_parts();
+    let upgrade = hearth_serve::upgrade::requested(&parts.headers);
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade.clone() {
+        hearth_serve::upgrade::restore(&mut parts.headers, protocol);
+    }
     // The host's secret never reaches a guest.
     parts.headers.remove(crate::AGENT_TOKEN_HEADER);
     // Only the agent speaks for the sandbox: a caller's own token is replaced.
@@ -153,6 +220,9 @@ pub(crate) async fn handle(
     };
     match outcome {
         Some(Ok(resp)) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return switch(sid, upgrade, client_upgrade, resp, gone);
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(
@@ -196,6 +266,36 @@ pub(crate) async fn handle(
             )
         }
     }
+}
+
+/// The guest switched protocols: pass its 101 on and splice the two connections
+/// (until the VM is gone). A 101 the client did not ask for is refused.
+fn switch<G: std::future::Future<Output = ()> + Send + 'static>(
+    sid: SandboxId,
+    asked: Option<HeaderValue>,
+    client: Option<hyper::upgrade::OnUpgrade>,
+    mut resp: http::Response<hyper::body::Incoming>,
+    gone: Pin<Box<G>>,
+) -> Response {
+    let (Some(asked), Some(client)) = (asked, client) else {
+        warn!(sandbox_id = %sid, "guest switched protocols unasked");
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "unavailable",
+            format!("the guest of {sid} switched protocols unasked"),
+        );
+    };
+    let upstream = hyper::upgrade::on(&mut resp);
+    let protocol = resp
+        .headers()
+        .get(http::header::UPGRADE)
+        .cloned()
+        .unwrap_or(asked);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    hearth_serve::upgrade::restore(&mut parts.headers, protocol);
+    hearth_serve::upgrade::splice(client, upstream, gone);
+    Response::from_parts(parts, Body::empty())
 }
 
 /// A request body that says when it has been sent completely (or dropped).

@@ -158,6 +158,8 @@ impl ListenerOpts {
             max_connections: self.max_connections.max(1),
             header_read_timeout: std::time::Duration::from_secs(self.header_timeout_s.max(1)),
             body_idle_timeout: std::time::Duration::from_secs(self.body_idle_timeout_s.max(1)),
+            // E2B's SDKs may speak HTTP/2 (prior knowledge) to the sandbox proxy.
+            http2: true,
             ..Default::default()
         }
     }

@@ -61,7 +61,11 @@ impl ControlConfig {
             limits: SandboxLimits::default(),
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             reconcile_interval: Duration::from_secs(2),
-            server_limits: ServerLimits::default(),
+            // HTTP/2 too: E2B's SDKs may speak it (prior knowledge) to the sandbox proxy.
+            server_limits: ServerLimits {
+                http2: true,
+                ..ServerLimits::default()
+            },
             policy: app::Policy::default(),
         }
     }

@@ -57,6 +57,7 @@ fn limits(header: u64, body: u64, max_conn: usize) -> ServerLimits {
         body_idle_timeout: Duration::from_millis(body),
         max_connections: max_conn,
         shutdown_grace: Duration::from_secs(1),
+        http2: true,
     }
 }
 

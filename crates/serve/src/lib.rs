@@ -11,8 +11,15 @@
 //!   at once; beyond that the listener stops accepting, so new connections wait in the
 //!   kernel's backlog until one ends.
 //!
-//! HTTP/2 is not served (no client of the API needs it, and hyper has no idle timeout
-//! for it). This crate owns only the transport; routing and errors belong to its users.
+//! HTTP/2 (cleartext, prior knowledge: what gRPC-style clients such as E2B's SDKs send
+//! to an `http://` URL) is served when [`ServerLimits::http2`] is on, beside HTTP/1.1 on
+//! the same port. hyper has no idle timeout for HTTP/2, so such connections are pinged
+//! every [`H2_PING_INTERVAL`] and closed when a ping goes unanswered for
+//! [`H2_PING_TIMEOUT`]; streams per connection are capped at [`H2_MAX_STREAMS`].
+//! WebSocket upgrades work over HTTP/1.1 (see [`upgrade`]).
+//! This crate owns only the transport; routing and errors belong to its users.
+
+pub mod upgrade;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,7 +51,16 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests before it drops them.
     pub shutdown_grace: Duration,
+    /// Serve HTTP/2 (prior knowledge) beside HTTP/1.1.
+    pub http2: bool,
 }
+
+/// How often an HTTP/2 connection is pinged.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Concurrent streams per HTTP/2 connection.
+pub const H2_MAX_STREAMS: u32 = 256;
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -53,6 +69,7 @@ impl Default for ServerLimits {
             body_idle_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
+            http2: false,
         }
     }
 }
@@ -118,11 +135,21 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
-    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if !limits.http2 {
+        http = http.http1_only();
+    }
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    if limits.http2 {
+        http.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_PING_INTERVAL))
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_concurrent_streams(H2_MAX_STREAMS);
+    }
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {

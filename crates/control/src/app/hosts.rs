@@ -295,6 +295,16 @@ pub trait HostClient: Send + Sync + 'static {
         user: &str,
         path: &str,
     ) -> Result<(Option<u64>, ByteStream), HostError>;
+
+    /// Forward one HTTP request (path and query kept; a WebSocket upgrade spliced
+    /// through) to `port` of the sandbox's guest: the sandbox proxy's last hop. The
+    /// guest agent's port gets the sandbox's own access token from the host.
+    async fn proxy(
+        &self,
+        id: &SandboxId,
+        port: u16,
+        req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, HostError>;
 }
 
 /// The events of a process stream (Start or Connect: both carry `event`), without
@@ -338,6 +348,8 @@ macro_rules! proc_events {
 pub struct AgentHostClient {
     url: String,
     http: HttpClient,
+    /// Plain HTTP/1.1 for the sandbox proxy (upgrades included).
+    raw: super::host_proxy::RawClient,
     agent: agent::HostAgentClient<HttpClient>,
     files: reqwest::Client,
     token: Option<String>,
@@ -391,6 +403,7 @@ impl AgentHostClient {
         Ok(Self {
             url,
             http,
+            raw: super::host_proxy::raw_client(),
             agent,
             files,
             token,
@@ -484,6 +497,15 @@ mod tests;
 impl HostClient for AgentHostClient {
     fn url(&self) -> &str {
         &self.url
+    }
+
+    async fn proxy(
+        &self,
+        id: &SandboxId,
+        port: u16,
+        req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, HostError> {
+        super::host_proxy::forward(&self.raw, &self.url, self.token.as_deref(), id, port, req).await
     }
 
     async fn info(&self) -> Result<HostInfo, HostError> {

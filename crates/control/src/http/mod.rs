@@ -6,6 +6,7 @@ pub mod error;
 mod handlers;
 pub mod openapi;
 pub mod reject;
+mod sandbox_proxy;
 pub use hearth_serve as server;
 pub mod types;
 mod ws;
@@ -106,6 +107,11 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::from_fn(reject::json_errors))
+        // Outermost: sandbox traffic never reaches the API's routes, limits or errors.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            sandbox_proxy::route,
+        ))
         .with_state(state)
 }
 

@@ -389,6 +389,51 @@ impl HostClient for FakeHost {
             futures::stream::iter([Ok(data)]).boxed(),
         ))
     }
+
+    /// Answers for the guest: 200 with what arrived (port, method, path and query,
+    /// headers, body) as JSON, so tests see what the proxy passed on; a sandbox the
+    /// host does not hold is a 404 like the agent's.
+    async fn proxy(
+        &self,
+        id: &SandboxId,
+        port: u16,
+        req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, HostError> {
+        if !self.st().sandboxes.contains(id) {
+            return Err(HostError::Http {
+                status: 404,
+                message: format!("sandbox {id} is not on this host"),
+            });
+        }
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| HostError::Transport(e.to_string()))?
+            .to_bytes();
+        let headers: serde_json::Map<String, Value> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    Value::String(v.to_str().unwrap_or("?").to_owned()),
+                )
+            })
+            .collect();
+        let echo = json!({
+            "port": port,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        });
+        Ok(http::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(echo.to_string()))
+            .expect("a valid response"))
+    }
 }
 
 pub fn tokio_stream_from(

@@ -1,0 +1,132 @@
+//! Forwarding one HTTP request (or WebSocket) to a port of a sandbox through its host
+//! agent's port route (`/sandboxes/{id}/port/{port}/{*path}`): the sandbox proxy's
+//! last hop. Bodies stream both ways; hop-by-hop headers are stripped; an `Upgrade`
+//! is passed on and the connections spliced once the agent answers 101. The agent
+//! adds the guest's own access token for its agent port; the agent token goes to the
+//! agent only (the agent never forwards it).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::hosts::HostError;
+use hearth_types::SandboxId;
+
+/// A plain HTTP/1.1 client for the agent's port route.
+pub type RawClient = Client<HttpConnector, Body>;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Connecting to the agent may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn raw_client() -> RawClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Remove hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Send `req` (its path and query kept) to `port` of sandbox `id` via the agent at
+/// `agent_url`.
+pub async fn forward(
+    client: &RawClient,
+    agent_url: &str,
+    agent_token: Option<&str>,
+    id: &SandboxId,
+    port: u16,
+    req: Request<Body>,
+) -> Result<Response<Body>, HostError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_start_matches('/');
+    let target = match parts.uri.query() {
+        Some(q) => format!("{agent_url}/sandboxes/{id}/port/{port}/{path}?{q}"),
+        None => format!("{agent_url}/sandboxes/{id}/port/{port}/{path}"),
+    };
+    let uri: Uri = target
+        .parse()
+        .map_err(|e| HostError::Transport(format!("proxy URL: {e}")))?;
+    let upgrade = hearth_serve::upgrade::requested(&parts.headers);
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade.clone() {
+        hearth_serve::upgrade::restore(&mut parts.headers, protocol);
+    }
+    parts.headers.remove(http::header::HOST);
+    if let Some(t) = agent_token {
+        let mut v = HeaderValue::from_str(t)
+            .map_err(|_| HostError::Transport("agent token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        parts.headers.insert(hearth_proto::AGENT_TOKEN_HEADER, v);
+    }
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let mut resp = client
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| HostError::Transport(format!("host agent: {}", error_chain(&e))))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade.filter(|_| upgrade.is_some()) else {
+            return Err(HostError::Http {
+                status: 502,
+                message: "the sandbox switched protocols unasked".into(),
+            });
+        };
+        let upstream = hyper::upgrade::on(&mut resp);
+        let protocol = resp.headers().get(http::header::UPGRADE).cloned();
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(p) = protocol.or(upgrade) {
+            hearth_serve::upgrade::restore(&mut parts.headers, p);
+        }
+        hearth_serve::upgrade::splice(client_upgrade, upstream, std::future::pending());
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
