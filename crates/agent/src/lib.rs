@@ -12,6 +12,7 @@
 //! restarted agent re-adopt its VMs (graceful shutdown leaves them running).
 
 pub mod admission;
+mod console_route;
 pub mod disk;
 pub mod faults;
 pub mod lifecycle;
@@ -532,6 +533,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
         .route(
             "/sandboxes/{id}/envd/{*rest}",
             axum::routing::any(proxy::handle),
+        )
+        .route(
+            "/sandboxes/{id}/console",
+            axum::routing::get(console_route::handle),
         )
         .route(
             "/sandboxes/{id}/port/{port}/{*rest}",

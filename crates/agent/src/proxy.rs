@@ -46,9 +46,18 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Marks an answer the agent made itself (not the guest's), so that the control
+/// plane's sandbox proxy can tell it from a guest app's own error pages.
+pub const AGENT_ERROR_HEADER: &str = "x-hearth-agent-error";
+
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    (status, axum::Json(body)).into_response()
+    (
+        status,
+        [(AGENT_ERROR_HEADER, HeaderValue::from_static("1"))],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 /// Remove hop-by-hop headers, including those named by `Connection`.
@@ -235,7 +244,18 @@ async fn forward(
         }
         Some(Err(e)) => {
             let chain = crate::error_chain(&e);
-            if e.is_connect() {
+            if e.is_connect() && addr.port() != hearth_proto::GUEST_AGENT_PORT {
+                debug!(sandbox_id = %sid, error = %chain, "guest port not open");
+                // E2B's SDKs look for "port is not open".
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "unavailable",
+                    format!(
+                        "port is not open: nothing answers on port {} of sandbox {sid}",
+                        addr.port()
+                    ),
+                )
+            } else if e.is_connect() {
                 debug!(sandbox_id = %sid, error = %chain, "guest agent unreachable");
                 error(
                     StatusCode::BAD_GATEWAY,

@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod cmd;
 mod config;
+mod e2b;
 mod lifecycle;
 mod output;
 mod serve;
@@ -68,6 +69,9 @@ enum Command {
     /// Benchmarks that print numbers (and write them under bench/results/).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Use E2B's SDKs with this hearth: `eval "$(hearth e2b env)"`.
+    #[command(subcommand)]
+    E2b(e2b::E2bCmd),
 }
 
 #[derive(Subcommand)]
@@ -257,6 +261,7 @@ impl Command {
                 | Command::Snapshot(_)
                 | Command::Exec(_)
                 | Command::Cp(_)
+                | Command::E2b(_)
         )
     }
 }
@@ -305,6 +310,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Exec(a) => cmd::exec(&g, a).await,
         Command::Cp(a) => cmd::cp(&g, a).await.map(|_| 0),
         Command::Bench(b) => bench::run(&g, b).await.map(|_| 0),
+        Command::E2b(c) => e2b::run(&g, c).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -131,6 +131,11 @@ async fn copy_console(socket: PathBuf, mut out: CappedLog, vm: VmHandle) {
 /// `run_dir` (reaching into `console.log.1` when `console.log` is shorter),
 /// escaped for logs. Reads at most `max` bytes from disk.
 pub fn read_tail(run_dir: &Path, max: usize) -> String {
+    super::escape_guest_text(trim_ascii(&read_tail_raw(run_dir, max)))
+}
+
+/// [`read_tail`] before escaping: raw guest bytes, for callers that escape per line.
+pub fn read_tail_raw(run_dir: &Path, max: usize) -> Vec<u8> {
     let cur = tail_bytes(&run_dir.join(CONSOLE_LOG), max);
     let mut bytes = if cur.len() < max {
         let mut v = tail_bytes(&run_dir.join(CONSOLE_LOG_OLD), max - cur.len());
@@ -145,7 +150,7 @@ pub fn read_tail(run_dir: &Path, max: usize) -> String {
             bytes.drain(..=i);
         }
     }
-    super::escape_guest_text(trim_ascii(&bytes))
+    bytes
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {

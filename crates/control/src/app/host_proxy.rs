@@ -115,9 +115,34 @@ pub async fn forward(
         hearth_serve::upgrade::splice(client_upgrade, upstream, std::future::pending());
         return Ok(Response::from_parts(parts, Body::empty()));
     }
+    if resp.headers().contains_key(AGENT_ERROR_HEADER) {
+        return Err(agent_error(resp).await);
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Marks an answer the host agent made itself (`{"error": {"code", "message"}}`), not
+/// the guest's: it becomes a [`HostError`] so the proxy can answer in its own shape.
+const AGENT_ERROR_HEADER: &str = "x-hearth-agent-error";
+
+async fn agent_error(resp: Response<hyper::body::Incoming>) -> HostError {
+    use http_body_util::BodyExt;
+    let status = resp.status().as_u16();
+    let limited = http_body_util::Limited::new(resp.into_body(), super::hosts::MAX_ERROR_BODY);
+    let message = match limited.collect().await {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b.to_bytes())
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("the host agent answered {status}")),
+        Err(_) => format!("the host agent answered {status}"),
+    };
+    let message: String = message
+        .chars()
+        .take(super::hosts::MAX_MESSAGE_CHARS)
+        .collect();
+    HostError::Http { status, message }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -14,6 +14,7 @@ use http::header::{HeaderValue, HOST};
 use http::StatusCode;
 
 use super::AppState;
+use crate::app::hosts::HostError;
 use crate::app::sandbox_proxy::{ProxyError, ENVD_PORT};
 use crate::app::AppError;
 
@@ -160,6 +161,21 @@ pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Nex
         .await
     {
         Ok(resp) => resp,
+        // The host no longer holds it (destroyed meanwhile).
+        Err(HostError::Http { status: 404, .. }) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {id_text} was not found"),
+            Some(&id_text),
+        ),
+        // The host's own word (port not open, guest unreachable, paused meanwhile).
+        Err(HostError::Http { status, message }) => error(
+            StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::BAD_GATEWAY),
+            message,
+            Some(&id_text),
+        ),
         Err(e) => {
             tracing::debug!(sandbox_id = %target.id, port = target.port, error = %e, "sandbox proxy: host failed");
             error(
