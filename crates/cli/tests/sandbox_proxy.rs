@@ -93,6 +93,29 @@ fn guest_web_servers_and_upgrades_through_the_proxy() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.text().unwrap().trim(), "hello-from-the-guest");
 
+    // HTTP/2 with prior knowledge (what gRPC-style clients send to an http:// URL),
+    // turned into HTTP/1.1 for the guest; the API answers it too.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}"])
+        .args([
+            "-H",
+            &format!("e2b-sandbox-id: {id}"),
+            "-H",
+            "e2b-sandbox-port: 8000",
+        ])
+        .arg(format!("{}/index.html", stack.url))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "hello-from-the-guest\n\n2", "{out:?}");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}"])
+        .arg(format!("{}/v1/health", stack.url))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.trim_end().ends_with("\n2"), "{out:?}");
+
     // A closed port: E2B's words, E2B's shape.
     let r = http
         .get(format!("{}/", stack.url))
