@@ -220,3 +220,54 @@ fn readme_tour_runs_as_written() {
     let v: Value = r.json().expect("json");
     assert_ne!(v["state"], "running", "the tour's rm left it running: {v}");
 }
+
+/// The venv with E2B's Python SDK (pinned) that `scripts/install-test-deps.sh` makes.
+const E2B_VENV: &str = "/var/lib/hearth/test/e2b-venv";
+
+#[test]
+fn readme_e2b_python_example_runs_unchanged() {
+    if !e2e_available() {
+        return;
+    }
+    let python = Path::new(E2B_VENV).join("bin/python3");
+    if !python.exists() {
+        let why = format!("no E2B SDK venv at {E2B_VENV} (run scripts/install-test-deps.sh)");
+        assert!(
+            std::env::var("HEARTH_REQUIRE_E2E").as_deref() != Ok("1"),
+            "{why}"
+        );
+        eprintln!("\n*** SKIPPING: {why} ***\n");
+        return;
+    }
+    let readme = readme();
+    let sh = blocks(&readme, "E2B's SDKs, unchanged", "sh").concat();
+    let eval = sh
+        .iter()
+        .find(|l| l.starts_with("eval "))
+        .expect("the README's eval line");
+    let eval = eval.split('#').next().unwrap_or(eval).trim();
+    let code = blocks(&readme, "E2B's SDKs, unchanged", "python")
+        .concat()
+        .join("\n");
+    assert!(code.contains("Sandbox.create"), "README lost its E2B example");
+    let stack = Stack::start();
+    let shell = Shell::new(&stack);
+    std::fs::write(shell.home.path().join("hello_e2b.py"), &code).expect("write example");
+    // Only the venv differs from the README (the test suite's, made by install-test-deps).
+    let (ok, out) = shell.run(
+        &format!("set -e\n{eval}\n{} hello_e2b.py", python.display()),
+        &[],
+    );
+    assert!(ok, "the README's E2B example failed:\n{out}");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert!(
+        lines.contains(&"42") && lines.contains(&"hello from hearth"),
+        "{out}"
+    );
+    let left = stack
+        .req(reqwest::Method::GET, "/v1/sandboxes")
+        .send()
+        .and_then(|r| r.json::<Value>())
+        .expect("list");
+    assert_eq!(left["sandboxes"].as_array().map(Vec::len), Some(0), "sbx.kill() left {left}");
+}
