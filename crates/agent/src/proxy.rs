@@ -24,7 +24,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use hearth_types::SandboxId;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{StatusCode, Uri};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::oneshot;
@@ -32,19 +32,6 @@ use tracing::{debug, warn};
 
 use crate::sandbox::{escape_guest_text, ACCESS_TOKEN_HEADER};
 use crate::Ctx;
-
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Marks an answer the agent made itself (not the guest's), so that the control
 /// plane's sandbox proxy can tell it from a guest app's own error pages.
@@ -60,22 +47,7 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-/// Remove hop-by-hop headers, including those named by `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-}
+pub use hearth_serve::proxy::strip_hop_by_hop;
 
 /// `/sandboxes/{id}/envd/{*rest}`: the guest agent.
 pub(crate) async fn handle(
@@ -181,12 +153,7 @@ async fn forward(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string()),
     };
     let (mut parts, body) = req.into_parts();
-    let upgrade = hearth_serve::upgrade::requested(&parts.headers);
-    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(protocol) = upgrade.clone() {
-        hearth_serve::upgrade::restore(&mut parts.headers, protocol);
-    }
+    let upgrade = hearth_serve::proxy::prepare_request(&mut parts);
     // The host's secret never reaches a guest.
     parts.headers.remove(crate::AGENT_TOKEN_HEADER);
     // Only the agent speaks for the sandbox: a caller's own token is replaced.
@@ -230,7 +197,17 @@ async fn forward(
     match outcome {
         Some(Ok(resp)) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return switch(sid, upgrade, client_upgrade, resp, gone);
+                return match hearth_serve::proxy::switch(upgrade, resp, gone) {
+                    Ok(resp) => resp,
+                    Err(why) => {
+                        warn!(sandbox_id = %sid, "guest {why}");
+                        error(
+                            StatusCode::BAD_GATEWAY,
+                            "unavailable",
+                            format!("the guest of {sid} {why}"),
+                        )
+                    }
+                };
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -286,36 +263,6 @@ async fn forward(
             )
         }
     }
-}
-
-/// The guest switched protocols: pass its 101 on and splice the two connections
-/// (until the VM is gone). A 101 the client did not ask for is refused.
-fn switch<G: std::future::Future<Output = ()> + Send + 'static>(
-    sid: SandboxId,
-    asked: Option<HeaderValue>,
-    client: Option<hyper::upgrade::OnUpgrade>,
-    mut resp: http::Response<hyper::body::Incoming>,
-    gone: Pin<Box<G>>,
-) -> Response {
-    let (Some(asked), Some(client)) = (asked, client) else {
-        warn!(sandbox_id = %sid, "guest switched protocols unasked");
-        return error(
-            StatusCode::BAD_GATEWAY,
-            "unavailable",
-            format!("the guest of {sid} switched protocols unasked"),
-        );
-    };
-    let upstream = hyper::upgrade::on(&mut resp);
-    let protocol = resp
-        .headers()
-        .get(http::header::UPGRADE)
-        .cloned()
-        .unwrap_or(asked);
-    let (mut parts, _) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    hearth_serve::upgrade::restore(&mut parts.headers, protocol);
-    hearth_serve::upgrade::splice(client, upstream, gone);
-    Response::from_parts(parts, Body::empty())
 }
 
 /// A request body that says when it has been sent completely (or dropped).
@@ -394,28 +341,5 @@ impl<G: std::future::Future<Output = ()> + Send> HttpBody for UntilGone<G> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("content-type", HeaderValue::from_static("application/json"));
-        h.insert("connect-protocol-version", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left.len(), 2, "{left:?}");
-        assert!(h.contains_key("content-type") && h.contains_key("connect-protocol-version"));
     }
 }

@@ -16,10 +16,10 @@
 //! the same port. hyper has no idle timeout for HTTP/2, so such connections are pinged
 //! every [`H2_PING_INTERVAL`] and closed when a ping goes unanswered for
 //! [`H2_PING_TIMEOUT`]; streams per connection are capped at [`H2_MAX_STREAMS`].
-//! WebSocket upgrades work over HTTP/1.1 (see [`upgrade`]).
+//! WebSocket upgrades work over HTTP/1.1 (see [`proxy`]).
 //! This crate owns only the transport; routing and errors belong to its users.
 
-pub mod upgrade;
+pub mod proxy;
 
 use std::future::Future;
 use std::pin::Pin;

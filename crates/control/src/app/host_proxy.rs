@@ -8,30 +8,18 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::hosts::HostError;
+use hearth_serve::proxy;
 use hearth_types::SandboxId;
 
 /// A plain HTTP/1.1 client for the agent's port route.
 pub type RawClient = Client<HttpConnector, Body>;
-
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Connecting to the agent may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,23 +29,6 @@ pub fn raw_client() -> RawClient {
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new()).build(connector)
-}
-
-/// Remove hop-by-hop headers, including those named by `Connection`.
-pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
 }
 
 /// Send `req` (its path and query kept) to `port` of sandbox `id` via the agent at
@@ -79,12 +50,7 @@ pub async fn forward(
     let uri: Uri = target
         .parse()
         .map_err(|e| HostError::Transport(format!("proxy URL: {e}")))?;
-    let upgrade = hearth_serve::upgrade::requested(&parts.headers);
-    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(protocol) = upgrade.clone() {
-        hearth_serve::upgrade::restore(&mut parts.headers, protocol);
-    }
+    let upgrade = proxy::prepare_request(&mut parts);
     parts.headers.remove(http::header::HOST);
     if let Some(t) = agent_token {
         let mut v = HeaderValue::from_str(t)
@@ -94,32 +60,24 @@ pub async fn forward(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let mut resp = client
+    let resp = client
         .request(Request::from_parts(parts, body))
         .await
         .map_err(|e| HostError::Transport(format!("host agent: {}", error_chain(&e))))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade.filter(|_| upgrade.is_some()) else {
-            return Err(HostError::Http {
+        // The agent ends its side when the VM goes; that ends this splice too.
+        return proxy::switch(upgrade, resp, std::future::pending()).map_err(|why| {
+            HostError::Http {
                 status: 502,
-                message: "the sandbox switched protocols unasked".into(),
-            });
-        };
-        let upstream = hyper::upgrade::on(&mut resp);
-        let protocol = resp.headers().get(http::header::UPGRADE).cloned();
-        let (mut parts, _) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(p) = protocol.or(upgrade) {
-            hearth_serve::upgrade::restore(&mut parts.headers, p);
-        }
-        hearth_serve::upgrade::splice(client_upgrade, upstream, std::future::pending());
-        return Ok(Response::from_parts(parts, Body::empty()));
+                message: format!("the sandbox {why}"),
+            }
+        });
     }
     if resp.headers().contains_key(AGENT_ERROR_HEADER) {
         return Err(agent_error(resp).await);
     }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    proxy::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
