@@ -305,6 +305,10 @@ pub trait HostClient: Send + Sync + 'static {
         port: u16,
         req: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, HostError>;
+
+    /// The last `limit` lines of the sandbox's serial console (escaped by the host),
+    /// each with the time it was logged (unix ms).
+    async fn console(&self, id: &SandboxId, limit: usize) -> Result<Vec<(i64, String)>, HostError>;
 }
 
 /// The events of a process stream (Start or Connect: both carry `event`), without
@@ -506,6 +510,28 @@ impl HostClient for AgentHostClient {
         req: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, HostError> {
         super::host_proxy::forward(&self.raw, &self.url, self.token.as_deref(), id, port, req).await
+    }
+
+    async fn console(&self, id: &SandboxId, limit: usize) -> Result<Vec<(i64, String)>, HostError> {
+        let url = format!("{}/sandboxes/{id}/console", self.url);
+        let resp = self
+            .files
+            .get(url)
+            .query(&[("limit", limit)])
+            .timeout(SHORT_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| HostError::Transport(e.without_url().to_string()))?;
+        let resp = check_status(resp).await?;
+        let text = read_bounded(resp, 4 * 1024 * 1024).await;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| HostError::Transport(format!("console: not JSON: {e}")))?;
+        Ok(v["lines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| Some((l["timestamp_ms"].as_i64()?, l["line"].as_str()?.to_owned())))
+            .collect())
     }
 
     async fn info(&self) -> Result<HostInfo, HostError> {

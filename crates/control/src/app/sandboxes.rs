@@ -330,6 +330,27 @@ impl App {
             .ok_or_else(|| not_found(id))
     }
 
+    /// The last `limit` lines of a running sandbox's console (its logs).
+    pub async fn sandbox_console(
+        &self,
+        row: &SandboxRow,
+        limit: usize,
+    ) -> AppResult<Vec<(i64, String)>> {
+        let host = row
+            .host_id
+            .as_ref()
+            .and_then(|h| self.hosts.get(h))
+            .ok_or_else(|| {
+                AppError::Unavailable(format!("the host of sandbox {} is not reachable", row.id))
+            })?;
+        host.console(&row.id, limit)
+            .await
+            .map_err(|source| AppError::Host {
+                context: "reading the console".into(),
+                source,
+            })
+    }
+
     /// One page of `team`'s sandboxes, newest first (see [`ListParams`]).
     pub async fn list_sandboxes(&self, team: TeamId, p: ListParams) -> AppResult<ListPage> {
         let limit = check_range("limit", p.limit, DEFAULT_PAGE, 1, MAX_PAGE)

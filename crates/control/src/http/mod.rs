@@ -2,6 +2,7 @@
 //! mapping of errors to responses. Handlers parse and validate, call `app`, and turn
 //! the result into JSON; they hold no logic of their own.
 
+pub mod e2b;
 pub mod error;
 mod handlers;
 pub mod openapi;
@@ -102,7 +103,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(handlers::health))
         .route("/v1/openapi.json", get(openapi::serve))
         .merge(authed)
-        .fallback(|| async {
+        .merge(e2b::router(state.clone()))
+        .fallback(|uri: axum::http::Uri| async move {
+            if e2b::is_e2b_path(uri.path()) {
+                return e2b::not_served(uri.path());
+            }
             ApiError(AppError::NotFound("no such API endpoint".into())).into_response()
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))

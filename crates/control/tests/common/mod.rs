@@ -434,6 +434,18 @@ impl HostClient for FakeHost {
             .body(axum::body::Body::from(echo.to_string()))
             .expect("a valid response"))
     }
+
+    /// Two console lines per sandbox the host holds.
+    async fn console(&self, id: &SandboxId, limit: usize) -> Result<Vec<(i64, String)>, HostError> {
+        if !self.st().sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        let lines = vec![
+            (1_700_000_000_000, format!("[    0.000000] booting {id}")),
+            (1_700_000_000_001, "hearth-guest: ready".to_owned()),
+        ];
+        Ok(lines.into_iter().rev().take(limit).rev().collect())
+    }
 }
 
 pub fn tokio_stream_from(
