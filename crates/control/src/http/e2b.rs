@@ -290,7 +290,10 @@ async fn detail_json(app: &App, row: &SandboxRow) -> E2bResult<Value> {
 /// A sandbox of the caller's team that is not gone (E2B forgets killed sandboxes).
 async fn live_row(app: &App, team: TeamId, id: &str) -> E2bResult<SandboxRow> {
     let id = parse_sandbox_id(id)?;
-    let row = app.get_sandbox(team, &id).await?;
+    let row = app.get_sandbox(team, &id).await.map_err(|e| match e {
+        AppError::NotFound(_) => not_found(&id),
+        other => other.into(),
+    })?;
     if matches!(
         row.state,
         SandboxState::Stopped | SandboxState::Stopping | SandboxState::Error
