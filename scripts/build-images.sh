@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build hearth's guest kernel and the `minimal` template.
+# Build hearth's guest kernel and the `minimal` and `python` templates.
 #
 # Usage: scripts/build-images.sh [IMAGES_DIR]
 #   IMAGES_DIR defaults to ${HEARTH_IMAGES_DIR:-/var/lib/hearth/images}.
@@ -13,8 +13,9 @@
 #                        cloud kernel has virtio_blk as a module, so root=/dev/vda can only be
 #                        mounted after stage 1 loads it; pass it to QEMU with -initrd.
 #   templates/minimal/rootfs.ext4, templates/minimal/template.json
+#   templates/python/rootfs.ext4, templates/python/template.json (Debian bookworm via mmdebstrap)
 #
-# REQUIRED_PACKAGES="busybox-static e2fsprogs lz4 python3 file binutils apt dpkg"
+# REQUIRED_PACKAGES="busybox-static mmdebstrap e2fsprogs lz4 python3 file binutils apt dpkg"
 # (images/boot-raw.sh also needs qemu-system-x86, iproute2 and curl)
 # (plus a Rust toolchain with the x86_64-unknown-linux-gnu target, and protobuf-compiler
 # for the workspace build)
@@ -227,6 +228,93 @@ EOF
     echo "$STAMP" > "$TDIR/.stamp"
     rm -rf "$STAGE"
     log "templates/$TEMPLATE/rootfs.ext4 written ($SIZE bytes)"
+fi
+
+# ---------------------------------------------------------------- python template
+# Debian bookworm from Debian's packages (mmdebstrap, no container registry), with the
+# guest agent, for programs written against E2B's SDKs (which start every command as
+# `/bin/bash -l -c CMD`, as user `user`). The root tarball is cached by package list,
+# so a guest-agent change re-packs in seconds instead of downloading again.
+PY_TEMPLATE=python
+PY_TDIR="$IMAGES_DIR/templates/$PY_TEMPLATE"
+PY_SUITE=bookworm
+PY_PACKAGES="python3,python3-pip,python3-venv,bash,coreutils,curl,git,procps,ca-certificates,less,iproute2,sudo"
+PY_DPKG_OPTS=(
+    --dpkgopt='path-exclude=/usr/share/man/*'
+    --dpkgopt='path-exclude=/usr/share/doc/*'
+    --dpkgopt='path-include=/usr/share/doc/*/copyright'
+    --dpkgopt='path-exclude=/usr/share/locale/*'
+    --dpkgopt='path-exclude=/usr/share/info/*'
+)
+# Bump when the layout below changes.
+PY_LAYOUT_VERSION=2
+PY_KEY="$(printf '%s|%s|%s' "$PY_SUITE" "$PY_PACKAGES" "${PY_DPKG_OPTS[*]}" | sha256sum | cut -c1-16)"
+PY_TAR="$CACHE/python-root-$PY_KEY.tar"
+PY_STAMP="agent=$AGENT_SHA kernel=$RELEASE layout=$PY_LAYOUT_VERSION root=$PY_KEY"
+if [[ -s $PY_TDIR/rootfs.ext4 && -s $PY_TDIR/template.json && "$(cat "$PY_TDIR/.stamp" 2>/dev/null)" == "$PY_STAMP" ]]; then
+    log "templates/$PY_TEMPLATE up to date"
+else
+    command -v mmdebstrap >/dev/null || die "mmdebstrap missing (scripts/install-deps.sh installs it)"
+    if [[ ! -s $PY_TAR ]]; then
+        log "mmdebstrap $PY_SUITE (minbase + $PY_PACKAGES): about a minute"
+        rm -f "$CACHE"/python-root-*.tar "$CACHE/python-root.tmp.tar"
+        mmdebstrap --quiet --variant=minbase --include="$PY_PACKAGES" "${PY_DPKG_OPTS[@]}" \
+            "$PY_SUITE" "$CACHE/python-root.tmp.tar" || die "mmdebstrap failed"
+        mv "$CACHE/python-root.tmp.tar" "$PY_TAR"
+    else
+        log "python root tarball cached ($PY_KEY)"
+    fi
+    log "building templates/$PY_TEMPLATE rootfs"
+    STAGE="$CACHE/stage-$PY_TEMPLATE"
+    rm -rf "$STAGE" && mkdir -p "$STAGE"
+    tar -xpf "$PY_TAR" -C "$STAGE" --numeric-owner
+    (
+        cd "$STAGE"
+        install -m 0755 "$AGENT" usr/bin/hearth-guest
+        mkdir -p lib/modules/hearth home/user
+        # The SDK's default user, with a login shell that reads /etc/profile.
+        grep -q '^user:' etc/passwd || echo 'user:x:1000:1000:user:/home/user:/bin/bash' >> etc/passwd
+        grep -q '^user:' etc/group || echo 'user:x:1000:' >> etc/group
+        grep -q '^user:' etc/shadow || echo 'user:*:19000:0:99999:7:::' >> etc/shadow
+        sed -i 's|^root:x:0:0:root:/root:.*|root:x:0:0:root:/root:/bin/bash|' etc/passwd
+        # As on E2B: `user` may use sudo without a password (inside its own sandbox).
+        mkdir -p etc/sudoers.d
+        echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > etc/sudoers.d/user
+        chmod 0440 etc/sudoers.d/user
+        cp -a etc/skel/. home/user/ 2>/dev/null || true
+        chown -R 1000:1000 home/user
+        # Commands and files run as `user` (in /home/user) unless a request names
+        # another user: what E2B's SDKs expect (crates/guest/src/state.rs).
+        mkdir -p etc/hearth
+        echo '{"default_user": "user"}' > etc/hearth/guest.json
+        echo hearth > etc/hostname
+        printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\thearth\n' > etc/hosts
+        # Not the build host's resolvers: sandboxes have no egress.
+        rm -f etc/resolv.conf && : > etc/resolv.conf
+        : > etc/machine-id
+    )
+    cp "$MODSTAGE"/* "$STAGE/lib/modules/hearth/"
+    USED_MB=$(du -sm --apparent-size "$STAGE" | cut -f1)
+    # Content + a quarter + 64 MiB for inode tables and first writes; the guest grows
+    # it to the sandbox's disk size at boot.
+    PY_SIZE_MB=$(( USED_MB + USED_MB / 4 + 64 ))
+    TMPIMG="$PY_TDIR/rootfs.ext4.tmp"
+    mkdir -p "$PY_TDIR"
+    rm -f "$TMPIMG"
+    truncate -s "${PY_SIZE_MB}M" "$TMPIMG"
+    mkfs.ext4 -q -F -T default -L hearth-root -m 0 -E root_owner=0:0 -d "$STAGE" "$TMPIMG" \
+        || die "mkfs.ext4 of the python template failed"
+    [[ "$(dumpe2fs -h "$TMPIMG" 2>/dev/null)" == *"features:"*resize_inode* ]] \
+        || die "python rootfs lacks resize_inode: the guest could not grow it online"
+    mv "$TMPIMG" "$PY_TDIR/rootfs.ext4"
+    SIZE="$(stat -c %s "$PY_TDIR/rootfs.ext4")"
+    printf '{"name":"%s","kernel_release":"%s","size_bytes":%s,"built_at":"%s","guest_agent_sha256":"%s"}\n' \
+        "$PY_TEMPLATE" "$RELEASE" "$SIZE" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$AGENT_SHA" \
+        > "$PY_TDIR/template.json.tmp"
+    mv "$PY_TDIR/template.json.tmp" "$PY_TDIR/template.json"
+    echo "$PY_STAMP" > "$PY_TDIR/.stamp"
+    rm -rf "$STAGE"
+    log "templates/$PY_TEMPLATE/rootfs.ext4 written ($SIZE bytes, ${PY_SIZE_MB} MiB)"
 fi
 
 log "done: $IMAGES_DIR"

@@ -7,6 +7,7 @@ PACKAGES=(
   qemu-system-x86      # the VMM (QEMU microvm); KVM when usable, else TCG
   qemu-utils           # qemu-img: qcow2 copy-on-write root disks
   busybox-static       # userland of the `minimal` template
+  mmdebstrap           # the `python` template: Debian bookworm from Debian's packages
   e2fsprogs            # mkfs.ext4 -d: template images built without mounting
   lz4                  # the Debian kernel's bzImage payload is LZ4
   protobuf-compiler    # protoc, for connectrpc-build

@@ -400,7 +400,9 @@ async fn boot(
             }
         },
         None => {
+            // A variant older than its built-in's image (rebuilt since) is not used.
             let variant = crate::templates::warm_variant(&spec.template)
+                .filter(|v| crate::warm::variant_is_fresh(ctx, &spec.template, v))
                 .and_then(|v| Some((ctx.templates.warm(&v).filter(fits)?, v)));
             match (ctx.templates.warm(&spec.template).filter(fits), variant) {
                 (Some(w), _) => (spec.template.clone(), Some(w)),

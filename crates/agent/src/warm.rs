@@ -73,17 +73,24 @@ pub(crate) async fn create_default(
     }
 }
 
-/// Whether the variant `w` (made at `made_ms`) still fits template `name`.
-fn fits(ctx: &Ctx, name: &TemplateName, w: &WarmMeta, made_ms: i64) -> bool {
-    let (vcpus, memory_mb, disk_size_mb) = default_shape();
+/// Whether `variant` (a warm variant of built-in `name`) was made after `name`'s
+/// image was last written: a rebuilt image (a new guest agent, say) makes it stale.
+pub(crate) fn variant_is_fresh(ctx: &Ctx, name: &TemplateName, variant: &TemplateName) -> bool {
     let image_ms = std::fs::metadata(ctx.templates.rootfs(name))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(i64::MAX, |d| d.as_millis() as i64);
+    image_ms <= ctx.templates.meta(variant).created_at_unix_ms
+}
+
+/// Whether the variant `w` of template `name` still fits it: the default shape,
+/// this VMM, and made after the image was last written.
+fn fits(ctx: &Ctx, name: &TemplateName, variant: &TemplateName, w: &WarmMeta) -> bool {
+    let (vcpus, memory_mb, disk_size_mb) = default_shape();
     (w.vcpus, w.memory_mb, w.disk_size_mb) == (vcpus, memory_mb, disk_size_mb)
         && w.saved.compat == ctx.vmm.snapshot_compat()
-        && image_ms <= made_ms
+        && variant_is_fresh(ctx, name, variant)
 }
 
 /// Returns whether a new variant was made.
@@ -93,12 +100,7 @@ async fn warm_one(ctx: &Arc<Ctx>, name: &TemplateName) -> Result<bool, String> {
     }
     let variant = warm_variant(name).ok_or("the template's name is too long for a variant")?;
     if let Some(w) = ctx.templates.warm(&variant) {
-        if fits(
-            ctx,
-            name,
-            &w,
-            ctx.templates.meta(&variant).created_at_unix_ms,
-        ) {
+        if fits(ctx, name, &variant, &w) {
             return Ok(false);
         }
     }

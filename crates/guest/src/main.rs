@@ -100,7 +100,13 @@ async fn run(is_init: bool, boot: cmdline::BootParams, listen: SocketAddr) -> i3
             return 1;
         }
     };
-    let state = AgentState::default();
+    let state = if is_init {
+        AgentState::with_defaults(hearth_guest::state::Defaults::from_image(
+            std::path::Path::new(hearth_guest::state::IMAGE_DEFAULTS),
+        ))
+    } else {
+        AgentState::default()
+    };
     match listener.local_addr() {
         Ok(a) if !is_init => eprintln!("listening on {a}"),
         _ => {}

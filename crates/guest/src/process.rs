@@ -98,6 +98,15 @@ impl From<ProcessError> for ConnectError {
             msg.push_str(&s.to_string());
             src = s.source();
         }
+        if let ProcessError::Spawn { cmd, source } = &e {
+            if cmd == "/bin/bash" && source.kind() == std::io::ErrorKind::NotFound {
+                msg.push_str(
+                    ": this template has no /bin/bash, and E2B's SDKs start every command as \
+                     `/bin/bash -l -c CMD`; create the sandbox from the `base` (python) \
+                     template, or run commands through hearth's own API",
+                );
+            }
+        }
         ConnectError::new(code, msg)
     }
 }

@@ -26,6 +26,46 @@ impl Default for Defaults {
     }
 }
 
+/// Where a template names the guest's defaults (e.g. `{"default_user": "user"}` in the
+/// `python` template, whose commands run as `user` unless a request names another, as
+/// E2B's SDKs expect). Read once at boot; `/init` may still change them.
+pub const IMAGE_DEFAULTS: &str = "/etc/hearth/guest.json";
+/// Largest defaults file read.
+const MAX_IMAGE_DEFAULTS: u64 = 4096;
+
+impl Defaults {
+    /// The defaults a template's `path` names, over the built-in ones; a missing,
+    /// oversized or malformed file, or a user that does not exist, leaves them as
+    /// they are (and says why on the console).
+    pub fn from_image(path: &Path) -> Defaults {
+        let mut d = Defaults::default();
+        let Ok(meta) = std::fs::metadata(path) else {
+            return d;
+        };
+        if meta.len() > MAX_IMAGE_DEFAULTS {
+            tracing::warn!(path = %path.display(), "image defaults file too large; ignored");
+            return d;
+        }
+        let parsed: Result<serde_json::Value, String> = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(v) => {
+                if let Some(u) = v["default_user"].as_str() {
+                    match users::lookup(u) {
+                        Ok(_) => d.user = u.to_owned(),
+                        Err(e) => {
+                            tracing::warn!(user = u, error = %e, "image default user ignored")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "image defaults ignored"),
+        }
+        d
+    }
+}
+
 /// Shared state; cheap to clone.
 #[derive(Clone, Default)]
 pub struct AgentState {
@@ -36,6 +76,14 @@ pub struct AgentState {
 }
 
 impl AgentState {
+    /// State whose defaults are `defaults` (e.g. [`Defaults::from_image`]).
+    pub fn with_defaults(defaults: Defaults) -> Self {
+        Self {
+            defaults: Arc::new(RwLock::new(defaults)),
+            ..Self::default()
+        }
+    }
+
     pub fn defaults(&self) -> Defaults {
         self.defaults
             .read()
@@ -95,4 +143,27 @@ pub fn user_from_basic_auth(value: Option<&str>) -> Option<String> {
     let text = String::from_utf8(raw).ok()?;
     let name = text.split(':').next()?.to_owned();
     (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod image_defaults_tests {
+    use super::*;
+
+    #[test]
+    fn image_defaults_name_an_existing_user_or_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("guest.json");
+        assert_eq!(Defaults::from_image(&p).user, "root", "no file");
+        std::fs::write(&p, r#"{"default_user": "root"}"#).unwrap();
+        assert_eq!(Defaults::from_image(&p).user, "root");
+        // The host's own passwd stands in for the image's here.
+        std::fs::write(&p, r#"{"default_user": "nobody"}"#).unwrap();
+        assert_eq!(Defaults::from_image(&p).user, "nobody");
+        std::fs::write(&p, r#"{"default_user": "no-such-user-here"}"#).unwrap();
+        assert_eq!(Defaults::from_image(&p).user, "root", "unknown user");
+        std::fs::write(&p, "not json").unwrap();
+        assert_eq!(Defaults::from_image(&p).user, "root", "garbage");
+        std::fs::write(&p, vec![b' '; 10_000]).unwrap();
+        assert_eq!(Defaults::from_image(&p).user, "root", "too large");
+    }
 }
