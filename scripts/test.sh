@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 bash scripts/install-deps.sh
+bash scripts/install-test-deps.sh   # E2B's SDKs (Python venv, npm) for crates/cli/tests/e2b_sdk.rs
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 export HEARTH_IMAGES_DIR=${HEARTH_IMAGES_DIR:-/var/lib/hearth/images}
 bash scripts/build-images.sh "$HEARTH_IMAGES_DIR"

@@ -11,12 +11,15 @@ use connectrpc::{
     ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream,
 };
 use hearth_proto::filesystem::{
-    CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FileType, Filesystem,
-    GetWatcherEventsRequest, GetWatcherEventsResponse, ListDirRequest, ListDirResponse,
+    watch_dir_response, CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FileType,
+    Filesystem, GetWatcherEventsRequest, GetWatcherEventsResponse, ListDirRequest, ListDirResponse,
     MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, RemoveRequest, RemoveResponse,
     RemoveWatcherRequest, RemoveWatcherResponse, StatRequest, StatResponse, WatchDirRequest,
     WatchDirResponse,
 };
+
+/// How often a quiet `WatchDir` stream sends a keepalive.
+const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 use crate::as_user::run_as;
 use crate::state::{resolve_path, user_from_basic_auth, AgentState};
@@ -210,11 +213,48 @@ impl FilesystemService {
     }
 }
 
-fn unimplemented_watch() -> ConnectError {
-    ConnectError::new(
-        ErrorCode::Unimplemented,
-        "watching directories is not implemented by this guest agent yet",
-    )
+impl From<crate::watch::WatchError> for ConnectError {
+    fn from(e: crate::watch::WatchError) -> Self {
+        use crate::watch::WatchError;
+        let code = match &e {
+            WatchError::TooMany => ErrorCode::ResourceExhausted,
+            WatchError::NotFound(_) => ErrorCode::NotFound,
+            WatchError::Inotify(_) => ErrorCode::Internal,
+        };
+        ConnectError::new(code, e.to_string())
+    }
+}
+
+impl FilesystemService {
+    /// Start a watch of `path` for the request's user, who must be able to list it.
+    async fn start_watch(
+        &self,
+        ctx: &RequestContext,
+        path: &str,
+        recursive: bool,
+        include_entry: bool,
+        sink: crate::watch::Sink,
+    ) -> Result<String, ConnectError> {
+        let user = self.user(ctx)?;
+        let path = resolve_path(&user, path);
+        let checked = path.clone();
+        run_as(&user, move || {
+            let meta =
+                std::fs::metadata(&checked).map_err(|e| FsError::io("watch", &checked, e))?;
+            if !meta.is_dir() {
+                return Err(FsError::InvalidArgument {
+                    message: format!("{} is not a directory", checked.display()),
+                });
+            }
+            std::fs::read_dir(&checked).map_err(|e| FsError::io("watch", &checked, e))?;
+            Ok(())
+        })
+        .await?;
+        Ok(self
+            .state
+            .watchers
+            .start(path, recursive, include_entry, sink)?)
+    }
 }
 
 impl Filesystem for FilesystemService {
@@ -325,33 +365,85 @@ impl Filesystem for FilesystemService {
 
     async fn watch_dir(
         &self,
-        _ctx: RequestContext,
-        _request: ServiceRequest<'_, WatchDirRequest>,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, WatchDirRequest>,
     ) -> ServiceResult<ServiceStream<WatchDirResponse>> {
-        Err(unimplemented_watch())
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::watch::MAX_QUEUED);
+        let id = self
+            .start_watch(
+                &ctx,
+                request.path,
+                request.recursive,
+                request.include_entry,
+                crate::watch::Sink::Stream(tx),
+            )
+            .await?;
+        tracing::debug!(watcher = %id, "watch stream started");
+        let start = WatchDirResponse {
+            event: Some(watch_dir_response::Event::Start(Box::default())),
+            ..Default::default()
+        };
+        // Keepalives let proxies see a live stream while the directory is quiet.
+        let keepalive = tokio::time::interval_at(
+            tokio::time::Instant::now() + WATCH_KEEPALIVE,
+            WATCH_KEEPALIVE,
+        );
+        let events = futures::stream::unfold((rx, keepalive), |(mut rx, mut iv)| async move {
+            let event = tokio::select! {
+                biased;
+                ev = rx.recv() => watch_dir_response::Event::Filesystem(Box::new(ev?)),
+                _ = iv.tick() => watch_dir_response::Event::Keepalive(Box::default()),
+            };
+            let resp = WatchDirResponse {
+                event: Some(event),
+                ..Default::default()
+            };
+            Some((Ok(resp), (rx, iv)))
+        });
+        Response::stream_ok(Box::pin(futures::StreamExt::chain(
+            futures::stream::once(async move { Ok(start) }),
+            events,
+        )))
     }
 
     async fn create_watcher(
         &self,
-        _ctx: RequestContext,
-        _request: ServiceRequest<'_, CreateWatcherRequest>,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, CreateWatcherRequest>,
     ) -> ServiceResult<CreateWatcherResponse> {
-        Err(unimplemented_watch())
+        let id = self
+            .start_watch(
+                &ctx,
+                request.path,
+                request.recursive,
+                request.include_entry,
+                crate::watch::Sink::Queue(Default::default()),
+            )
+            .await?;
+        Response::ok(CreateWatcherResponse {
+            watcher_id: id,
+            ..Default::default()
+        })
     }
 
     async fn get_watcher_events(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, GetWatcherEventsRequest>,
+        request: ServiceRequest<'_, GetWatcherEventsRequest>,
     ) -> ServiceResult<GetWatcherEventsResponse> {
-        Err(unimplemented_watch())
+        let events = self.state.watchers.take(request.watcher_id)?;
+        Response::ok(GetWatcherEventsResponse {
+            events,
+            ..Default::default()
+        })
     }
 
     async fn remove_watcher(
         &self,
         _ctx: RequestContext,
-        _request: ServiceRequest<'_, RemoveWatcherRequest>,
+        request: ServiceRequest<'_, RemoveWatcherRequest>,
     ) -> ServiceResult<RemoveWatcherResponse> {
-        Err(unimplemented_watch())
+        self.state.watchers.remove(request.watcher_id)?;
+        Response::ok(RemoveWatcherResponse::default())
     }
 }

@@ -16,6 +16,7 @@ pub mod reaper;
 pub mod server;
 pub mod state;
 pub mod users;
+pub mod watch;
 
 /// Console line printed once the server listens.
 pub const READY_MARKER: &str = "HEARTH_GUEST_READY";

@@ -355,12 +355,16 @@ pub struct StartOptions {
     pub deadline: Option<tokio::time::Instant>,
 }
 
-/// Starts a process and returns its pid and the receiver of its events (start, data...,
-/// end). The process lives on when the receiver is dropped.
-pub fn start(
-    state: &AgentState,
-    opts: StartOptions,
-) -> Result<(u32, mpsc::Receiver<ProcessEvent>), ProcessError> {
+/// A started process: its pid, the receiver of its events (start, data..., end), and
+/// whether its deadline killed it (set before its end event is sent).
+pub struct Started {
+    pub pid: u32,
+    pub events: mpsc::Receiver<ProcessEvent>,
+    pub deadline_killed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts a process. It lives on when the receiver of its events is dropped.
+pub fn start(state: &AgentState, opts: StartOptions) -> Result<Started, ProcessError> {
     let StartOptions {
         user,
         request,
@@ -533,8 +537,20 @@ pub fn start(
 
     let (tx, rx) = mpsc::channel(64);
     let table = state.processes.clone();
-    tokio::spawn(pump(entry, table, out_rx, exit_rx, deadline, tx));
-    Ok((pid, rx))
+    let deadline_killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(pump(
+        entry,
+        table,
+        out_rx,
+        exit_rx,
+        (deadline, deadline_killed.clone()),
+        tx,
+    ));
+    Ok(Started {
+        pid,
+        events: rx,
+        deadline_killed,
+    })
 }
 
 async fn pump(
@@ -542,7 +558,10 @@ async fn pump(
     table: ProcessTable,
     mut out_rx: mpsc::Receiver<(Stream, Vec<u8>)>,
     mut exit_rx: tokio::sync::oneshot::Receiver<Exit>,
-    deadline: Option<tokio::time::Instant>,
+    (deadline, deadline_killed): (
+        Option<tokio::time::Instant>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ),
     tx: mpsc::Sender<ProcessEvent>,
 ) {
     let emit = |ev: ProcessEvent| {
@@ -584,6 +603,7 @@ async fn pump(
                 tracing::info!(pid = entry.pid, "deadline passed, killing the process group");
                 entry.signal(NixSignal::SIGKILL);
                 killed = true;
+                deadline_killed.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             _ = &mut grace, if exit.is_some() => break,
         }
@@ -702,7 +722,7 @@ impl Process for ProcessService {
     ) -> ServiceResult<ServiceStream<StartResponse>> {
         let user = request_user(&self.state, &ctx)?;
         let deadline = ctx.deadline().map(tokio::time::Instant::from_std);
-        let (pid, rx) = start(
+        let started = start(
             &self.state,
             StartOptions {
                 user,
@@ -710,11 +730,25 @@ impl Process for ProcessService {
                 deadline,
             },
         )?;
+        let pid = started.pid;
         tracing::debug!(pid, "process started");
-        Response::stream_ok(event_stream(rx, |ev| StartResponse {
+        let events = event_stream(started.events, |ev| StartResponse {
             event: buffa::MessageField::some(ev),
             ..Default::default()
-        }))
+        });
+        // As envd: a process its deadline killed ends the stream with
+        // `deadline_exceeded` after its end event (E2B's SDKs raise a timeout).
+        let killed = started.deadline_killed;
+        let tail = futures::stream::once(async move {
+            killed.load(std::sync::atomic::Ordering::SeqCst).then(|| {
+                Err(ConnectError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("process {pid} was killed at its deadline"),
+                ))
+            })
+        })
+        .filter_map(|x| async move { x });
+        Response::stream_ok(Box::pin(events.chain(tail)))
     }
 
     async fn update(

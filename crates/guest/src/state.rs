@@ -71,6 +71,8 @@ impl Defaults {
 pub struct AgentState {
     pub defaults: Arc<RwLock<Defaults>>,
     pub processes: ProcessTable,
+    /// Directory watches (`filesystem.Filesystem` watch RPCs).
+    pub watchers: crate::watch::Watchers,
     /// Kept apart from [`Defaults`], which is copied into every process start.
     access_token: Arc<RwLock<Option<String>>>,
 }
