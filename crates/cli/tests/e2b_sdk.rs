@@ -58,6 +58,8 @@ fn run_sdk_suite(name: &str, mut cmd: Command, dir: &Path, env: &BTreeMap<String
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", home.path())
+        // No __pycache__ in the work tree.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .envs(env)
         .stdin(Stdio::null());
     let started = std::time::Instant::now();

@@ -249,7 +249,10 @@ fn readme_e2b_python_example_runs_unchanged() {
     let code = blocks(&readme, "E2B's SDKs, unchanged", "python")
         .concat()
         .join("\n");
-    assert!(code.contains("Sandbox.create"), "README lost its E2B example");
+    assert!(
+        code.contains("Sandbox.create"),
+        "README lost its E2B example"
+    );
     let stack = Stack::start();
     let shell = Shell::new(&stack);
     std::fs::write(shell.home.path().join("hello_e2b.py"), &code).expect("write example");
@@ -269,5 +272,9 @@ fn readme_e2b_python_example_runs_unchanged() {
         .send()
         .and_then(|r| r.json::<Value>())
         .expect("list");
-    assert_eq!(left["sandboxes"].as_array().map(Vec::len), Some(0), "sbx.kill() left {left}");
+    assert_eq!(
+        left["sandboxes"].as_array().map(Vec::len),
+        Some(0),
+        "sbx.kill() left {left}"
+    );
 }
