@@ -29,6 +29,8 @@ use crate::{client, Global};
 
 #[path = "bench_density.rs"]
 mod density_bench;
+#[path = "bench_e2b.rs"]
+mod e2b_bench;
 #[path = "bench_lifecycle.rs"]
 mod lifecycle_bench;
 
@@ -42,6 +44,9 @@ pub enum BenchCmd {
     /// Host memory (PSS) per idle sandbox, warm-restored vs. cold-booted, beside the
     /// guest's own `used` (own agent, no control plane).
     Density(density_bench::DensityBench),
+    /// E2B's Python SDK (create + commands.run("true") + kill) beside the same through
+    /// hearth's own API, p50/p95 and their ratio (against the configured server).
+    E2b(e2b_bench::E2bBench),
 }
 
 #[derive(Args)]
@@ -81,6 +86,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<()> {
         BenchCmd::Create(b) => create(g, b).await,
         BenchCmd::Lifecycle(b) => lifecycle_bench::run(g, b).await,
         BenchCmd::Density(b) => density_bench::run(g, b).await,
+        BenchCmd::E2b(b) => e2b_bench::run(g, b).await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `hearth bench lifecycle|density --help` explain themselves (the benchmarks
+//! `hearth bench lifecycle|density|e2b --help` explain themselves (the benchmarks
 //! themselves boot many VMs and are not run in the test suite).
 
 use std::process::Command;
@@ -29,11 +29,28 @@ fn density_help_names_its_options() {
 }
 
 #[test]
+fn e2b_help_names_its_options() {
+    let h = help("e2b");
+    for want in [
+        "--samples",
+        "--template",
+        "--python",
+        "--out-dir",
+        "install-test-deps",
+    ] {
+        assert!(h.contains(want), "no {want} in:\n{h}");
+    }
+}
+
+#[test]
 fn bench_help_lists_both() {
     let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["bench", "--help"])
         .output()
         .expect("running hearth");
     let h = String::from_utf8_lossy(&out.stdout);
-    assert!(h.contains("lifecycle") && h.contains("density"), "{h}");
+    assert!(
+        h.contains("lifecycle") && h.contains("density") && h.contains("e2b"),
+        "{h}"
+    );
 }

@@ -128,3 +128,54 @@ fn e2b_python_and_npm_sdks_work_unchanged() {
         "left behind: {left}"
     );
 }
+
+#[test]
+fn bench_e2b_measures_both_paths_and_writes_its_result() {
+    if !e2e_available() || !runners_available() {
+        return;
+    }
+    let stack = Stack::start();
+    let out_dir = tempfile::tempdir().expect("out dir");
+    let out_arg = out_dir.path().to_string_lossy().into_owned();
+    let out = stack.cli(&[
+        "bench",
+        "e2b",
+        "--samples",
+        "1",
+        "--json",
+        "--out-dir",
+        &out_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "bench e2b failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "sdk_total_p50_ms",
+        "native_total_p50_ms",
+        "sdk_run_p50_ms",
+        "native_create_p50_ms",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert!(
+        v["sdk_over_native_p50"]
+            .as_f64()
+            .is_some_and(f64::is_finite),
+        "{v}"
+    );
+    let written: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert_eq!(written.len(), 1, "one results file");
+    let left = stack
+        .req(reqwest::Method::GET, "/v1/sandboxes")
+        .send()
+        .and_then(|r| r.json::<serde_json::Value>())
+        .expect("list");
+    assert_eq!(
+        left["sandboxes"].as_array().map(Vec::len),
+        Some(0),
+        "{left}"
+    );
+}
