@@ -40,7 +40,16 @@ pub fn app(state: AgentState) -> axum::Router {
         }));
     axum::Router::new()
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/files", get(download).post(upload))
+        // As envd: gzip request bodies (`Content-Encoding: gzip`, what E2B's SDKs send
+        // with `gzip=True`) are inflated before the upload sees them, other encodings
+        // are a 415; downloads are gzipped when the client accepts it.
+        .route(
+            "/files",
+            get(download)
+                .layer(tower_http::compression::CompressionLayer::new())
+                .post(upload)
+                .layer(tower_http::decompression::RequestDecompressionLayer::new()),
+        )
         .route("/init", post(init))
         .route("/envs", get(envs))
         .route("/sync", post(sync_disks))

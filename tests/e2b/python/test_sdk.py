@@ -141,6 +141,9 @@ def test_write_and_read_text_and_bytes(sbx):
     blob = bytes(range(256)) * 64
     sbx.files.write("/home/user/blob.bin", blob)
     assert bytes(sbx.files.read("/home/user/blob.bin", format="bytes")) == blob
+    # gzip both ways (Content-Encoding on the upload, Accept-Encoding on the read).
+    sbx.files.write("/home/user/gz.bin", blob, gzip=True)
+    assert bytes(sbx.files.read("/home/user/gz.bin", format="bytes", gzip=True)) == blob
     # Written as the sandbox's default user, readable by its commands.
     assert sbx.commands.run("stat -c %U /home/user/blob.bin").stdout == "user\n"
 
