@@ -324,6 +324,24 @@ async fn pause_connect_resume_timeout_and_kill() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["logs"].as_array().unwrap().len(), 1, "{v}");
 
+    let (s, v) = e2b(
+        &e,
+        "POST",
+        &format!("/sandboxes/{id}/fork"),
+        k,
+        Some(json!({"count": 2})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    for r in v.as_array().unwrap() {
+        assert!(
+            r["sandbox"]["sandboxID"].is_string() && r["sandbox"]["envdAccessToken"].is_string(),
+            "{r}"
+        );
+    }
+    assert_eq!(e.host.st().forks, 1);
+
     let (s, _) = e2b(&e, "DELETE", &format!("/sandboxes/{id}"), k, None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, v) = e2b(&e, "DELETE", &format!("/sandboxes/{id}"), k, None).await;

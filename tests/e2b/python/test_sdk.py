@@ -256,6 +256,21 @@ def test_pause_and_connect_keep_files_and_processes():
         s.kill()
 
 
+def test_fork_copies_memory_and_files(sbx):
+    sbx.files.write("/home/user/before-fork.txt", "in the source")
+    copies = sbx.fork(count=1, timeout=120)
+    assert len(copies) == 1 and not isinstance(copies[0], Exception), copies
+    copy = copies[0]
+    try:
+        assert copy.sandbox_id != sbx.sandbox_id
+        assert copy.files.read("/home/user/before-fork.txt") == "in the source"
+        copy.files.write("/home/user/only-in-copy.txt", "x")
+        assert not sbx.files.exists("/home/user/only-in-copy.txt")
+        assert copy.commands.run("hostname").stdout.strip() == copy.sandbox_id
+    finally:
+        copy.kill()
+
+
 def test_kill_and_a_killed_sandbox():
     s = Sandbox.create(metadata={"run": RUN}, timeout=120)
     s.kill()

@@ -127,6 +127,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/metrics", get(metrics_many))
         .route("/sandboxes/{id}/snapshots", post(snapshot))
+        .route("/sandboxes/{id}/fork", post(fork))
         .route("/snapshots", get(list_snapshots))
         .route("/templates", get(list_templates))
         .route_layer(middleware::from_fn_with_state(state, auth))
@@ -751,6 +752,37 @@ async fn connect(
     };
     let body = sandbox_json(&state.app, &row).await?;
     Ok((status, Json(body)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ForkBody {
+    count: Option<i64>,
+    timeout: Option<i64>,
+}
+
+/// Running copies of a running sandbox. hearth forks all or none, so on success every
+/// result carries a sandbox; a failure is the whole call's error.
+async fn fork(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<ForkBody>,
+) -> E2bResult<Response> {
+    let team = team(&caller);
+    let row = live_row(&state.app, team, &id).await?;
+    let copies = state
+        .app
+        .fork_sandbox(team, &row.id, Some(b.count.unwrap_or(1)))
+        .await?;
+    let mut out = Vec::with_capacity(copies.len());
+    for copy in &copies {
+        let copy = match b.timeout {
+            Some(t) => extend(&state.app, team, copy, t).await?,
+            None => copy.clone(),
+        };
+        out.push(json!({ "sandbox": sandbox_json(&state.app, &copy).await? }));
+    }
+    Ok((StatusCode::CREATED, Json(Value::Array(out))).into_response())
 }
 
 // ----------------------------------------------------------------- logs, metrics
