@@ -75,6 +75,15 @@ fn run_sdk_suite(name: &str, mut cmd: Command, dir: &Path, env: &BTreeMap<String
     assert!(out.status.success(), "{name} failed:\n{text}");
 }
 
+/// The stack's live sandboxes (`GET /v1/sandboxes`).
+fn live_sandboxes(stack: &Stack) -> serde_json::Value {
+    stack
+        .req(reqwest::Method::GET, "/v1/sandboxes")
+        .send()
+        .and_then(|r| r.json::<serde_json::Value>())
+        .expect("list")
+}
+
 #[test]
 fn e2b_python_and_npm_sdks_work_unchanged() {
     if !e2e_available() || !runners_available() {
@@ -117,11 +126,7 @@ fn e2b_python_and_npm_sdks_work_unchanged() {
     );
 
     // Every sandbox the suites made is gone (they kill what they create).
-    let left = stack
-        .req(reqwest::Method::GET, "/v1/sandboxes")
-        .send()
-        .and_then(|r| r.json::<serde_json::Value>())
-        .expect("list");
+    let left = live_sandboxes(&stack);
     assert_eq!(
         left["sandboxes"].as_array().map(Vec::len),
         Some(0),
@@ -168,11 +173,7 @@ fn bench_e2b_measures_both_paths_and_writes_its_result() {
     );
     let written: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
     assert_eq!(written.len(), 1, "one results file");
-    let left = stack
-        .req(reqwest::Method::GET, "/v1/sandboxes")
-        .send()
-        .and_then(|r| r.json::<serde_json::Value>())
-        .expect("list");
+    let left = live_sandboxes(&stack);
     assert_eq!(
         left["sandboxes"].as_array().map(Vec::len),
         Some(0),

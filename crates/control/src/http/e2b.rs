@@ -56,25 +56,31 @@ impl E2bError {
     }
 }
 
+/// The status E2B's API answers for an app error (shared with the sandbox proxy).
+pub fn status_of(e: &AppError) -> StatusCode {
+    match e {
+        AppError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        AppError::NotFound(_) => StatusCode::NOT_FOUND,
+        AppError::Conflict(_) => StatusCode::CONFLICT,
+        AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        AppError::QuotaExceeded(_) | AppError::CapacityExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+        AppError::Unavailable(_) | AppError::Host { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The message shown for an app error (never the database's own words).
+pub fn message_of(e: &AppError) -> String {
+    match e {
+        AppError::Db(_) => "internal error".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 impl From<AppError> for E2bError {
     fn from(e: AppError) -> Self {
-        let status = match &e {
-            AppError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::Conflict(_) => StatusCode::CONFLICT,
-            AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::QuotaExceeded(_) | AppError::CapacityExceeded(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            AppError::Unavailable(_) | AppError::Host { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let message = match &e {
-            AppError::Db(_) => "internal error".to_owned(),
-            other => other.to_string(),
-        };
-        Self::new(status, message)
+        Self::new(status_of(&e), message_of(&e))
     }
 }
 
@@ -818,6 +824,17 @@ fn ms_rfc3339(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms).map_or_else(String::new, rfc3339)
 }
 
+/// E2B's structured log entries for console lines.
+fn log_entries(lines: &[(i64, String)]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|(ts, line)| {
+            json!({"timestamp": ms_rfc3339(*ts), "level": "info", "message": line,
+                   "fields": {"source": "console"}})
+        })
+        .collect()
+}
+
 async fn logs_v1(
     State(state): State<AppState>,
     caller: Caller,
@@ -829,14 +846,9 @@ async fn logs_v1(
         .iter()
         .map(|(ts, line)| json!({"timestamp": ms_rfc3339(*ts), "line": line}))
         .collect();
-    let entries: Vec<Value> = lines
-        .iter()
-        .map(|(ts, line)| {
-            json!({"timestamp": ms_rfc3339(*ts), "level": "info", "message": line,
-                   "fields": {"source": "console"}})
-        })
-        .collect();
-    Ok(Json(json!({ "logs": logs, "logEntries": entries })))
+    Ok(Json(
+        json!({ "logs": logs, "logEntries": log_entries(&lines) }),
+    ))
 }
 
 async fn logs_v2(
@@ -846,14 +858,7 @@ async fn logs_v2(
     Query(q): Query<LogsQuery>,
 ) -> E2bResult<Json<Value>> {
     let lines = console(&state.app, team(&caller), &id, q.limit).await?;
-    let entries: Vec<Value> = lines
-        .iter()
-        .map(|(ts, line)| {
-            json!({"timestamp": ms_rfc3339(*ts), "level": "info", "message": line,
-                   "fields": {"source": "console"}})
-        })
-        .collect();
-    Ok(Json(json!({ "logs": entries })))
+    Ok(Json(json!({ "logs": log_entries(&lines) })))
 }
 
 async fn metrics(

@@ -191,23 +191,14 @@ pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Nex
 }
 
 fn refused(e: ProxyError, id: &str) -> Response {
-    let status = match &e {
-        ProxyError::NotFound(_) | ProxyError::NotRunning { .. } => StatusCode::BAD_GATEWAY,
-        ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        ProxyError::App(a) => match a {
-            AppError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            AppError::NotFound(_) => StatusCode::BAD_GATEWAY,
-            AppError::Conflict(_) => StatusCode::CONFLICT,
-            AppError::QuotaExceeded(_) | AppError::CapacityExceeded(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            AppError::Unavailable(_) | AppError::Host { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        },
-    };
-    let message = match &e {
-        ProxyError::App(AppError::Db(_)) => "internal error".to_owned(),
-        other => other.to_string(),
+    let (status, message) = match &e {
+        ProxyError::NotFound(_) | ProxyError::NotRunning { .. } => {
+            (StatusCode::BAD_GATEWAY, e.to_string())
+        }
+        ProxyError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, e.to_string()),
+        // Gone between the lookup and the host call: E2B's "not found" is a 502.
+        ProxyError::App(AppError::NotFound(_)) => (StatusCode::BAD_GATEWAY, e.to_string()),
+        ProxyError::App(a) => (super::e2b::status_of(a), super::e2b::message_of(a)),
     };
     error(status, message, Some(id))
 }
