@@ -222,6 +222,7 @@ async fn bad_keys_unknown_paths_and_other_teams_in_e2b_shape() {
         ("POST", format!("/sandboxes/{id}/pause")),
         ("POST", format!("/v2/sandboxes/{id}/connect")),
         ("GET", format!("/sandboxes/{id}/logs")),
+        ("GET", format!("/sandboxes/{id}/metrics")),
     ] {
         let (s, v) = e2b(&e, m, &p, Some(&e.key_b), Some(json!({"timeout": 30}))).await;
         assert_e2b_error(s, &v, StatusCode::NOT_FOUND, "doesn't exist");
@@ -438,4 +439,68 @@ async fn templates_list_the_base_alias() {
         .unwrap()
         .contains(&json!("base")));
     assert_eq!(python["public"], true);
+}
+
+#[tokio::test]
+async fn metrics_of_a_running_sandbox_and_none_of_a_paused_one() {
+    let e = env().await;
+    let k = Some(e.key_a.as_str());
+    let id = create(&e, json!({"templateID": "minimal", "timeout": 60})).await["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = e2b(&e, "GET", &format!("/sandboxes/{id}/metrics"), k, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let m = &v.as_array().expect("a list of samples")[0];
+    for field in [
+        "timestamp",
+        "timestampUnix",
+        "cpuCount",
+        "cpuUsedPct",
+        "memUsed",
+        "memTotal",
+        "memCache",
+        "diskUsed",
+        "diskTotal",
+    ] {
+        assert!(!m[field].is_null(), "{field} missing: {m}");
+    }
+    assert_eq!(m["memTotal"], 256u64 << 20);
+    assert_eq!(m["timestamp"], "2023-11-14T22:13:20.000Z");
+
+    // A window that ended before now has no sample; a reversed one is a 400.
+    let (s, v) = e2b(
+        &e,
+        "GET",
+        &format!("/sandboxes/{id}/metrics?end=1000"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!((s, v), (StatusCode::OK, json!([])));
+    let (s, v) = e2b(
+        &e,
+        "GET",
+        &format!("/sandboxes/{id}/metrics?start=5&end=4"),
+        k,
+        None,
+    )
+    .await;
+    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "after");
+
+    let path = format!("/sandboxes/metrics?sandbox_ids={id},sb-aaaaaaaaaaaaaaaa");
+    let (s, v) = e2b(&e, "GET", &path, k, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["sandboxes"].as_object().unwrap().len(), 1, "{v}");
+    assert_eq!(v["sandboxes"][&id]["cpuCount"], 1);
+    // Team b's ask for it gets nothing, and no list at all is a 400.
+    let (_, v) = e2b(&e, "GET", &path, Some(&e.key_b), None).await;
+    assert_eq!(v, json!({"sandboxes": {}}));
+    let (s, v) = e2b(&e, "GET", "/sandboxes/metrics", k, None).await;
+    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "sandbox_ids");
+
+    let (s, _) = e2b(&e, "POST", &format!("/sandboxes/{id}/pause"), k, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = e2b(&e, "GET", &format!("/sandboxes/{id}/metrics"), k, None).await;
+    assert_eq!((s, v), (StatusCode::OK, json!([])));
 }

@@ -1,4 +1,5 @@
 //! envd's plain HTTP endpoints: `GET /health`, `GET|POST /files`, `POST /init`, `GET /envs`,
+//! `GET /metrics` ([`crate::metrics`]),
 //! and the app that puts them in front of the Connect services.
 //!
 //! Files are opened with the requesting user's permissions ([`crate::as_user`]) and then
@@ -53,6 +54,7 @@ pub fn app(state: AgentState) -> axum::Router {
         .route("/init", post(init))
         .route("/envs", get(envs))
         .route("/sync", post(sync_disks))
+        .route("/metrics", get(crate::metrics::handler))
         .method_not_allowed_fallback(|| async {
             HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
@@ -76,7 +78,7 @@ pub struct HttpError {
 }
 
 impl HttpError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),

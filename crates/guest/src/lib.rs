@@ -10,6 +10,7 @@ pub mod files_http;
 pub mod fs;
 pub mod growfs;
 pub mod init;
+pub mod metrics;
 pub mod net;
 pub mod process;
 pub mod reaper;

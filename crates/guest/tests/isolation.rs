@@ -150,7 +150,7 @@ async fn before_init_only_health_and_init_are_served() {
     let a = bare_agent().await;
     let health = a.anon.get(format!("{}/health", a.base)).send().await;
     assert_eq!(health.expect("health").status(), 204);
-    for path in ["/files?path=/etc/hostname", "/envs"] {
+    for path in ["/files?path=/etc/hostname", "/envs", "/metrics"] {
         // Even a token is of no use before /init set one.
         let (status, body) = status_json(a.get(path).send().await.expect("get")).await;
         assert_eq!(status, 401, "{path}");
@@ -203,6 +203,7 @@ async fn every_endpoint_needs_the_token() {
             ),
             with(a.anon.get(url("/envs"))),
             with(a.anon.post(url("/sync"))),
+            with(a.anon.get(url("/metrics"))),
         ];
         for rb in answers {
             let (status, _) = status_json(rb.send().await.expect("send")).await;

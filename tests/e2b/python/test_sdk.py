@@ -228,6 +228,23 @@ def test_set_timeout(sbx):
     assert 800 < left <= 901
 
 
+def test_get_metrics(sbx):
+    # A file of 8 MiB on the root disk shows in the next sample's disk use.
+    before = sbx.get_metrics()
+    assert len(before) == 1
+    m = before[0]
+    assert m.cpu_count == 1
+    assert 0 <= m.cpu_used_pct <= 100
+    assert 200 << 20 < m.mem_total <= 256 << 20
+    assert 0 < m.mem_used < m.mem_total
+    assert 0 < m.disk_used < m.disk_total
+    sbx.commands.run("head -c 8388608 /dev/urandom > /home/user/fill && sync")
+    after = sbx.get_metrics()[0]
+    assert after.disk_used >= m.disk_used + (6 << 20)
+    assert after.timestamp >= m.timestamp
+    sbx.commands.run("rm /home/user/fill")
+
+
 def test_list_with_metadata_filter(sbx):
     mine = Sandbox.list(query=SandboxQuery(metadata={"run": RUN})).next_items()
     assert sbx.sandbox_id in [s.sandbox_id for s in mine]

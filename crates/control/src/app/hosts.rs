@@ -209,6 +209,66 @@ pub struct HostTemplate {
     pub in_use: u32,
 }
 
+/// One sample of a sandbox's use, as its guest agent reported it (checked, never
+/// trusted: see [`SandboxMetrics::from_guest`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxMetrics {
+    /// When the guest took it (unix seconds, the guest's clock, synced at `/init`).
+    pub timestamp_unix: i64,
+    pub cpu_count: u32,
+    /// 0 to 100 (all vCPUs together).
+    pub cpu_used_pct: f64,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub mem_cache: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+/// Largest metrics answer read from a guest.
+const MAX_METRICS_BODY: usize = 16 * 1024;
+
+impl SandboxMetrics {
+    /// Parses a guest's `GET /metrics` JSON (envd's field names). A guest is hostile:
+    /// fields missing, of the wrong type, negative, a percentage outside 0-100 or a
+    /// used figure above its total are refused, not passed on.
+    pub fn from_guest(text: &str) -> Result<Self, HostError> {
+        let bad =
+            |why: &str| HostError::Transport(format!("the guest's metrics are invalid: {why}"));
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|_| bad("not JSON"))?;
+        let int = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| bad(k))
+        };
+        let m = SandboxMetrics {
+            timestamp_unix: v
+                .get("ts")
+                .and_then(serde_json::Value::as_i64)
+                .filter(|t| *t >= 0)
+                .ok_or_else(|| bad("ts"))?,
+            cpu_count: u32::try_from(int("cpu_count")?).map_err(|_| bad("cpu_count"))?,
+            cpu_used_pct: v
+                .get("cpu_used_pct")
+                .and_then(serde_json::Value::as_f64)
+                .filter(|p| (0.0..=100.0).contains(p))
+                .ok_or_else(|| bad("cpu_used_pct"))?,
+            mem_used: int("mem_used")?,
+            mem_total: int("mem_total")?,
+            mem_cache: int("mem_cache").unwrap_or(0),
+            disk_used: int("disk_used")?,
+            disk_total: int("disk_total")?,
+        };
+        if m.mem_used > m.mem_total || m.mem_cache > m.mem_total {
+            return Err(bad("memory used above total"));
+        }
+        if m.disk_used > m.disk_total {
+            return Err(bad("disk used above total"));
+        }
+        Ok(m)
+    }
+}
+
 /// Everything the control plane asks of one host agent.
 #[async_trait]
 pub trait HostClient: Send + Sync + 'static {
@@ -309,6 +369,9 @@ pub trait HostClient: Send + Sync + 'static {
     /// The last `limit` lines of the sandbox's serial console (escaped by the host),
     /// each with the time it was logged (unix ms).
     async fn console(&self, id: &SandboxId, limit: usize) -> Result<Vec<(i64, String)>, HostError>;
+
+    /// A sample of the running sandbox's CPU, memory and disk use, from its guest.
+    async fn metrics(&self, id: &SandboxId) -> Result<SandboxMetrics, HostError>;
 }
 
 /// The events of a process stream (Start or Connect: both carry `event`), without
@@ -929,6 +992,19 @@ impl HostClient for AgentHostClient {
             .await
             .map_err(transport)?;
         check_status(resp).await.map(|_| ())
+    }
+
+    async fn metrics(&self, id: &SandboxId) -> Result<SandboxMetrics, HostError> {
+        let url = format!("{}/metrics", self.envd_base(id));
+        let resp = self
+            .files
+            .get(url)
+            .timeout(SHORT_TIMEOUT)
+            .send()
+            .await
+            .map_err(transport)?;
+        let resp = check_status(resp).await?;
+        SandboxMetrics::from_guest(&read_bounded(resp, MAX_METRICS_BODY).await)
     }
 
     async fn download_file(

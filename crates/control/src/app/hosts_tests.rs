@@ -155,3 +155,36 @@ fn sanitize_escapes_and_cuts() {
     assert_eq!(s.chars().count(), MAX_MESSAGE_CHARS + 1);
     assert!(s.ends_with('…'));
 }
+
+#[test]
+fn guest_metrics_are_checked_not_trusted() {
+    let good = r#"{"ts":1700000000,"cpu_count":2,"cpu_used_pct":12.5,"mem_total":268435456,
+        "mem_used":20000000,"mem_cache":1000,"disk_used":100,"disk_total":1000,"extra":1}"#;
+    let m = SandboxMetrics::from_guest(good).unwrap();
+    assert_eq!(m.cpu_count, 2);
+    assert_eq!(m.mem_total, 268_435_456);
+    assert_eq!(m.cpu_used_pct, 12.5);
+    let mut base: serde_json::Value = serde_json::from_str(good).unwrap();
+    for (field, value) in [
+        ("cpu_used_pct", serde_json::json!(101.0)),
+        ("cpu_used_pct", serde_json::json!(-1)),
+        ("cpu_used_pct", serde_json::json!("12")),
+        ("mem_used", serde_json::json!(-5)),
+        ("mem_used", serde_json::json!(268435457u64)),
+        ("disk_used", serde_json::json!(1001)),
+        ("cpu_count", serde_json::json!(1u64 << 40)),
+        ("ts", serde_json::json!(-1)),
+        ("disk_total", serde_json::Value::Null),
+    ] {
+        let saved = base[field].clone();
+        base[field] = value.clone();
+        let err = SandboxMetrics::from_guest(&base.to_string()).unwrap_err();
+        assert!(
+            err.to_string().contains("invalid"),
+            "{field}={value}: {err}"
+        );
+        base[field] = saved;
+    }
+    assert!(SandboxMetrics::from_guest("<html>").is_err());
+    assert!(SandboxMetrics::from_guest("").is_err());
+}

@@ -29,7 +29,7 @@ use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
-use super::hosts::{CreateSpec, HostClient, HostError};
+use super::hosts::{CreateSpec, HostClient, HostError, SandboxMetrics};
 use super::{validate, App, AppError, AppResult};
 
 /// A create request, still unchecked. Numbers are as sent (wide, unclamped), so that
@@ -347,6 +347,23 @@ impl App {
             .await
             .map_err(|source| AppError::Host {
                 context: "reading the console".into(),
+                source,
+            })
+    }
+
+    /// A sample of a running sandbox's CPU, memory and disk use from its guest.
+    pub async fn sandbox_metrics(&self, row: &SandboxRow) -> AppResult<SandboxMetrics> {
+        let host = row
+            .host_id
+            .as_ref()
+            .and_then(|h| self.hosts.get(h))
+            .ok_or_else(|| {
+                AppError::Unavailable(format!("the host of sandbox {} is not reachable", row.id))
+            })?;
+        host.metrics(&row.id)
+            .await
+            .map_err(|source| AppError::Host {
+                context: "reading the sandbox's metrics".into(),
                 source,
             })
     }

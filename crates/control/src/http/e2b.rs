@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::app::hosts::SandboxMetrics;
 use crate::app::sandboxes::{parse_id, CreateParams};
 use crate::app::{App, AppError};
 
@@ -861,23 +862,90 @@ async fn logs_v2(
     Ok(Json(json!({ "logs": log_entries(&lines) })))
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct MetricsQuery {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ManyMetricsQuery {
+    sandbox_ids: Option<String>,
+}
+
+/// Most sandboxes one `GET /sandboxes/metrics` may name.
+const MAX_METRICS_IDS: usize = 100;
+
+/// E2B's `SandboxMetric` of one sample.
+fn metric_json(m: &SandboxMetrics) -> Value {
+    let ts = DateTime::<Utc>::from_timestamp(m.timestamp_unix, 0).unwrap_or_default();
+    json!({
+        "timestamp": rfc3339(ts),
+        "timestampUnix": m.timestamp_unix,
+        "cpuCount": m.cpu_count,
+        "cpuUsedPct": m.cpu_used_pct,
+        "memUsed": m.mem_used,
+        "memTotal": m.mem_total,
+        "memCache": m.mem_cache,
+        "diskUsed": m.disk_used,
+        "diskTotal": m.disk_total,
+    })
+}
+
+/// hearth keeps no history of samples: the answer is the sample taken now, when now
+/// lies in the asked window (`start`/`end`, unix seconds); a paused sandbox has none.
 async fn metrics(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> E2bResult<Response> {
-    live_row(&state.app, team(&caller), &id).await?;
-    Err(E2bError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "sandbox metrics are not available in hearth yet",
-    ))
+    Query(q): Query<MetricsQuery>,
+) -> E2bResult<Json<Value>> {
+    let row = live_row(&state.app, team(&caller), &id).await?;
+    if let (Some(s), Some(e)) = (q.start, q.end) {
+        if s > e {
+            return Err(E2bError::bad_request(format!("start {s} is after end {e}")));
+        }
+    }
+    let now = Utc::now().timestamp();
+    let in_window = q.start.is_none_or(|s| s <= now) && q.end.is_none_or(|e| now <= e);
+    if row.state != SandboxState::Running || !in_window {
+        return Ok(Json(json!([])));
+    }
+    let m = state.app.sandbox_metrics(&row).await?;
+    Ok(Json(json!([metric_json(&m)])))
 }
 
-async fn metrics_many() -> E2bResult<Response> {
-    Err(E2bError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "sandbox metrics are not available in hearth yet",
-    ))
+/// The current sample of each named running sandbox of the team (others are left out).
+async fn metrics_many(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ManyMetricsQuery>,
+) -> E2bResult<Json<Value>> {
+    let ids: Vec<&str> = q
+        .sandbox_ids
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.is_empty() || ids.len() > MAX_METRICS_IDS {
+        return Err(E2bError::bad_request(format!(
+            "sandbox_ids: name 1 to {MAX_METRICS_IDS} sandboxes, comma-separated"
+        )));
+    }
+    let mut out = serde_json::Map::new();
+    for id in ids {
+        let row = match live_row(&state.app, team(&caller), id).await {
+            Ok(row) if row.state == SandboxState::Running => row,
+            Ok(_) => continue,
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        };
+        let m = state.app.sandbox_metrics(&row).await?;
+        out.insert(row.id.to_string(), metric_json(&m));
+    }
+    Ok(Json(json!({ "sandboxes": out })))
 }
 
 // ----------------------------------------------------------------- snapshots, templates

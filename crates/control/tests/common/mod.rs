@@ -13,7 +13,7 @@ use connectrpc::ErrorCode;
 use futures::StreamExt;
 use hearth_control::app::hosts::{
     ByteStream, CreateSpec, HostClient, HostError, HostInfo, HostPhase, HostSandbox, HostTemplate,
-    ProcEvent, ProcEvents, ProcInfo, ProcSpec, Signal,
+    ProcEvent, ProcEvents, ProcInfo, ProcSpec, SandboxMetrics, Signal,
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
@@ -445,6 +445,23 @@ impl HostClient for FakeHost {
             (1_700_000_000_001, "hearth-guest: ready".to_owned()),
         ];
         Ok(lines.into_iter().rev().take(limit).rev().collect())
+    }
+
+    /// A fixed sample per sandbox the host holds (one vCPU, 256 MiB, 1 GiB disk).
+    async fn metrics(&self, id: &SandboxId) -> Result<SandboxMetrics, HostError> {
+        if !self.st().sandboxes.contains(id) {
+            return Err(not_found(id));
+        }
+        Ok(SandboxMetrics {
+            timestamp_unix: 1_700_000_000,
+            cpu_count: 1,
+            cpu_used_pct: 1.5,
+            mem_used: 20 << 20,
+            mem_total: 256 << 20,
+            mem_cache: 8 << 20,
+            disk_used: 100 << 20,
+            disk_total: 1 << 30,
+        })
     }
 }
 
