@@ -273,6 +273,34 @@ def test_pause_and_connect_keep_files_and_processes():
         s.kill()
 
 
+def test_traffic_to_a_paused_auto_resume_sandbox_resumes_it():
+    s = Sandbox.create(
+        metadata={"run": RUN},
+        timeout=300,
+        lifecycle={"on_timeout": "pause", "auto_resume": True},
+    )
+    try:
+        s.files.write("/home/user/www/index.html", "woken by traffic")
+        s.commands.run("cd /home/user/www && python3 -m http.server 8001", background=True)
+        url = os.environ["E2B_API_URL"] + "/index.html"
+        host = s.get_host(8001)
+
+        def fetch():
+            req = urllib.request.Request(url, headers={"Host": host})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.read().decode()
+
+        assert eventually(fetch) == "woken by traffic"
+        s.pause()
+        assert Sandbox.get_info(s.sandbox_id).state.value == "paused"
+        # One request, no SDK call: the proxy resumes it and the server (kept in memory)
+        # answers.
+        assert fetch() == "woken by traffic"
+        assert Sandbox.get_info(s.sandbox_id).state.value == "running"
+    finally:
+        s.kill()
+
+
 def test_fork_copies_memory_and_files(sbx):
     sbx.files.write("/home/user/before-fork.txt", "in the source")
     copies = sbx.fork(count=1, timeout=120)
