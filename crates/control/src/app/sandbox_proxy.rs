@@ -94,13 +94,6 @@ impl App {
                 hint: "try again in a moment",
             });
         }
-        let host = row
-            .host_id
-            .as_ref()
-            .and_then(|h| self.hosts.get(h))
-            .ok_or_else(|| {
-                AppError::Unavailable(format!("the host of sandbox {id} is not reachable"))
-            })?;
-        Ok(host)
+        self.host_of(&row)
     }
 }

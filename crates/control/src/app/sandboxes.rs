@@ -336,13 +336,7 @@ impl App {
         row: &SandboxRow,
         limit: usize,
     ) -> AppResult<Vec<(i64, String)>> {
-        let host = row
-            .host_id
-            .as_ref()
-            .and_then(|h| self.hosts.get(h))
-            .ok_or_else(|| {
-                AppError::Unavailable(format!("the host of sandbox {} is not reachable", row.id))
-            })?;
+        let host = self.host_of(row)?;
         host.console(&row.id, limit)
             .await
             .map_err(|source| AppError::Host {
@@ -353,13 +347,7 @@ impl App {
 
     /// A sample of a running sandbox's CPU, memory and disk use from its guest.
     pub async fn sandbox_metrics(&self, row: &SandboxRow) -> AppResult<SandboxMetrics> {
-        let host = row
-            .host_id
-            .as_ref()
-            .and_then(|h| self.hosts.get(h))
-            .ok_or_else(|| {
-                AppError::Unavailable(format!("the host of sandbox {} is not reachable", row.id))
-            })?;
+        let host = self.host_of(row)?;
         host.metrics(&row.id)
             .await
             .map_err(|source| AppError::Host {
