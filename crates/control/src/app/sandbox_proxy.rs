@@ -94,6 +94,6 @@ impl App {
                 hint: "try again in a moment",
             });
         }
-        self.host_of(&row)
+        Ok(self.host_of(&row)?)
     }
 }
