@@ -487,8 +487,26 @@ async fn metrics_of_a_running_sandbox_and_none_of_a_paused_one() {
     )
     .await;
     assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "after");
+    let (s, v) = e2b(
+        &e,
+        "GET",
+        &format!("/sandboxes/{id}/metrics?start=soon"),
+        k,
+        None,
+    )
+    .await;
+    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "start");
+    let (s, v) = e2b(
+        &e,
+        "GET",
+        &format!("/sandboxes/{id}/logs?limit=many"),
+        k,
+        None,
+    )
+    .await;
+    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "limit");
 
-    let path = format!("/sandboxes/metrics?sandbox_ids={id},sb-aaaaaaaaaaaaaaaa");
+    let path = format!("/sandboxes/metrics?sandbox_ids={id},sb-aaaaaaaaaaaaaaaa,{id}");
     let (s, v) = e2b(&e, "GET", &path, k, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["sandboxes"].as_object().unwrap().len(), 1, "{v}");

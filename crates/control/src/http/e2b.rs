@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
 use hearth_db::{OnTimeout, Principal, SandboxRow, SandboxState, Template};
 use hearth_types::{SandboxId, TeamId};
 use serde::Deserialize;
@@ -114,6 +115,28 @@ where
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| E2bError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Query-string parameters of an E2B route; a malformed one is a 400 in E2B's shape
+/// (axum's own rejection would answer in hearth's `/v1` shape).
+struct Params<T>(T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Params<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = E2bError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Params(q))
+            .map_err(|e| E2bError::bad_request(e.body_text()))
     }
 }
 
@@ -550,7 +573,7 @@ async fn matching(
 async fn list_v1(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> E2bResult<Json<Vec<Value>>> {
     let rows = matching(&state.app, team(&caller), &q, &["running"]).await?;
     Ok(Json(rows.iter().map(listed_json).collect()))
@@ -559,7 +582,7 @@ async fn list_v1(
 async fn list_v2(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> E2bResult<Response> {
     let states = parse_states(q.state.as_deref())?;
     let limit = match q.limit {
@@ -840,7 +863,7 @@ async fn logs_v1(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    Params(q): Params<LogsQuery>,
 ) -> E2bResult<Json<Value>> {
     let lines = console(&state.app, team(&caller), &id, q.limit).await?;
     let logs: Vec<Value> = lines
@@ -856,7 +879,7 @@ async fn logs_v2(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    Params(q): Params<LogsQuery>,
 ) -> E2bResult<Json<Value>> {
     let lines = console(&state.app, team(&caller), &id, q.limit).await?;
     Ok(Json(json!({ "logs": log_entries(&lines) })))
@@ -898,7 +921,7 @@ async fn metrics(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<MetricsQuery>,
+    Params(q): Params<MetricsQuery>,
 ) -> E2bResult<Json<Value>> {
     let row = live_row(&state.app, team(&caller), &id).await?;
     if let (Some(s), Some(e)) = (q.start, q.end) {
@@ -915,13 +938,17 @@ async fn metrics(
     Ok(Json(json!([metric_json(&m)])))
 }
 
-/// The current sample of each named running sandbox of the team (others are left out).
+/// Guests asked at once by one `GET /sandboxes/metrics`.
+const METRICS_FAN_OUT: usize = 8;
+
+/// The current sample of each named running sandbox of the team. Others (unknown,
+/// another team's, paused, or a guest that gave no valid sample) are left out.
 async fn metrics_many(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ManyMetricsQuery>,
+    Params(q): Params<ManyMetricsQuery>,
 ) -> E2bResult<Json<Value>> {
-    let ids: Vec<&str> = q
+    let ids: std::collections::BTreeSet<&str> = q
         .sandbox_ids
         .as_deref()
         .unwrap_or("")
@@ -934,17 +961,31 @@ async fn metrics_many(
             "sandbox_ids: name 1 to {MAX_METRICS_IDS} sandboxes, comma-separated"
         )));
     }
-    let mut out = serde_json::Map::new();
+    let mut rows = Vec::with_capacity(ids.len());
     for id in ids {
-        let row = match live_row(&state.app, team(&caller), id).await {
-            Ok(row) if row.state == SandboxState::Running => row,
-            Ok(_) => continue,
-            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+        match live_row(&state.app, team(&caller), id).await {
+            Ok(row) if row.state == SandboxState::Running => rows.push(row),
+            Ok(_) => {}
+            Err(e) if e.status == StatusCode::NOT_FOUND => {}
             Err(e) => return Err(e),
-        };
-        let m = state.app.sandbox_metrics(&row).await?;
-        out.insert(row.id.to_string(), metric_json(&m));
+        }
     }
+    let app = &state.app;
+    let samples: Vec<(String, Value)> = futures::stream::iter(rows)
+        .map(|row| async move {
+            match app.sandbox_metrics(&row).await {
+                Ok(m) => Some((row.id.to_string(), metric_json(&m))),
+                Err(e) => {
+                    tracing::debug!(sandbox_id = %row.id, error = %e, "no metrics sample");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(METRICS_FAN_OUT)
+        .filter_map(std::future::ready)
+        .collect()
+        .await;
+    let out: serde_json::Map<String, Value> = samples.into_iter().collect();
     Ok(Json(json!({ "sandboxes": out })))
 }
 
@@ -988,7 +1029,7 @@ struct SnapshotsQuery {
 async fn list_snapshots(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<SnapshotsQuery>,
+    Params(q): Params<SnapshotsQuery>,
 ) -> E2bResult<Json<Vec<Value>>> {
     let all = state.app.list_templates(team(&caller)).await?;
     let out = all
