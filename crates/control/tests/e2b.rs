@@ -468,7 +468,7 @@ async fn metrics_of_a_running_sandbox_and_none_of_a_paused_one() {
     assert_eq!(m["memTotal"], 256u64 << 20);
     assert_eq!(m["timestamp"], "2023-11-14T22:13:20.000Z");
 
-    // A window that ended before now has no sample; a reversed one is a 400.
+    // A window that ended before now has no sample.
     let (s, v) = e2b(
         &e,
         "GET",
@@ -478,33 +478,15 @@ async fn metrics_of_a_running_sandbox_and_none_of_a_paused_one() {
     )
     .await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
-    let (s, v) = e2b(
-        &e,
-        "GET",
-        &format!("/sandboxes/{id}/metrics?start=5&end=4"),
-        k,
-        None,
-    )
-    .await;
-    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "after");
-    let (s, v) = e2b(
-        &e,
-        "GET",
-        &format!("/sandboxes/{id}/metrics?start=soon"),
-        k,
-        None,
-    )
-    .await;
-    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "start");
-    let (s, v) = e2b(
-        &e,
-        "GET",
-        &format!("/sandboxes/{id}/logs?limit=many"),
-        k,
-        None,
-    )
-    .await;
-    assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, "limit");
+    // Bad query strings are 400s in E2B's shape.
+    for (query, needle) in [
+        ("metrics?start=5&end=4", "after"),
+        ("metrics?start=soon", "start"),
+        ("logs?limit=many", "limit"),
+    ] {
+        let (s, v) = e2b(&e, "GET", &format!("/sandboxes/{id}/{query}"), k, None).await;
+        assert_e2b_error(s, &v, StatusCode::BAD_REQUEST, needle);
+    }
 
     let path = format!("/sandboxes/metrics?sandbox_ids={id},sb-aaaaaaaaaaaaaaaa,{id}");
     let (s, v) = e2b(&e, "GET", &path, k, None).await;
