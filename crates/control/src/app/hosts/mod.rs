@@ -249,7 +249,11 @@ impl SandboxMetrics {
                 .ok_or_else(|| bad("cpu_used_pct"))?,
             mem_used: int("mem_used")?,
             mem_total: int("mem_total")?,
-            mem_cache: int("mem_cache").unwrap_or(0),
+            // Older envd versions send no cache figure; a present one must be valid.
+            mem_cache: match v.get("mem_cache") {
+                None => 0,
+                Some(_) => int("mem_cache")?,
+            },
             disk_used: int("disk_used")?,
             disk_total: int("disk_total")?,
         };

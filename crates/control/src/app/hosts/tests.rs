@@ -175,6 +175,7 @@ fn guest_metrics_are_checked_not_trusted() {
         ("cpu_count", serde_json::json!(1u64 << 40)),
         ("ts", serde_json::json!(-1)),
         ("disk_total", serde_json::Value::Null),
+        ("mem_cache", serde_json::json!("lots")),
     ] {
         let saved = base[field].clone();
         base[field] = value.clone();
@@ -185,6 +186,14 @@ fn guest_metrics_are_checked_not_trusted() {
         );
         base[field] = saved;
     }
+    // An older guest without a cache figure is still read.
+    base.as_object_mut().unwrap().remove("mem_cache");
+    assert_eq!(
+        SandboxMetrics::from_guest(&base.to_string())
+            .unwrap()
+            .mem_cache,
+        0
+    );
     assert!(SandboxMetrics::from_guest("<html>").is_err());
     assert!(SandboxMetrics::from_guest("").is_err());
 }
