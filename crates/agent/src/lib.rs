@@ -259,6 +259,10 @@ pub(crate) struct Ctx {
     pub templates: templates::Store,
     /// Fork points being handed to their copies: never swept as unused.
     pub pinned: Mutex<std::collections::HashSet<TemplateName>>,
+    /// Held by the warmer for each unit of its work (one warm variant, one
+    /// pooled VM); `true` once [`Agent::destroy_all`] has closed it, after which
+    /// the warmer makes nothing more.
+    pub warming: tokio::sync::Mutex<bool>,
 }
 
 impl Ctx {
@@ -297,6 +301,7 @@ impl Ctx {
             capacity,
             templates: templates::Store::new(config.images_dir.join("templates")),
             pinned: Mutex::default(),
+            warming: tokio::sync::Mutex::new(false),
             config,
         }
     }
@@ -626,8 +631,11 @@ impl RunningAgent {
             .collect()
     }
 
-    /// Destroy every sandbox (VMs, networks, disks, run directories).
+    /// Destroy every sandbox (VMs, networks, disks, run directories). The
+    /// warmer stops first (its VM in the making finishes and is destroyed
+    /// too), so no pooled VM is added behind the sweep.
     pub async fn destroy_all(&self) {
+        *self.ctx.warming.lock().await = true;
         let all = self.ctx.registry.all();
         futures::future::join_all(all.iter().map(|h| h.destroy("destroy_all"))).await;
     }

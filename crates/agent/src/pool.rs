@@ -36,11 +36,16 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
     loop {
         tick.tick().await;
         for name in ctx.config.warm_templates.clone() {
+            let stopped = ctx.warming.lock().await;
+            if *stopped {
+                return;
+            }
             let ready = warm_variant(&name).is_some_and(|v| ctx.templates.warm(&v).is_some());
             if !ready || pooled(&ctx, &name) >= ctx.config.warm_pool {
                 continue;
             }
             if let Err(e) = fill_one(&ctx, &name).await {
+                drop(stopped);
                 // Capacity, a broken variant: try again later, quietly.
                 debug!(template = %name, error = %e, "could not add a VM to the warm pool");
                 tokio::time::sleep(Duration::from_secs(10)).await;

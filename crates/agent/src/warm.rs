@@ -37,6 +37,10 @@ pub fn default_shape() -> (u32, u32, u32) {
 /// Make (or refresh) the warm variant of every configured template, one at a time.
 pub(crate) async fn warm_templates(ctx: Arc<Ctx>) {
     for name in ctx.config.warm_templates.clone() {
+        let stopped = ctx.warming.lock().await;
+        if *stopped {
+            return;
+        }
         match warm_one(&ctx, &name).await {
             Ok(true) => info!(template = %name, "warm variant made"),
             Ok(false) => info!(template = %name, "warm variant up to date"),
