@@ -4,6 +4,7 @@
 //! single machine; `hearth server` and `hearth agent` run them apart; every other
 //! command is a client of the REST API.
 
+mod accounts;
 mod bench;
 mod client;
 mod cmd;
@@ -72,6 +73,12 @@ enum Command {
     /// Use E2B's SDKs with this hearth: `eval "$(hearth e2b env)"`.
     #[command(subcommand)]
     E2b(e2b::E2bCmd),
+    /// Your team's API keys: make (shown once), list, revoke.
+    #[command(subcommand)]
+    Key(accounts::KeyCmd),
+    /// Operators (admin key): teams, any team's keys, every team's templates.
+    #[command(subcommand)]
+    Admin(accounts::AdminCmd),
 }
 
 #[derive(Subcommand)]
@@ -262,6 +269,8 @@ impl Command {
                 | Command::Exec(_)
                 | Command::Cp(_)
                 | Command::E2b(_)
+                | Command::Key(_)
+                | Command::Admin(_)
         )
     }
 }
@@ -311,6 +320,8 @@ async fn run(cli: Cli) -> i32 {
         Command::Cp(a) => cmd::cp(&g, a).await.map(|_| 0),
         Command::Bench(b) => bench::run(&g, b).await.map(|_| 0),
         Command::E2b(c) => e2b::run(&g, c).map(|_| 0),
+        Command::Key(c) => accounts::key(&g, c).await.map(|_| 0),
+        Command::Admin(c) => accounts::admin(&g, c).await.map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -278,3 +278,19 @@ fn readme_e2b_python_example_runs_unchanged() {
         "sbx.kill() left {left}"
     );
 }
+
+#[test]
+fn readme_teams_and_keys_block_works_as_written() {
+    // Needs no VM: a control plane alone.
+    let stack = Stack::start_server_only();
+    let shell = Shell::new(&stack);
+    let block = blocks(&readme(), "Teams and API keys", "sh").concat();
+    assert!(
+        block.iter().any(|l| l.contains("hearth admin key create")),
+        "README lost its keys example"
+    );
+    let (ok, out) = shell.run(&format!("set -euo pipefail\n{}", block.join("\n")), &[]);
+    assert!(ok, "the README's teams and keys block failed:\n{out}");
+    assert!(out.contains("ci") && out.contains("laptop"), "{out}");
+    assert!(out.contains("hk_"), "keys are listed by prefix: {out}");
+}

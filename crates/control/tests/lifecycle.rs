@@ -672,7 +672,7 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
     let (s, v) = e
         .call("DELETE", "/v1/templates/minimal", Some(&e.key_a), None)
         .await;
-    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
+    assert_error(s, &v, StatusCode::FORBIDDEN, "forbidden", "only an admin");
     let (s, v) = e
         .call("DELETE", "/v1/templates/Bad.Name", Some(&e.key_a), None)
         .await;

@@ -78,6 +78,26 @@ impl Db {
         rows.iter().map(template_from_row).collect()
     }
 
+    /// Every template of every team and the platform's, by team then name (admins).
+    pub async fn list_all_templates(&self) -> Result<Vec<Template>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TEMPLATE_COLUMNS} FROM templates ORDER BY team_id, name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    /// Remove the platform template `name` from the catalogue. Returns whether it existed.
+    pub async fn delete_platform_template(&self, name: &TemplateName) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM templates WHERE team_id = $1 AND name = $2")
+            .bind(TeamId::PLATFORM.to_string())
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// The template `name` as `team` sees it: its own first, else the platform's.
     pub async fn get_template(
         &self,

@@ -30,9 +30,10 @@ use sqlx::SqlitePool;
 
 pub use error::DbError;
 pub use hearth_types::UnknownState;
+pub use keys::{KEY_PREFIX, LAST_USED_GRANULARITY_MS, VISIBLE_PREFIX_LEN};
 pub use models::{
-    Host, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow, SandboxState, Team, Template,
-    TemplateLocation, UnknownOnTimeout,
+    ApiKey, Host, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
+    SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
 };
 pub use quotas::{Admission, ResumeAdmission};
 pub use sandboxes::{PageCursor, SandboxPage};

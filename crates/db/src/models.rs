@@ -57,6 +57,53 @@ pub struct Team {
     pub created_at: DateTime<Utc>,
 }
 
+/// An API key as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub team_id: TeamId,
+    pub name: String,
+    /// `hk_` and the first characters of the secret (None for keys older than prefixes).
+    pub prefix: Option<String>,
+    pub is_admin: bool,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The key that made it (None: bootstrap).
+    pub created_by: Option<ApiKeyId>,
+}
+
+impl ApiKey {
+    /// Neither revoked nor expired at `now`.
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// What [`crate::Db::create_api_key`] records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApiKey {
+    pub team: TeamId,
+    pub name: String,
+    pub is_admin: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_by: Option<ApiKeyId>,
+}
+
+impl NewApiKey {
+    /// A key of `team` that never expires, made at bootstrap.
+    pub fn new(team: TeamId, name: &str, is_admin: bool) -> Self {
+        Self {
+            team,
+            name: name.to_owned(),
+            is_admin,
+            expires_at: None,
+            created_by: None,
+        }
+    }
+}
+
 /// Who an API key speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

@@ -234,6 +234,22 @@ impl Db {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Active sandboxes of every team made from the platform template `name`.
+    pub async fn count_active_using_platform_template(
+        &self,
+        name: &hearth_types::TemplateName,
+    ) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sandboxes s WHERE s.template = $1 \
+             AND s.state IN ('pending', 'starting', 'running', 'paused') \
+             AND NOT EXISTS (SELECT 1 FROM templates t WHERE t.team_id = s.team_id AND t.name = $1)",
+        )
+        .bind(name.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Delete the row of sandbox `id` (any team) if it is still `starting`: a create
     /// that was refused after its row was reserved leaves nothing behind (a row that a
     /// delete has meanwhile marked `stopped` stays).

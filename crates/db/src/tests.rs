@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use chrono::{Duration, Utc};
 use hearth_types::{HostId, SandboxId, TeamId, TeamQuota, TemplateName};
 
-use crate::{Db, NewSandbox, SandboxState};
+use crate::{Db, DbError, NewApiKey, NewSandbox, SandboxState, LAST_USED_GRANULARITY_MS};
 
 fn new_sandbox(team: TeamId, host: Option<HostId>) -> NewSandbox {
     let now = Utc::now();
@@ -57,8 +57,13 @@ async fn unsupported_url_is_rejected() {
 async fn api_keys_are_stored_hashed_and_authenticate() {
     let db = Db::connect_in_memory().await.unwrap();
     let team = db.create_team("a").await.unwrap();
-    let (key_id, plaintext) = db.create_api_key(team.id, "admin", true).await.unwrap();
+    let (key, plaintext) = db
+        .create_api_key(&NewApiKey::new(team.id, "admin", true))
+        .await
+        .unwrap();
+    let key_id = key.id.clone();
     assert!(plaintext.starts_with("hk_"));
+    assert_eq!(key.prefix.as_deref(), Some(&plaintext[..3 + 8]));
     assert_eq!(plaintext.len(), 3 + 32);
     assert!(plaintext[3..].chars().all(|c| c.is_ascii_alphanumeric()));
 
@@ -88,6 +93,98 @@ async fn api_keys_are_stored_hashed_and_authenticate() {
     assert!(db.authenticate("hk_wrong").await.unwrap().is_none());
     assert!(db.authenticate(&stored[0]).await.unwrap().is_none());
     assert_eq!(db.count_api_keys().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn revoked_and_expired_keys_stop_authenticating_and_stay_listed() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let (live, live_secret) = db
+        .create_api_key(&NewApiKey::new(team, "live", false))
+        .await
+        .unwrap();
+    let (revoked, revoked_secret) = db
+        .create_api_key(&NewApiKey::new(team, "revoked", true))
+        .await
+        .unwrap();
+    let mut soon = NewApiKey::new(team, "expired", false);
+    soon.expires_at = Some(Utc::now() - Duration::seconds(1));
+    soon.created_by = Some(live.id.clone());
+    let (expired, expired_secret) = db.create_api_key(&soon).await.unwrap();
+
+    assert!(db.authenticate(&revoked_secret).await.unwrap().is_some());
+    assert_eq!(db.count_active_admin_keys().await.unwrap(), 1);
+    assert!(db.revoke_api_key(&revoked.id).await.unwrap());
+    assert!(!db.revoke_api_key(&revoked.id).await.unwrap(), "only once");
+    assert!(db.authenticate(&revoked_secret).await.unwrap().is_none());
+    assert!(db.authenticate(&expired_secret).await.unwrap().is_none());
+    assert!(db.authenticate(&live_secret).await.unwrap().is_some());
+    assert_eq!(db.count_active_admin_keys().await.unwrap(), 0);
+
+    let mut listed = db.list_api_keys(team).await.unwrap();
+    // Made in the same millisecond: order by name to compare.
+    listed.sort_by_key(|k| match k.name.as_str() {
+        "live" => 0,
+        "revoked" => 1,
+        _ => 2,
+    });
+    let names: Vec<_> = listed.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["live", "revoked", "expired"]);
+    let now = Utc::now();
+    assert!(listed[0].is_active(now));
+    assert!(!listed[1].is_active(now) && listed[1].revoked_at.is_some());
+    assert!(!listed[2].is_active(now) && listed[2].revoked_at.is_none());
+    assert_eq!(listed[2].created_by.as_ref(), Some(&live.id));
+    assert_eq!(
+        db.get_api_key(&expired.id).await.unwrap().unwrap(),
+        listed[2]
+    );
+    let other = db.create_team("b").await.unwrap().id;
+    assert!(db.list_api_keys(other).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn last_use_is_written_at_most_once_per_granularity() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let team = db.create_team("a").await.unwrap().id;
+    let (key, secret) = db
+        .create_api_key(&NewApiKey::new(team, "k", false))
+        .await
+        .unwrap();
+    db.authenticate(&secret).await.unwrap().unwrap();
+    let first = db.get_api_key(&key.id).await.unwrap().unwrap().last_used_at;
+    assert!(first.is_some());
+    // Pretend the last use was just under the granularity ago: no write.
+    let almost = Utc::now().timestamp_millis() - LAST_USED_GRANULARITY_MS + 5_000;
+    sqlx::query("UPDATE api_keys SET last_used_at = $1")
+        .bind(almost)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.authenticate(&secret).await.unwrap().unwrap();
+    let kept = db.get_api_key(&key.id).await.unwrap().unwrap().last_used_at;
+    assert_eq!(kept.map(|t| t.timestamp_millis()), Some(almost));
+    // Older than the granularity: refreshed.
+    sqlx::query("UPDATE api_keys SET last_used_at = $1")
+        .bind(almost - 10_000)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.authenticate(&secret).await.unwrap().unwrap();
+    let fresh = db.get_api_key(&key.id).await.unwrap().unwrap().last_used_at;
+    assert!(fresh.unwrap().timestamp_millis() > almost);
+}
+
+#[tokio::test]
+async fn team_names_are_unique_and_teams_are_found_by_name() {
+    let db = Db::connect_in_memory().await.unwrap();
+    let a = db.create_team("acme").await.unwrap();
+    let err = db.create_team("acme").await.unwrap_err();
+    assert!(matches!(err, DbError::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(db.get_team_by_name("acme").await.unwrap(), Some(a.clone()));
+    assert_eq!(db.get_team(a.id).await.unwrap(), Some(a));
+    assert!(db.get_team_by_name("nope").await.unwrap().is_none());
+    assert_eq!(db.list_teams().await.unwrap().len(), 1);
 }
 
 #[tokio::test]

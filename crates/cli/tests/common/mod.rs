@@ -126,6 +126,34 @@ impl Stack {
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         s.start_agent();
+        s.start_server(server_env);
+        s
+    }
+
+    /// Only `hearth server`, its host agent's port left unanswered: for what needs no
+    /// VM (accounts, keys, the CLI's error paths). Needs no root and no images.
+    pub fn start_server_only() -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api_port = free_port();
+        let mut s = Stack {
+            dir,
+            agent: None,
+            server: None,
+            agent_port: free_port(),
+            api_port,
+            url: format!("http://127.0.0.1:{api_port}"),
+            api_key: String::new(),
+            images: images_dir(),
+            agent_args: Vec::new(),
+        };
+        s.start_server(&[]);
+        s
+    }
+
+    fn start_server(&mut self, server_env: &[(&str, &str)]) {
+        let s = self;
+        let api_port = s.api_port;
+        let agent_port = s.agent_port;
         let creds = s.dir.path().join("credentials.json");
         let log = std::fs::File::create(s.dir.path().join("server.log")).expect("log");
         let server = Command::new(hearth_bin())
@@ -156,7 +184,6 @@ impl Stack {
             }
         };
         s.api_key = c["api_key"].as_str().expect("api_key").to_string();
-        s
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -290,10 +317,15 @@ impl Stack {
 
     /// Run the `hearth` CLI against this stack.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.api_key, args)
+    }
+
+    /// Run the `hearth` CLI against this stack with API key `key`.
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
         Command::new(hearth_bin())
             .args(args)
             .env("HEARTH_URL", &self.url)
-            .env("HEARTH_API_KEY", &self.api_key)
+            .env("HEARTH_API_KEY", key)
             .env("HEARTH_CREDENTIALS", self.dir.path().join("no-such-file"))
             .stdin(Stdio::null())
             .output()

@@ -10,8 +10,11 @@ pub enum AppError {
     /// The request is malformed or out of bounds; the message names the field.
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("missing or invalid API key")]
+    #[error("missing, unknown, expired or revoked API key")]
     Unauthenticated,
+    /// The caller is known but may not do this (not an admin); the message says why.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

@@ -4,6 +4,7 @@
 //! store (`hearth_db`) and to host agents (through [`hosts::HostClient`]). Nothing here
 //! knows about status codes; errors are [`AppError`].
 
+pub mod accounts;
 pub mod concurrency;
 pub mod e2b_tokens;
 pub mod error;
@@ -144,7 +145,9 @@ pub async fn bootstrap(db: &Db) -> AppResult<Option<String>> {
         return Ok(None);
     }
     let team = db.create_team("default").await?;
-    let (key_id, secret) = db.create_api_key(team.id, "admin", true).await?;
-    tracing::info!(team_id = %team.id, %key_id, "bootstrapped default team and admin API key");
+    let (key, secret) = db
+        .create_api_key(&hearth_db::NewApiKey::new(team.id, "admin", true))
+        .await?;
+    tracing::info!(team_id = %team.id, key_id = %key.id, "bootstrapped default team and admin API key");
     Ok(Some(secret))
 }

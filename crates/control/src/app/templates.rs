@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use hearth_db::{DbError, NewTemplate, Template, TemplateLocation};
+use hearth_db::{DbError, NewTemplate, Principal, Template, TemplateLocation};
 use hearth_types::{SandboxId, TeamId, TemplateName};
 use rand::Rng;
 
@@ -131,15 +131,26 @@ impl App {
         .map_err(|e| AppError::Internal(format!("snapshot task failed: {e}")))?
     }
 
-    /// Delete the team's own template `name` (on its host and in the catalogue).
-    pub async fn delete_template(&self, team: TeamId, name: &str) -> AppResult<()> {
+    /// Delete the template `name` as the caller sees it: the team's own (on its host
+    /// and in the catalogue), or, for an admin, a platform template (on every host that
+    /// lists it; a host refuses one built into its images). A non-admin naming a
+    /// platform template gets [`AppError::Forbidden`] before any host is asked.
+    pub async fn delete_template(&self, caller: &Principal, name: &str) -> AppResult<()> {
+        let team = caller.team_id;
         let name = parse_name(name)?;
         let t = self
             .db
             .get_template(team, &name)
             .await?
-            .filter(|t| t.team_id == team)
             .ok_or_else(|| template_not_found(name.as_str()))?;
+        if t.team_id.is_platform() {
+            if !caller.is_admin {
+                return Err(AppError::Forbidden(format!(
+                    "template '{name}' is a platform template: only an admin can delete it"
+                )));
+            }
+            return self.delete_platform_template(caller, &name).await;
+        }
         let users = self.db.count_active_using_template(team, &name).await?;
         if users > 0 {
             return Err(AppError::Conflict(format!(
@@ -160,6 +171,39 @@ impl App {
         }
         self.db.delete_team_template(team, &name).await?;
         tracing::info!(team_id = %team, template = %name, "template deleted");
+        Ok(())
+    }
+
+    /// Remove platform template `name` from every host that lists it, then from the
+    /// catalogue (a host that still lists it would bring the row back).
+    async fn delete_platform_template(
+        &self,
+        caller: &Principal,
+        name: &TemplateName,
+    ) -> AppResult<()> {
+        let users = self.db.count_active_using_platform_template(name).await?;
+        if users > 0 {
+            return Err(AppError::Conflict(format!(
+                "platform template '{name}' is used by {users} active sandbox(es): delete them first"
+            )));
+        }
+        for entry in self.hosts.entries() {
+            let Some(info) = &entry.info else {
+                continue;
+            };
+            if info.templates.contains(name) {
+                entry
+                    .client
+                    .delete_template(name)
+                    .await
+                    .map_err(AppError::host(format!(
+                        "deleting platform template '{name}' on host {}",
+                        info.host_id
+                    )))?;
+            }
+        }
+        self.db.delete_platform_template(name).await?;
+        tracing::info!(template = %name, by = %caller.key_id, "platform template deleted");
         Ok(())
     }
 }

@@ -63,6 +63,7 @@ pub fn status_of(e: &AppError) -> StatusCode {
     match e {
         AppError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
         AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        AppError::Forbidden(_) => StatusCode::FORBIDDEN,
         AppError::NotFound(_) => StatusCode::NOT_FOUND,
         AppError::Conflict(_) => StatusCode::CONFLICT,
         AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

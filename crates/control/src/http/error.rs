@@ -18,7 +18,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// invalid_argument | unauthenticated | not_found | method_not_allowed | conflict |
+    /// invalid_argument | unauthenticated | forbidden | not_found | method_not_allowed | conflict |
     /// payload_too_large | uri_too_long | unsupported_media_type | quota_exceeded |
     /// capacity_exceeded | headers_too_large | unavailable | internal (see docs/contracts.md)
     pub code: &'static str,
@@ -76,6 +76,7 @@ impl ApiError {
         match &self.0 {
             AppError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             AppError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

@@ -272,7 +272,9 @@ pub async fn fork_sandbox(
 }
 
 #[utoipa::path(delete, path = "/v1/templates/{name}", params(("name" = String, Path)),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody,
+            description = "A platform template, and the key is not an admin's."),
+        (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn delete_template(
@@ -280,7 +282,7 @@ pub async fn delete_template(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.app.delete_template(caller.team_id, &name).await?;
+    s.app.delete_template(&caller, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -354,4 +356,166 @@ pub async fn connect_process(
         header::HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(resp)
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/metrics", params(("id" = String, Path)),
+    responses((status = 200, body = SandboxMetricsInfo)),
+    security(("api_key" = [])))]
+pub async fn sandbox_metrics(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxMetricsInfo>> {
+    let id = parse_id(&id)?;
+    let row = s.app.get_sandbox(caller.team_id, &id).await?;
+    if row.state != hearth_db::SandboxState::Running {
+        return Err(AppError::Conflict(format!(
+            "sandbox is {}: only a running sandbox has metrics",
+            row.state
+        ))
+        .into());
+    }
+    Ok(Json(s.app.sandbox_metrics(&row).await?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/keys", request_body = CreateKeyRequest,
+    responses((status = 201, body = CreatedKey),
+        (status = 403, body = ErrorBody, description = "is_admin asked by a key that is not an admin's.")),
+    security(("api_key" = [])))]
+pub async fn create_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJsonOrEmpty(req): ApiJsonOrEmpty<CreateKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    let (key, secret) = s
+        .app
+        .create_key(&caller, caller.team_id, req.into())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: key.into(),
+            secret,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/keys",
+    responses((status = 200, body = KeyList)),
+    security(("api_key" = [])))]
+pub async fn list_keys(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<KeyList>> {
+    let keys = s.app.list_keys(&caller).await?;
+    Ok(Json(KeyList {
+        keys: keys.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/keys/{key_id}", params(("key_id" = String, Path)),
+    responses((status = 200, body = ApiKeyInfo, description = "The key, now revoked."),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "No such key in this team."),
+        (status = 409, body = ErrorBody, description = "The last working admin key.")),
+    security(("api_key" = [])))]
+pub async fn revoke_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key_id): Path<String>,
+) -> ApiResult<Json<ApiKeyInfo>> {
+    let mine = hearth_db::Principal {
+        is_admin: false,
+        ..(*caller).clone()
+    };
+    Ok(Json(s.app.revoke_key(&mine, &key_id).await?.into()))
+}
+
+#[utoipa::path(get, path = "/v1/admin/teams",
+    responses((status = 200, body = TeamList), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn admin_list_teams(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<TeamList>> {
+    let teams = s.app.list_teams(&caller).await?;
+    Ok(Json(TeamList {
+        teams: teams.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/admin/teams", request_body = CreateTeamRequest,
+    responses((status = 201, body = TeamInfo), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A team of that name exists.")),
+    security(("api_key" = [])))]
+pub async fn admin_create_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateTeamRequest>,
+) -> ApiResult<(StatusCode, Json<TeamInfo>)> {
+    let team = s.app.create_team(&caller, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(team.into())))
+}
+
+#[utoipa::path(get, path = "/v1/admin/teams/{team_id}/keys", params(("team_id" = String, Path)),
+    responses((status = 200, body = KeyList), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn admin_list_team_keys(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team_id): Path<String>,
+) -> ApiResult<Json<KeyList>> {
+    crate::app::accounts::require_admin(&caller)?;
+    let team = crate::app::accounts::parse_team_id(&team_id)?;
+    let keys = s.app.list_team_keys(&caller, team).await?;
+    Ok(Json(KeyList {
+        keys: keys.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/admin/teams/{team_id}/keys", params(("team_id" = String, Path)),
+    request_body = CreateKeyRequest,
+    responses((status = 201, body = CreatedKey), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn admin_create_team_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team_id): Path<String>,
+    ApiJsonOrEmpty(req): ApiJsonOrEmpty<CreateKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    crate::app::accounts::require_admin(&caller)?;
+    let team = crate::app::accounts::parse_team_id(&team_id)?;
+    let (key, secret) = s.app.create_key(&caller, team, req.into()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: key.into(),
+            secret,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/admin/keys/{key_id}", params(("key_id" = String, Path)),
+    responses((status = 200, body = ApiKeyInfo, description = "The key, now revoked."),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The last working admin key.")),
+    security(("api_key" = [])))]
+pub async fn admin_revoke_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key_id): Path<String>,
+) -> ApiResult<Json<ApiKeyInfo>> {
+    crate::app::accounts::require_admin(&caller)?;
+    Ok(Json(s.app.revoke_key(&caller, &key_id).await?.into()))
+}
+
+#[utoipa::path(get, path = "/v1/admin/templates",
+    responses((status = 200, body = TemplateList), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn admin_list_templates(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<TemplateList>> {
+    let list = s.app.list_all_templates(&caller).await?;
+    Ok(Json(TemplateList {
+        templates: list.into_iter().map(Into::into).collect(),
+    }))
 }

@@ -93,7 +93,29 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/processes/{pid}/connect",
             axum::routing::post(handlers::connect_process),
         )
+        .route("/v1/sandboxes/{id}/metrics", get(handlers::sandbox_metrics))
         .route("/v1/templates", get(handlers::list_templates))
+        .route(
+            "/v1/keys",
+            get(handlers::list_keys).post(handlers::create_key),
+        )
+        .route(
+            "/v1/keys/{key_id}",
+            axum::routing::delete(handlers::revoke_key),
+        )
+        .route(
+            "/v1/admin/teams",
+            get(handlers::admin_list_teams).post(handlers::admin_create_team),
+        )
+        .route(
+            "/v1/admin/teams/{team_id}/keys",
+            get(handlers::admin_list_team_keys).post(handlers::admin_create_team_key),
+        )
+        .route(
+            "/v1/admin/keys/{key_id}",
+            axum::routing::delete(handlers::admin_revoke_key),
+        )
+        .route("/v1/admin/templates", get(handlers::admin_list_templates))
         .route(
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),

@@ -55,10 +55,22 @@ impl Modify for Security {
         handlers::delete_template,
         handlers::list_processes,
         handlers::connect_process,
+        handlers::sandbox_metrics,
+        handlers::create_key,
+        handlers::list_keys,
+        handlers::revoke_key,
+        handlers::admin_list_teams,
+        handlers::admin_create_team,
+        handlers::admin_list_team_keys,
+        handlers::admin_create_team_key,
+        handlers::admin_revoke_key,
+        handlers::admin_list_templates,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
-        ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList)),
+        ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList,
+        CreateKeyRequest, ApiKeyInfo, CreatedKey, KeyList, CreateTeamRequest, TeamInfo, TeamList,
+        SandboxMetricsInfo)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -135,6 +147,12 @@ pub fn document() -> Value {
                     add(op, 400, "Malformed JSON or an invalid field.");
                     add(op, 413, "The JSON body is larger than 1 MiB.");
                     add(op, 415, "The body's content type is not JSON.");
+                }
+                if path.starts_with("/v1/admin/") {
+                    add(op, 403, "The key is not an admin's (forbidden).");
+                }
+                if path.contains("{key_id}") || path.contains("{team_id}") {
+                    add(op, 400, "Malformed key or team ID.");
                 }
                 if path.contains("{name}") {
                     add(op, 400, "Malformed template name.");
@@ -296,6 +314,22 @@ pub fn document() -> Value {
         &mut doc,
         "/components/schemas/SnapshotRequest/properties/name",
         json!({"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "example": "prepared"}),
+    );
+    use crate::app::accounts;
+    set(
+        &mut doc,
+        "/components/schemas/CreateKeyRequest/properties/expires_in_s",
+        json!({"minimum": accounts::MIN_KEY_TTL_S, "maximum": accounts::MAX_KEY_TTL_S}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/CreateKeyRequest/properties/name",
+        json!({"maxLength": accounts::MAX_KEY_NAME, "example": "ci"}),
+    );
+    set(
+        &mut doc,
+        "/components/schemas/CreateTeamRequest/properties/name",
+        json!({"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "example": "acme"}),
     );
     let exec = "/components/schemas/ExecRequest/properties";
     set(

@@ -362,3 +362,144 @@ pub struct ConnectQuery {
     /// Seconds, 1 to 3600 (default 60); the stream ends then, the process keeps running.
     pub timeout_s: Option<i64>,
 }
+
+/// Body of `POST /v1/keys` and `POST /v1/admin/teams/{id}/keys` (all optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CreateKeyRequest {
+    /// A label to tell keys apart (default "key").
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An admin key (only an admin key may make one).
+    #[serde(default)]
+    pub is_admin: bool,
+    /// Lifetime in seconds; absent: the key never expires.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub expires_in_s: Option<i64>,
+}
+
+impl From<CreateKeyRequest> for crate::app::accounts::KeyParams {
+    fn from(r: CreateKeyRequest) -> Self {
+        Self {
+            name: r.name,
+            is_admin: r.is_admin,
+            expires_in_s: r.expires_in_s,
+        }
+    }
+}
+
+/// An API key as listed: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    /// `hk_` and the secret's first 8 characters, to recognise a key (null for keys
+    /// made before prefixes were recorded).
+    pub prefix: Option<String>,
+    pub is_admin: bool,
+    /// Neither revoked nor expired.
+    pub active: bool,
+    /// RFC 3339
+    pub created_at: String,
+    /// RFC 3339, exact to 30 s; null: never used.
+    pub last_used_at: Option<String>,
+    /// RFC 3339; null: never expires.
+    pub expires_at: Option<String>,
+    /// RFC 3339; null: not revoked.
+    pub revoked_at: Option<String>,
+    /// The key that made it (null: made at installation).
+    pub created_by: Option<String>,
+}
+
+impl From<hearth_db::ApiKey> for ApiKeyInfo {
+    fn from(k: hearth_db::ApiKey) -> Self {
+        ApiKeyInfo {
+            active: k.is_active(chrono::Utc::now()),
+            id: k.id.to_string(),
+            team_id: k.team_id.to_string(),
+            name: k.name,
+            prefix: k.prefix,
+            is_admin: k.is_admin,
+            created_at: k.created_at.to_rfc3339(),
+            last_used_at: k.last_used_at.map(|t| t.to_rfc3339()),
+            expires_at: k.expires_at.map(|t| t.to_rfc3339()),
+            revoked_at: k.revoked_at.map(|t| t.to_rfc3339()),
+            created_by: k.created_by.map(|c| c.to_string()),
+        }
+    }
+}
+
+/// A new key and its secret. The secret is shown this once and never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    pub key: ApiKeyInfo,
+    /// The API key to send as `Authorization: Bearer …` or `X-API-Key`.
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<ApiKeyInfo>,
+}
+
+/// Body of `POST /v1/admin/teams`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateTeamRequest {
+    /// Unique; lowercase letters, digits, '-' and '_'.
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TeamInfo {
+    pub id: String,
+    pub name: String,
+    /// RFC 3339
+    pub created_at: String,
+}
+
+impl From<hearth_db::Team> for TeamInfo {
+    fn from(t: hearth_db::Team) -> Self {
+        TeamInfo {
+            id: t.id.to_string(),
+            name: t.name,
+            created_at: t.created_at.to_rfc3339(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TeamList {
+    pub teams: Vec<TeamInfo>,
+}
+
+/// One sample of a running sandbox's use, taken by its guest agent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxMetricsInfo {
+    /// When the guest took it (RFC 3339, the guest's clock).
+    pub timestamp: String,
+    pub cpu_count: u32,
+    /// 0 to 100, all vCPUs together.
+    pub cpu_used_pct: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub mem_cache_bytes: u64,
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+impl From<crate::app::hosts::SandboxMetrics> for SandboxMetricsInfo {
+    fn from(m: crate::app::hosts::SandboxMetrics) -> Self {
+        SandboxMetricsInfo {
+            timestamp: chrono::DateTime::from_timestamp(m.timestamp_unix, 0)
+                .unwrap_or_default()
+                .to_rfc3339(),
+            cpu_count: m.cpu_count,
+            cpu_used_pct: m.cpu_used_pct,
+            mem_used_bytes: m.mem_used,
+            mem_total_bytes: m.mem_total,
+            mem_cache_bytes: m.mem_cache,
+            disk_used_bytes: m.disk_used,
+            disk_total_bytes: m.disk_total,
+        }
+    }
+}

@@ -17,7 +17,7 @@ use hearth_control::app::hosts::{
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
-use hearth_db::Db;
+use hearth_db::{Db, NewApiKey};
 use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId, TemplateName};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -33,8 +33,9 @@ use tower::ServiceExt;
 /// paused one; a failure (injected with `fail_*`) changes nothing. SnapshotSandbox of a
 /// running or paused sandbox makes a template (AlreadyExists if the name is taken);
 /// ForkSandbox makes every copy or none; DeleteTemplate is refused
-/// (FailedPrecondition) while a sandbox of this host was made from it. It does not
-/// boot anything.
+/// (FailedPrecondition) while a sandbox of this host was made from it, and always for
+/// the built-in `minimal` (PermissionDenied, as the agent refuses templates of its
+/// images). It does not boot anything.
 #[derive(Default)]
 pub struct FakeHost {
     pub host_id: Option<HostId>,
@@ -73,6 +74,8 @@ pub struct FakeState {
     /// Deadlines sent with creates, forks and resumes.
     pub deadlines: Vec<i64>,
     pub forks: usize,
+    /// Templates DeleteTemplate was asked for.
+    pub template_deletes: Vec<TemplateName>,
     /// Processes that List reports and Connect re-attaches to (they survive pauses).
     pub procs: Vec<ProcInfo>,
 }
@@ -239,8 +242,15 @@ impl HostClient for FakeHost {
     }
     async fn delete_template(&self, template: &TemplateName) -> Result<bool, HostError> {
         let mut st = self.st();
+        st.template_deletes.push(template.clone());
         if st.made_from.values().any(|t| t == template) {
             return Err(precondition("the template is in use"));
+        }
+        if template.as_str() == "minimal" {
+            return Err(HostError::Rpc {
+                code: ErrorCode::PermissionDenied,
+                message: "template minimal is built in and cannot be deleted".into(),
+            });
         }
         Ok(st.templates.remove(template).is_some())
     }
@@ -477,7 +487,10 @@ pub struct Env {
     pub host: Arc<FakeHost>,
     pub key_a: String,
     pub key_b: String,
+    /// An admin key of team a.
+    pub key_admin: String,
     pub team_a: TeamId,
+    pub team_b: TeamId,
 }
 
 pub async fn env() -> Env {
@@ -488,8 +501,10 @@ pub async fn env_with(policy: Policy) -> Env {
     let db = Db::connect_in_memory().await.unwrap();
     let team_a = db.create_team("a").await.unwrap().id;
     let team_b = db.create_team("b").await.unwrap().id;
-    let (_, key_a) = db.create_api_key(team_a, "k", false).await.unwrap();
-    let (_, key_b) = db.create_api_key(team_b, "k", false).await.unwrap();
+    let key = |team, admin| NewApiKey::new(team, "k", admin);
+    let (_, key_a) = db.create_api_key(&key(team_a, false)).await.unwrap();
+    let (_, key_b) = db.create_api_key(&key(team_b, false)).await.unwrap();
+    let (_, key_admin) = db.create_api_key(&key(team_a, true)).await.unwrap();
     let host = FakeHost::new();
     let app = App::new(
         db,
@@ -507,7 +522,9 @@ pub async fn env_with(policy: Policy) -> Env {
         host,
         key_a,
         key_b,
+        key_admin,
         team_a,
+        team_b,
     }
 }
 

@@ -1,0 +1,262 @@
+//! `hearth key …` (a team's own API keys) and `hearth admin …` (teams, any team's
+//! keys, every team's templates; needs an admin key).
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::output::{print_json, print_table};
+use crate::{client, Global};
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Make an API key of your team; prints the key alone on the last line (shown once).
+    Create(NewKey),
+    /// List your team's keys (prefix, last use, expiry; never the secrets).
+    #[command(alias = "ls")]
+    List,
+    /// Revoke keys of your team: they stop working on the next request.
+    #[command(alias = "rm")]
+    Revoke {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Make and list teams.
+    #[command(subcommand)]
+    Team(TeamCmd),
+    /// Make, list and revoke any team's API keys.
+    #[command(subcommand)]
+    Key(AdminKeyCmd),
+    /// List every team's templates and the platform's.
+    Templates,
+}
+
+#[derive(Subcommand)]
+pub enum TeamCmd {
+    /// Make a team (name: lowercase letters, digits, '-', '_'); then give it a key with
+    /// `hearth admin key create --team NAME`.
+    Create { name: String },
+    /// List the teams.
+    #[command(alias = "ls")]
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum AdminKeyCmd {
+    /// Make an API key of team T; prints the key alone on the last line (shown once).
+    Create {
+        /// Team name or ID.
+        #[arg(long)]
+        team: String,
+        #[command(flatten)]
+        key: NewKey,
+        /// An admin key (may manage every team).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List the keys of team T.
+    #[command(alias = "ls")]
+    List {
+        /// Team name or ID.
+        #[arg(long)]
+        team: String,
+    },
+    /// Revoke keys of any team: they stop working on the next request.
+    #[command(alias = "rm")]
+    Revoke {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct NewKey {
+    /// A label to tell keys apart.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The key stops working this many days from now (default: never).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub expires_in_days: Option<u32>,
+}
+
+impl NewKey {
+    fn body(&self, admin: bool) -> Value {
+        let mut b = json!({"is_admin": admin});
+        if let Some(n) = &self.name {
+            b["name"] = json!(n);
+        }
+        if let Some(d) = self.expires_in_days {
+            b["expires_in_s"] = json!(u64::from(d) * 86_400);
+        }
+        b
+    }
+}
+
+const KEY_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "prefix",
+    "is_admin",
+    "active",
+    "last_used_at",
+    "expires_at",
+    "revoked_at",
+];
+
+fn print_keys(g: &Global, v: &Value) {
+    if g.json {
+        print_json(v);
+    } else {
+        print_table(
+            &v["keys"].as_array().cloned().unwrap_or_default(),
+            KEY_COLUMNS,
+        );
+    }
+}
+
+/// A made key: `--json` prints the whole answer; otherwise what it is on stderr and
+/// the secret alone on stdout's last line, for `KEY=$(hearth key create)`.
+fn print_created(g: &Global, v: &Value) {
+    if g.json {
+        print_json(v);
+        return;
+    }
+    let k = &v["key"];
+    eprintln!(
+        "created {} ({}) of team {}{}; store it now, it is not shown again:",
+        k["id"].as_str().unwrap_or("?"),
+        k["name"].as_str().unwrap_or("?"),
+        k["team_id"].as_str().unwrap_or("?"),
+        match k["expires_at"].as_str() {
+            Some(t) => format!(", expires {t}"),
+            None => String::new(),
+        }
+    );
+    println!("{}", v["secret"].as_str().unwrap_or(""));
+}
+
+async fn revoke_all(g: &Global, prefix: &str, ids: &[String]) -> Result<()> {
+    let c = client(g)?;
+    let mut failed = 0;
+    for id in ids {
+        match c
+            .json::<Value>(c.request(Method::DELETE, &format!("{prefix}/{id}")))
+            .await
+        {
+            Ok(v) if g.json => print_json(&v),
+            Ok(_) => println!("{id} revoked"),
+            Err(e) => {
+                eprintln!("error: {id}: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} key(s) not revoked", ids.len());
+    }
+    Ok(())
+}
+
+pub async fn key(g: &Global, cmd: KeyCmd) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        KeyCmd::Create(k) => {
+            let v: Value = c
+                .json(c.request(Method::POST, "/v1/keys").json(&k.body(false)))
+                .await?;
+            print_created(g, &v);
+        }
+        KeyCmd::List => print_keys(g, &c.json(c.request(Method::GET, "/v1/keys")).await?),
+        KeyCmd::Revoke { ids } => revoke_all(g, "/v1/keys", &ids).await?,
+    }
+    Ok(())
+}
+
+/// A team's ID from its name or ID (names cannot be UUIDs, so there is no doubt).
+async fn team_id(g: &Global, team: &str) -> Result<String> {
+    if team.parse::<hearth_types::TeamId>().is_ok() {
+        return Ok(team.to_owned());
+    }
+    let c = client(g)?;
+    let v: Value = c.json(c.request(Method::GET, "/v1/admin/teams")).await?;
+    v["teams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["name"] == team)
+        .and_then(|t| t["id"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no team named '{team}' (`hearth admin team list` shows them; \
+                 `hearth admin team create {team}` makes it)"
+            )
+        })
+}
+
+pub async fn admin(g: &Global, cmd: AdminCmd) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        AdminCmd::Team(TeamCmd::Create { name }) => {
+            let v: Value = c
+                .json(
+                    c.request(Method::POST, "/v1/admin/teams")
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                println!("{}", v["id"].as_str().unwrap_or(""));
+            }
+        }
+        AdminCmd::Team(TeamCmd::List) => {
+            let v: Value = c.json(c.request(Method::GET, "/v1/admin/teams")).await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                print_table(
+                    &v["teams"].as_array().cloned().unwrap_or_default(),
+                    &["id", "name", "created_at"],
+                );
+            }
+        }
+        AdminCmd::Key(AdminKeyCmd::Create { team, key, admin }) => {
+            let id = team_id(g, &team).await?;
+            let v: Value = c
+                .json(
+                    c.request(Method::POST, &format!("/v1/admin/teams/{id}/keys"))
+                        .json(&key.body(admin)),
+                )
+                .await?;
+            print_created(g, &v);
+        }
+        AdminCmd::Key(AdminKeyCmd::List { team }) => {
+            let id = team_id(g, &team).await?;
+            let v: Value = c
+                .json(c.request(Method::GET, &format!("/v1/admin/teams/{id}/keys")))
+                .await?;
+            print_keys(g, &v);
+        }
+        AdminCmd::Key(AdminKeyCmd::Revoke { ids }) => revoke_all(g, "/v1/admin/keys", &ids).await?,
+        AdminCmd::Templates => {
+            let v: Value = c
+                .json(c.request(Method::GET, "/v1/admin/templates"))
+                .await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                print_table(
+                    &v["templates"].as_array().cloned().unwrap_or_default(),
+                    &["name", "team_id", "has_memory", "size_bytes", "created_at"],
+                );
+            }
+        }
+    }
+    Ok(())
+}
