@@ -260,3 +260,25 @@ pub async fn admin(g: &Global, cmd: AdminCmd) -> Result<()> {
     }
     Ok(())
 }
+
+/// `hearth audit`: the team's audit log, newest first.
+pub async fn audit(g: &Global, limit: u32, before: Option<i64>) -> Result<()> {
+    let c = client(g)?;
+    let mut path = format!("/v1/audit?limit={limit}");
+    if let Some(b) = before {
+        path.push_str(&format!("&before={b}"));
+    }
+    let v: Value = c.json(c.request(Method::GET, &path)).await?;
+    if g.json {
+        print_json(&v);
+        return Ok(());
+    }
+    print_table(
+        &v["entries"].as_array().cloned().unwrap_or_default(),
+        &["id", "at", "action", "target", "actor_key_id"],
+    );
+    if let Some(next) = v["next_before"].as_i64() {
+        eprintln!("older entries: hearth audit --before {next}");
+    }
+    Ok(())
+}

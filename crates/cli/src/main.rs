@@ -79,6 +79,16 @@ enum Command {
     /// Operators (admin key): teams, any team's keys, every team's templates.
     #[command(subcommand)]
     Admin(accounts::AdminCmd),
+    /// Your team's audit log, newest first: who created, paused, snapshotted, deleted
+    /// what, and which keys were made and revoked.
+    Audit {
+        /// Entries to show, 1 to 500.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: u32,
+        /// Entries older than this entry ID (printed at the end of a full page).
+        #[arg(long)]
+        before: Option<i64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -271,6 +281,7 @@ impl Command {
                 | Command::E2b(_)
                 | Command::Key(_)
                 | Command::Admin(_)
+                | Command::Audit { .. }
         )
     }
 }
@@ -322,6 +333,7 @@ async fn run(cli: Cli) -> i32 {
         Command::E2b(c) => e2b::run(&g, c).map(|_| 0),
         Command::Key(c) => accounts::key(&g, c).await.map(|_| 0),
         Command::Admin(c) => accounts::admin(&g, c).await.map(|_| 0),
+        Command::Audit { limit, before } => accounts::audit(&g, limit, before).await.map(|_| 0),
     };
     match result {
         Ok(code) => code,

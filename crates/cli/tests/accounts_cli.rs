@@ -90,6 +90,25 @@ fn an_operator_makes_a_team_and_its_keys_and_a_revoked_key_stops_at_once() {
         list.contains("false"),
         "the revoked key is listed inactive: {list}"
     );
+    // Acme's audit log tells what was done to its keys, and by which key.
+    let log: Value =
+        serde_json::from_str(&ok(&stack.cli_as(&acme_key, &["--json", "audit"]))).unwrap();
+    let acts: Vec<&str> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        acts,
+        ["key.revoke", "key.create", "key.create", "team.create"],
+        "{log}"
+    );
+    let table = ok(&stack.cli_as(&acme_key, &["audit", "--limit", "1"]));
+    assert!(
+        table.contains("key.revoke") && !table.contains("team.create"),
+        "{table}"
+    );
     // The team revokes its own key.
     ok(&stack.cli_as(&acme_key, &["key", "revoke", &ops_id]));
     failed(&stack.cli_as(&acme_key, &["key", "list"]));

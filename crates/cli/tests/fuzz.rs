@@ -77,7 +77,8 @@ fn openapi_fuzzing_finds_no_server_error_or_undocumented_answer() {
     let dir = stack.dir.path();
     let config = dir.join("schemathesis.toml");
     // The target sandbox is pinned for exec, files and get (not for delete, which would
-    // end it early); the other operations get generated IDs (400 / 404).
+    // end it early); the other operations get generated IDs (400 / 404), but for the
+    // revocation of keys (below).
     std::fs::write(
         &config,
         format!(
@@ -95,6 +96,13 @@ parameters = {{ "path.id" = "{id}" }}
 include-path = "/v1/sandboxes"
 include-method = "POST"
 generation = {{ max-examples = 8 }}
+
+# Revocations get a key ID that does not exist: the fuzzer reuses IDs from earlier
+# answers and would otherwise revoke the key it runs with (as it is allowed to).
+[[operations]]
+include-path-regex = "^/v1/(admin/)?keys/\\{{key_id\\}}$"
+include-method = "DELETE"
+parameters = {{ "path.key_id" = "key-000000000000" }}
 "#
         ),
     )

@@ -14,6 +14,7 @@
 //! one table; every state change written here passes it and is a compare-and-set on
 //! the row's current state ([`Db::transition_sandbox`]).
 
+mod audit;
 mod error;
 mod hosts;
 mod keys;
@@ -32,7 +33,7 @@ pub use error::DbError;
 pub use hearth_types::UnknownState;
 pub use keys::{KEY_PREFIX, LAST_USED_GRANULARITY_MS, VISIBLE_PREFIX_LEN};
 pub use models::{
-    ApiKey, Host, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
+    ApiKey, AuditEntry, Host, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
     SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
 };
 pub use quotas::{Admission, ResumeAdmission};

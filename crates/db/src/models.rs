@@ -104,6 +104,20 @@ impl NewApiKey {
     }
 }
 
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// Whose thing it is.
+    pub team_id: TeamId,
+    /// The key that did it (`None`: hearth itself, e.g. at a sandbox's timeout).
+    pub actor_key_id: Option<ApiKeyId>,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
 /// Who an API key speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

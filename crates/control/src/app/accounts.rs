@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use hearth_db::{ApiKey, DbError, NewApiKey, Principal, Team, Template};
 use hearth_types::{ApiKeyId, TeamId};
 
+use super::audit::action;
 use super::{App, AppError, AppResult};
 
 /// Longest key name, in characters.
@@ -135,6 +136,15 @@ impl App {
             .await?;
         tracing::info!(team_id = %team, key_id = %key.id, admin = key.is_admin,
             by = %caller.key_id, "API key created");
+        self.audit_as(
+            Some(&caller.key_id),
+            team,
+            action::KEY_CREATE,
+            key.id.as_str(),
+            serde_json::json!({"name": key.name, "is_admin": key.is_admin,
+                "expires_at": key.expires_at.map(|t| t.to_rfc3339())}),
+        )
+        .await;
         Ok((key, secret))
     }
 
@@ -164,6 +174,14 @@ impl App {
         }
         if self.db.revoke_api_key(&key_id).await? {
             tracing::info!(team_id = %key.team_id, %key_id, by = %caller.key_id, "API key revoked");
+            self.audit_as(
+                Some(&caller.key_id),
+                key.team_id,
+                action::KEY_REVOKE,
+                key_id.as_str(),
+                serde_json::json!({"name": key.name}),
+            )
+            .await;
         }
         self.db
             .get_api_key(&key_id)
@@ -182,6 +200,14 @@ impl App {
             other => AppError::Db(other),
         })?;
         tracing::info!(team_id = %team.id, name = %team.name, by = %caller.key_id, "team created");
+        self.audit_as(
+            Some(&caller.key_id),
+            team.id,
+            action::TEAM_CREATE,
+            &team.id.to_string(),
+            serde_json::json!({"name": team.name}),
+        )
+        .await;
         Ok(team)
     }
 

@@ -20,6 +20,7 @@ use connectrpc::ErrorCode;
 use hearth_db::{Admission, NewSandbox, ResumeAdmission, SandboxRow, SandboxState};
 use hearth_types::{check_range, SandboxId, TeamId};
 
+use super::audit::{self, action};
 use super::hosts::{CreateSpec, HostClient, HostError};
 use super::sandboxes::{not_found, HOST_NO_DEADLINE};
 use super::{App, AppError, AppResult};
@@ -47,9 +48,19 @@ impl App {
         let client = self.host_of(&row)?;
         let app = self.clone();
         let sid = id.clone();
-        tokio::spawn(async move { app.pause_row(&sid, &client).await })
-            .await
-            .map_err(|e| AppError::Internal(format!("pause task failed: {e}")))??;
+        tokio::spawn(audit::keep_caller(async move {
+            app.pause_row(&sid, &client).await?;
+            app.audit(
+                team,
+                action::SANDBOX_PAUSE,
+                sid.as_str(),
+                serde_json::Value::Null,
+            )
+            .await;
+            Ok::<_, AppError>(())
+        }))
+        .await
+        .map_err(|e| AppError::Internal(format!("pause task failed: {e}")))??;
         self.get_sandbox(team, id).await
     }
 
@@ -138,13 +149,20 @@ impl App {
         }
         let app = self.clone();
         let sid = id.clone();
-        tokio::spawn(async move {
+        tokio::spawn(audit::keep_caller(async move {
             match client.resume_sandbox(&sid, HOST_NO_DEADLINE).await {
                 Ok(()) => {
                     app.db
                         .set_sandbox_deadline(team, &sid, Utc::now() + lifetime, timeout)
                         .await?;
                     tracing::info!(sandbox_id = %sid, "sandbox resumed");
+                    app.audit(
+                        team,
+                        action::SANDBOX_RESUME,
+                        sid.as_str(),
+                        serde_json::json!({"timeout_s": timeout}),
+                    )
+                    .await;
                     Ok(())
                 }
                 Err(e) => {
@@ -162,7 +180,7 @@ impl App {
                     )(e))
                 }
             }
-        })
+        }))
         .await
         .map_err(|e| AppError::Internal(format!("resume task failed: {e}")))??;
         self.get_sandbox(team, id).await
@@ -273,10 +291,19 @@ impl App {
         let app = self.clone();
         let src_id = id.clone();
         let task_ids = ids.clone();
-        tokio::spawn(async move {
+        tokio::spawn(audit::keep_caller(async move {
             app.finish_fork(&client, &src_id, specs, &task_ids, lifetime)
-                .await
-        })
+                .await?;
+            let copies: Vec<&str> = task_ids.iter().map(|c| c.as_str()).collect();
+            app.audit(
+                team,
+                action::SANDBOX_FORK,
+                src_id.as_str(),
+                serde_json::json!({"copies": copies}),
+            )
+            .await;
+            Ok::<_, AppError>(())
+        }))
         .await
         .map_err(|e| AppError::Internal(format!("fork task failed: {e}")))??;
         let mut out = Vec::with_capacity(ids.len());

@@ -5,6 +5,7 @@
 //! knows about status codes; errors are [`AppError`].
 
 pub mod accounts;
+pub mod audit;
 pub mod concurrency;
 pub mod e2b_tokens;
 pub mod error;

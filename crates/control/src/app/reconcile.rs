@@ -300,6 +300,14 @@ impl App {
                 Ok(()) => {
                     tracing::info!(sandbox_id = %row.id, "sandbox reached its timeout: paused");
                     report.paused.push(row.id.clone());
+                    self.audit_as(
+                        None,
+                        row.team_id,
+                        super::audit::action::SANDBOX_TIMEOUT,
+                        row.id.as_str(),
+                        serde_json::json!({"then": "paused"}),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(sandbox_id = %row.id, error = %e, "pausing an expired sandbox failed")
@@ -309,6 +317,14 @@ impl App {
                 Ok(()) => {
                     tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
                     report.expired.push(row.id.clone());
+                    self.audit_as(
+                        None,
+                        row.team_id,
+                        super::audit::action::SANDBOX_TIMEOUT,
+                        row.id.as_str(),
+                        serde_json::json!({"then": "destroyed"}),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(sandbox_id = %row.id, error = %e, "destroying expired sandbox failed")

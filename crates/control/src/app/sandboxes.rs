@@ -29,8 +29,10 @@ use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
+use super::audit::{self, action};
 use super::hosts::{CreateSpec, HostClient, HostError, SandboxMetrics};
 use super::{validate, App, AppError, AppResult};
+use serde_json::Value;
 
 /// A create request, still unchecked. Numbers are as sent (wide, unclamped), so that
 /// an error can quote them.
@@ -248,11 +250,20 @@ impl App {
             env: p.env,
         };
         let id = row.id.clone();
+        let spec_id = id.clone();
         let app = self.clone();
         // Out of the request's cancellation scope: the row must follow the host's answer.
-        let outcome = tokio::spawn(async move { app.finish_create(&client, spec, lifetime).await })
-            .await
-            .map_err(|e| AppError::Internal(format!("create task failed: {e}")))?;
+        let detail = serde_json::json!({"template": template.as_str()});
+        let outcome = tokio::spawn(audit::keep_caller(async move {
+            let r = app.finish_create(&client, spec, lifetime).await;
+            if r.is_ok() {
+                app.audit(team, action::SANDBOX_CREATE, spec_id.as_str(), detail)
+                    .await;
+            }
+            r
+        }))
+        .await
+        .map_err(|e| AppError::Internal(format!("create task failed: {e}")))?;
         outcome?;
         self.db
             .get_sandbox(team, &id)
@@ -390,9 +401,14 @@ impl App {
     pub async fn delete_sandbox(self: &Arc<Self>, team: TeamId, id: &SandboxId) -> AppResult<()> {
         let row = self.get_sandbox(team, id).await?;
         let app = self.clone();
-        tokio::spawn(async move { app.destroy_row(&row).await })
-            .await
-            .map_err(|e| AppError::Internal(format!("delete task failed: {e}")))?
+        tokio::spawn(audit::keep_caller(async move {
+            app.destroy_row(&row).await?;
+            app.audit(team, action::SANDBOX_DELETE, row.id.as_str(), Value::Null)
+                .await;
+            Ok(())
+        }))
+        .await
+        .map_err(|e| AppError::Internal(format!("delete task failed: {e}")))?
     }
 
     /// Ask the row's host to destroy the sandbox (whatever its state: a `stopped` or

@@ -14,8 +14,10 @@ use hearth_db::{DbError, NewTemplate, Principal, Template, TemplateLocation};
 use hearth_types::{SandboxId, TeamId, TemplateName};
 use rand::Rng;
 
+use super::audit::action;
 use super::{App, AppError, AppResult};
 use hearth_db::SandboxState;
+use serde_json::Value;
 
 /// Prefix of host-level names of teams' snapshots; never a platform template's.
 pub const SNAPSHOT_PREFIX: &str = "snap-";
@@ -83,7 +85,7 @@ impl App {
         let host_name = host_level_name()?;
         let app = self.clone();
         let sid = id.clone();
-        tokio::spawn(async move {
+        tokio::spawn(super::audit::keep_caller(async move {
             let made = client
                 .snapshot_sandbox(&sid, &host_name, memory)
                 .await
@@ -111,6 +113,13 @@ impl App {
                 Ok(t) => {
                     tracing::info!(sandbox_id = %sid, template = %name, host_template = %host_name,
                         memory = made.has_memory, "snapshot saved as a template");
+                    app.audit(
+                        team,
+                        action::SANDBOX_SNAPSHOT,
+                        sid.as_str(),
+                        serde_json::json!({"template": name.as_str(), "memory": made.has_memory}),
+                    )
+                    .await;
                     Ok(t)
                 }
                 Err(e) => {
@@ -126,7 +135,7 @@ impl App {
                     })
                 }
             }
-        })
+        }))
         .await
         .map_err(|e| AppError::Internal(format!("snapshot task failed: {e}")))?
     }
@@ -171,6 +180,8 @@ impl App {
         }
         self.db.delete_team_template(team, &name).await?;
         tracing::info!(team_id = %team, template = %name, "template deleted");
+        self.audit(team, action::TEMPLATE_DELETE, name.as_str(), Value::Null)
+            .await;
         Ok(())
     }
 
@@ -204,6 +215,14 @@ impl App {
         }
         self.db.delete_platform_template(name).await?;
         tracing::info!(template = %name, by = %caller.key_id, "platform template deleted");
+        self.audit_as(
+            Some(&caller.key_id),
+            TeamId::PLATFORM,
+            action::TEMPLATE_DELETE,
+            name.as_str(),
+            Value::Null,
+        )
+        .await;
         Ok(())
     }
 }

@@ -219,8 +219,9 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
     };
     match state.app.db.authenticate(key).await {
         Ok(Some(principal)) => {
+            let key = principal.key_id.clone();
             req.extensions_mut().insert(principal);
-            next.run(req).await
+            crate::app::audit::as_caller(key, next.run(req)).await
         }
         Ok(None) => unauthorized(),
         Err(e) => E2bError::from(AppError::Db(e)).into_response(),

@@ -519,3 +519,26 @@ pub async fn admin_list_templates(
         templates: list.into_iter().map(Into::into).collect(),
     }))
 }
+
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_audit(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
+    let limit = q.limit;
+    let entries = s.app.list_audit(caller.team_id, q.before, limit).await?;
+    let full =
+        limit.unwrap_or(i64::from(crate::app::audit::DEFAULT_AUDIT_PAGE)) == entries.len() as i64;
+    let next_before = if full {
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Json(AuditPage {
+        entries: entries.into_iter().map(Into::into).collect(),
+        next_before,
+    }))
+}

@@ -116,6 +116,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(handlers::admin_revoke_key),
         )
         .route("/v1/admin/templates", get(handlers::admin_list_templates))
+        .route("/v1/audit", get(handlers::list_audit))
         .route(
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),
@@ -161,8 +162,9 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
     };
     match state.app.db.authenticate(key).await {
         Ok(Some(principal)) => {
+            let key = principal.key_id.clone();
             req.extensions_mut().insert(principal);
-            next.run(req).await
+            crate::app::audit::as_caller(key, next.run(req)).await
         }
         Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
         Err(e) => ApiError(AppError::Db(e)).into_response(),

@@ -65,12 +65,13 @@ impl Modify for Security {
         handlers::admin_create_team_key,
         handlers::admin_revoke_key,
         handlers::admin_list_templates,
+        handlers::list_audit,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
         ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList,
         CreateKeyRequest, ApiKeyInfo, CreatedKey, KeyList, CreateTeamRequest, TeamInfo, TeamList,
-        SandboxMetricsInfo)),
+        SandboxMetricsInfo, AuditEntryInfo, AuditPage)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -192,6 +193,20 @@ pub fn document() -> Value {
                         "The team's quota would be exceeded (quota_exceeded).",
                     );
                     add(op, 503, "No host agent answers.");
+                }
+                if path == "/v1/audit" {
+                    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                        for p in params.iter_mut() {
+                            if p["name"] == "limit" {
+                                set_in(
+                                    &mut p["schema"],
+                                    json!({"minimum": 1, "maximum": crate::app::audit::MAX_AUDIT_PAGE}),
+                                );
+                            } else if p["name"] == "before" {
+                                set_in(&mut p["schema"], json!({"minimum": 1}));
+                            }
+                        }
+                    }
                 }
                 if path == "/v1/sandboxes" && method == "get" {
                     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {

@@ -503,3 +503,55 @@ impl From<crate::app::hosts::SandboxMetrics> for SandboxMetricsInfo {
         }
     }
 }
+
+/// Which entries `GET /v1/audit` returns.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AuditQuery {
+    /// Page size, 1 to 500 (default 100).
+    pub limit: Option<i64>,
+    /// Entries older than this entry ID (the `next_before` of the previous page).
+    pub before: Option<i64>,
+}
+
+/// One thing done to one of the team's things.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEntryInfo {
+    /// Increasing with time.
+    pub id: i64,
+    /// RFC 3339
+    pub at: String,
+    pub team_id: String,
+    /// The API key that did it; null: hearth itself (a sandbox's timeout, auto-resume).
+    pub actor_key_id: Option<String>,
+    /// sandbox.create | sandbox.delete | sandbox.pause | sandbox.resume | sandbox.fork |
+    /// sandbox.snapshot | sandbox.timeout | template.delete | key.create | key.revoke |
+    /// team.create
+    pub action: String,
+    /// The sandbox, key, template name or team it was done to.
+    pub target: String,
+    /// What else is worth knowing (e.g. the template of a create).
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}
+
+impl From<hearth_db::AuditEntry> for AuditEntryInfo {
+    fn from(e: hearth_db::AuditEntry) -> Self {
+        AuditEntryInfo {
+            id: e.id,
+            at: e.at.to_rfc3339(),
+            team_id: e.team_id.to_string(),
+            actor_key_id: e.actor_key_id.map(|k| k.to_string()),
+            action: e.action,
+            target: e.target,
+            detail: e.detail,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<AuditEntryInfo>,
+    /// Pass as `before` for the next (older) page; null: no more.
+    pub next_before: Option<i64>,
+}

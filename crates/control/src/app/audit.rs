@@ -1,0 +1,114 @@
+//! The audit log: who (which API key) did what to which of a team's things.
+//!
+//! The key behind a request is set once by the API's auth middlewares ([`as_caller`])
+//! and read where an operation succeeds ([`App::audit`]), so that every edge (the
+//! `/v1` API, E2B's API) records the same entries from the same place: the app
+//! method that did the work. Work spawned to outlive its request takes the key with
+//! it ([`caller`] before the spawn). Entries are written after the operation
+//! succeeded; a failure to write one is logged, never turned into the operation's
+//! failure (the sandbox was created; saying otherwise would be a lie).
+
+use std::future::Future;
+
+use hearth_db::AuditEntry;
+use hearth_types::{ApiKeyId, TeamId};
+use serde_json::Value;
+
+use super::{App, AppError, AppResult};
+
+tokio::task_local! {
+    static CALLER: ApiKeyId;
+}
+
+/// Run `f` on behalf of the API key `key`.
+pub async fn as_caller<F: Future>(key: ApiKeyId, f: F) -> F::Output {
+    CALLER.scope(key, f).await
+}
+
+/// The API key of the request being served (`None` outside one: the reconciler).
+pub fn caller() -> Option<ApiKeyId> {
+    CALLER.try_with(Clone::clone).ok()
+}
+
+/// What the log records (the `action` column).
+pub mod action {
+    pub const SANDBOX_CREATE: &str = "sandbox.create";
+    pub const SANDBOX_DELETE: &str = "sandbox.delete";
+    pub const SANDBOX_PAUSE: &str = "sandbox.pause";
+    pub const SANDBOX_RESUME: &str = "sandbox.resume";
+    pub const SANDBOX_FORK: &str = "sandbox.fork";
+    pub const SANDBOX_SNAPSHOT: &str = "sandbox.snapshot";
+    /// Destroyed or paused by hearth at its timeout (no key).
+    pub const SANDBOX_TIMEOUT: &str = "sandbox.timeout";
+    pub const TEMPLATE_DELETE: &str = "template.delete";
+    pub const KEY_CREATE: &str = "key.create";
+    pub const KEY_REVOKE: &str = "key.revoke";
+    pub const TEAM_CREATE: &str = "team.create";
+}
+
+/// Most entries one page returns.
+pub const MAX_AUDIT_PAGE: u32 = 500;
+pub const DEFAULT_AUDIT_PAGE: u32 = 100;
+
+impl App {
+    /// Record that `actor` did `action` to `target` of `team` (`detail` an object;
+    /// null is recorded as `{}`).
+    pub(crate) async fn audit_as(
+        &self,
+        actor: Option<&ApiKeyId>,
+        team: TeamId,
+        action: &str,
+        target: &str,
+        detail: Value,
+    ) {
+        let detail = match detail {
+            Value::Null => Value::Object(Default::default()),
+            other => other,
+        };
+        if let Err(e) = self
+            .db
+            .append_audit(team, actor, action, target, &detail)
+            .await
+        {
+            tracing::error!(%team, action, target, error = %e, "writing an audit entry failed");
+        }
+    }
+
+    /// Record that the current request's key did `action` to `target` of `team`.
+    pub(crate) async fn audit(&self, team: TeamId, action: &str, target: &str, detail: Value) {
+        self.audit_as(caller().as_ref(), team, action, target, detail)
+            .await
+    }
+
+    /// A page of `team`'s audit log, newest first: entries before `before` (an entry
+    /// ID from an earlier page).
+    pub async fn list_audit(
+        &self,
+        team: TeamId,
+        before: Option<i64>,
+        limit: Option<i64>,
+    ) -> AppResult<Vec<AuditEntry>> {
+        let limit =
+            hearth_types::check_range("limit", limit, DEFAULT_AUDIT_PAGE, 1, MAX_AUDIT_PAGE)
+                .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
+        if let Some(b) = before {
+            if b < 1 {
+                return Err(AppError::InvalidArgument(format!(
+                    "before must be an entry ID (1 or more), got {b}"
+                )));
+            }
+        }
+        Ok(self.db.list_audit(team, before, limit).await?)
+    }
+}
+
+/// `f` with the current request's key, for work spawned to outlive the request.
+pub fn keep_caller<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    let key = caller();
+    async move {
+        match key {
+            Some(k) => CALLER.scope(k, f).await,
+            None => f.await,
+        }
+    }
+}
