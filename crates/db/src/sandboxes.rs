@@ -234,6 +234,24 @@ impl Db {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Sandboxes of every team by state (states without any left out).
+    pub async fn count_sandboxes_by_state(&self) -> Result<HashMap<SandboxState, u64>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let state: SandboxState = r.try_get::<&str, _>("state")?.parse().map_err(
+                |e: hearth_types::UnknownState| DbError::Corrupt {
+                    column: "sandboxes.state",
+                    source: Box::new(e),
+                },
+            )?;
+            out.insert(state, u64::try_from(r.try_get::<i64, _>("n")?).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
     /// Active sandboxes of every team made from the platform template `name`.
     pub async fn count_active_using_platform_template(
         &self,

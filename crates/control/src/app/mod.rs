@@ -14,6 +14,7 @@ pub mod files;
 pub mod host_proxy;
 pub mod hosts;
 pub mod lifecycle;
+pub mod metrics;
 pub mod reconcile;
 pub mod sandbox_proxy;
 pub mod sandboxes;
@@ -83,6 +84,8 @@ pub struct App {
     concurrency: concurrency::Counters,
     /// The key behind sandboxes' access tokens (see `e2b_tokens`), read once.
     token_key: tokio::sync::OnceCell<Vec<u8>>,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: metrics::Metrics,
 }
 
 impl App {
@@ -101,6 +104,7 @@ impl App {
             streams: Mutex::new(HashMap::new()),
             concurrency: concurrency::Counters::default(),
             token_key: tokio::sync::OnceCell::new(),
+            metrics: metrics::Metrics::new(),
         }
     }
 

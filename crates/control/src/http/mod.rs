@@ -121,9 +121,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Outside auth: refused keys are counted too.
+        .route_layer(middleware::from_fn_with_state(state.clone(), track));
     Router::new()
         .route("/v1/health", get(handlers::health))
+        .route("/metrics", get(prometheus))
         .route("/v1/openapi.json", get(openapi::serve))
         .merge(authed)
         .merge(e2b::router(state.clone()))
@@ -168,6 +171,42 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
         }
         Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
         Err(e) => ApiError(AppError::Db(e)).into_response(),
+    }
+}
+
+/// Count the request and its latency under its route template (matched routes only).
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    if let Some(route) = route {
+        state.app.metrics.observe_request(
+            method.as_str(),
+            &route,
+            resp.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    resp
+}
+
+/// `GET /metrics`: Prometheus' text format, no API key (aggregates only: no label
+/// names a team, key or sandbox).
+async fn prometheus(State(state): State<AppState>) -> Response {
+    match state.app.render_metrics().await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError(e).into_response(),
     }
 }
 
