@@ -131,6 +131,7 @@ impl PolicyOpts {
             streams: hearth_control::app::concurrency::StreamCaps {
                 exec_streams: self.team_max_exec_streams,
                 transfers: self.team_max_transfers,
+                ..Default::default()
             },
             e2b_domain: self.e2b_domain.clone(),
             ..Default::default()

@@ -523,6 +523,7 @@ async fn a_team_has_a_cap_on_concurrent_exec_streams_and_transfers() {
         streams: hearth_control::app::concurrency::StreamCaps {
             exec_streams: 2,
             transfers: 0,
+            ..Default::default()
         },
         ..Policy::default()
     })

@@ -174,6 +174,19 @@ async fn hearths_own_acts_are_recorded_without_a_key() {
     assert_eq!(newest["target"], json!(id));
     assert_eq!(newest["actor_key_id"], Value::Null);
     assert_eq!(newest["detail"]["then"], "destroyed");
+
+    // A sandbox its host lost: the change hearth made is recorded with from/to/reason.
+    let lost = e.create().await;
+    e.host.st().sandboxes.remove(&lost.parse().unwrap());
+    let report = e.state.app().reconcile_once().await.unwrap();
+    assert_eq!(report.lost.len(), 1, "{report:?}");
+    let page = audit(&e, &e.key_a, "?limit=1").await;
+    let newest = &page["entries"][0];
+    assert_eq!(newest["action"], "sandbox.state");
+    assert_eq!(newest["target"], json!(lost));
+    assert_eq!(newest["actor_key_id"], Value::Null);
+    assert_eq!(newest["detail"]["from"], "running");
+    assert_eq!(newest["detail"]["to"], "stopped");
 }
 
 #[tokio::test]

@@ -48,26 +48,54 @@ impl Db {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let detail: String = r.try_get("detail_json")?;
-                Ok(AuditEntry {
-                    id: r.try_get("id")?,
-                    at: ms_to_time(r.try_get("at")?),
-                    team_id: parse_team("audit_log.team_id", r.try_get("team_id")?)?,
-                    actor_key_id: r
-                        .try_get::<Option<&str>, _>("actor_key_id")?
-                        .map(str::parse)
-                        .transpose()
-                        .map_err(DbError::corrupt("audit_log.actor_key_id"))?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    detail: serde_json::from_str(&detail)
-                        .ok()
-                        .filter(serde_json::Value::is_object)
-                        .unwrap_or_else(|| serde_json::Value::Object(Default::default())),
-                })
-            })
-            .collect()
+        rows.iter().map(entry_from_row).collect()
     }
+
+    /// Up to `limit` of `team`'s entries newer than entry `after`, oldest first (the
+    /// event stream's read).
+    pub async fn list_audit_after(
+        &self,
+        team: TeamId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, team_id, actor_key_id, action, target, detail_json FROM audit_log \
+             WHERE team_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(team.to_string())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// The newest entry ID of any team (0 when the log is empty).
+    pub async fn latest_audit_id(&self) -> Result<i64> {
+        let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id.unwrap_or(0))
+    }
+}
+
+fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEntry> {
+    let detail: String = r.try_get("detail_json")?;
+    Ok(AuditEntry {
+        id: r.try_get("id")?,
+        at: ms_to_time(r.try_get("at")?),
+        team_id: parse_team("audit_log.team_id", r.try_get("team_id")?)?,
+        actor_key_id: r
+            .try_get::<Option<&str>, _>("actor_key_id")?
+            .map(str::parse)
+            .transpose()
+            .map_err(DbError::corrupt("audit_log.actor_key_id"))?,
+        action: r.try_get("action")?,
+        target: r.try_get("target")?,
+        detail: serde_json::from_str(&detail)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+    })
 }

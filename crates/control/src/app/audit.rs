@@ -40,6 +40,9 @@ pub mod action {
     pub const SANDBOX_SNAPSHOT: &str = "sandbox.snapshot";
     /// Destroyed or paused by hearth at its timeout (no key).
     pub const SANDBOX_TIMEOUT: &str = "sandbox.timeout";
+    /// Another change of state hearth made (lost, failed on its host, corrected, stuck
+    /// starting): `detail` has `from`, `to` and `reason`.
+    pub const SANDBOX_STATE: &str = "sandbox.state";
     pub const TEMPLATE_DELETE: &str = "template.delete";
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
@@ -110,5 +113,77 @@ pub fn keep_caller<F: Future>(f: F) -> impl Future<Output = F::Output> {
             Some(k) => CALLER.scope(k, f).await,
             None => f.await,
         }
+    }
+}
+
+/// How often an open event stream looks for new entries.
+pub const EVENTS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Entries one look reads at most (more are read at the next, without waiting).
+const EVENTS_BATCH: u32 = 100;
+
+/// An open `GET /v1/events` stream: the team's audit entries after `last`, as they
+/// are written. Read from the database, so every control plane on it sees what any
+/// other wrote. Holds one of the team's event-stream slots until dropped.
+pub struct EventStream {
+    app: std::sync::Arc<App>,
+    team: TeamId,
+    last: i64,
+    buffered: std::collections::VecDeque<AuditEntry>,
+    _permit: super::concurrency::Permit,
+}
+
+impl EventStream {
+    /// The next entry; waits for one. `None` when the database fails (logged): the
+    /// client reconnects with the last ID it saw and loses nothing.
+    pub async fn next(&mut self) -> Option<AuditEntry> {
+        loop {
+            if let Some(e) = self.buffered.pop_front() {
+                self.last = e.id;
+                return Some(e);
+            }
+            match self
+                .app
+                .db
+                .list_audit_after(self.team, self.last, EVENTS_BATCH)
+                .await
+            {
+                Ok(v) if v.is_empty() => tokio::time::sleep(EVENTS_POLL).await,
+                Ok(v) => self.buffered.extend(v),
+                Err(e) => {
+                    tracing::warn!(team = %self.team, error = %e, "event stream ends: reading the audit log failed");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl App {
+    /// Open the team's event stream after entry `after` (a `Last-Event-ID`), or from
+    /// now when `None`.
+    pub async fn open_events(
+        self: &std::sync::Arc<Self>,
+        team: TeamId,
+        after: Option<i64>,
+    ) -> AppResult<EventStream> {
+        if let Some(a) = after {
+            if a < 0 {
+                return Err(AppError::InvalidArgument(format!(
+                    "after must be an event ID (0 or more), got {a}"
+                )));
+            }
+        }
+        let permit = self.permit(team, super::concurrency::Kind::Events)?;
+        let last = match after {
+            Some(a) => a,
+            None => self.db.latest_audit_id().await?,
+        };
+        Ok(EventStream {
+            app: self.clone(),
+            team,
+            last,
+            buffered: Default::default(),
+            _permit: permit,
+        })
     }
 }

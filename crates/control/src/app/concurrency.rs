@@ -17,6 +17,8 @@ use hearth_types::TeamId;
 pub enum Kind {
     Exec,
     Transfer,
+    /// `GET /v1/events` streams.
+    Events,
 }
 
 impl Kind {
@@ -24,6 +26,7 @@ impl Kind {
         match self {
             Kind::Exec => "concurrent exec streams",
             Kind::Transfer => "concurrent file transfers",
+            Kind::Events => "concurrent event streams",
         }
     }
 }
@@ -33,6 +36,7 @@ impl Kind {
 pub struct StreamCaps {
     pub exec_streams: u32,
     pub transfers: u32,
+    pub event_streams: u32,
 }
 
 impl Default for StreamCaps {
@@ -40,6 +44,7 @@ impl Default for StreamCaps {
         Self {
             exec_streams: 64,
             transfers: 16,
+            event_streams: 16,
         }
     }
 }
@@ -49,6 +54,7 @@ impl StreamCaps {
         match kind {
             Kind::Exec => self.exec_streams,
             Kind::Transfer => self.transfers,
+            Kind::Events => self.event_streams,
         }
     }
 }
@@ -114,6 +120,7 @@ mod tests {
         let caps = StreamCaps {
             exec_streams: 2,
             transfers: 1,
+            event_streams: 1,
         };
         let (a, b) = (TeamId::generate(), TeamId::generate());
         let p1 = c.acquire(&caps, a, Kind::Exec).unwrap();

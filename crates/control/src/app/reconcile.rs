@@ -201,6 +201,8 @@ impl App {
                     tracing::info!(sandbox_id = %row.id, host = %url,
                         "sandbox no longer on its host (reaped or lost): marked stopped");
                     self.end_streams(&row.id);
+                    self.record_change(&row, SandboxState::Stopped, "lost on its host")
+                        .await;
                     report.lost.push(row.id);
                 }
             }
@@ -213,6 +215,7 @@ impl App {
                     .await?
                 {
                     tracing::warn!(sandbox_id = %row.id, host = %url, "paused sandbox lost on its host: marked error");
+                    self.record_change(&row, SandboxState::Error, why).await;
                     report.lost.push(row.id);
                 }
             }
@@ -230,6 +233,7 @@ impl App {
                     tracing::info!(sandbox_id = %row.id, host = %url, reason = %why,
                         "sandbox failed on its host: marked error");
                     self.end_streams(&row.id);
+                    self.record_change(&row, SandboxState::Error, why).await;
                     report.failed.push(row.id);
                 }
             }
@@ -255,6 +259,12 @@ impl App {
                         match self.destroy_row(&row).await {
                             Ok(()) => {
                                 tracing::info!(sandbox_id = %row.id, "paused past its retention: destroyed");
+                                self.record_change(
+                                    &row,
+                                    SandboxState::Stopped,
+                                    "paused past its retention: destroyed",
+                                )
+                                .await;
                                 report.retired.push(row.id);
                             }
                             Err(e) => {
@@ -283,9 +293,24 @@ impl App {
         {
             tracing::warn!(sandbox_id = %row.id, from = %row.state, to = %to,
                 "row did not match its host after an interrupted pause or resume: corrected");
+            self.record_change(row, to, "set to what its host holds")
+                .await;
             report.corrected.push(row.id.clone());
         }
         Ok(())
+    }
+
+    /// Record a change of state made by hearth itself (no key) in the audit log, from
+    /// which the team's event stream reads.
+    async fn record_change(&self, row: &SandboxRow, to: SandboxState, why: &str) {
+        self.audit_as(
+            None,
+            row.team_id,
+            super::audit::action::SANDBOX_STATE,
+            row.id.as_str(),
+            serde_json::json!({"from": row.state.to_string(), "to": to.to_string(), "reason": why}),
+        )
+        .await;
     }
 
     /// A running sandbox past its deadline: paused or destroyed, as it asked.
@@ -362,6 +387,8 @@ impl App {
                 continue;
             }
             tracing::warn!(sandbox_id = %row.id, "sandbox stuck in 'starting': marked error");
+            self.record_change(&row, SandboxState::Error, &message)
+                .await;
             if let Some(client) = row.host_id.as_ref().and_then(|h| self.hosts.get(h)) {
                 match client.destroy_sandbox(&row.id).await {
                     Ok(_) => {}

@@ -542,3 +542,46 @@ pub async fn list_audit(
         next_before,
     }))
 }
+
+#[utoipa::path(get, path = "/v1/events", params(EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event ID.")),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "Server-sent events, one per audit entry of the team as it is written \
+            (`id`: the entry ID, `event`: its action, `data`: the entry as in GET /v1/audit); \
+            comments keep the connection alive. Reconnect with Last-Event-ID to miss nothing."),
+        (status = 400, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "The team has its maximum of event streams open.")),
+    security(("api_key" = [])))]
+pub async fn events(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    let after = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    AppError::InvalidArgument("Last-Event-ID must be an event ID".into())
+                })?,
+        ),
+        None => q.after,
+    };
+    let stream = s.app.open_events(caller.team_id, after).await?;
+    let events = futures::stream::unfold(stream, |mut stream| async move {
+        let entry = stream.next().await?;
+        let action = entry.action.clone();
+        let id = entry.id;
+        let data = serde_json::to_string(&AuditEntryInfo::from(entry)).unwrap_or_default();
+        let ev = axum::response::sse::Event::default()
+            .id(id.to_string())
+            .event(action)
+            .data(data);
+        Some((Ok::<_, std::convert::Infallible>(ev), stream))
+    });
+    Ok(axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}

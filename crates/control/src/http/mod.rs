@@ -117,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/templates", get(handlers::admin_list_templates))
         .route("/v1/audit", get(handlers::list_audit))
+        .route("/v1/events", get(handlers::events))
         .route(
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),

@@ -66,6 +66,7 @@ impl Modify for Security {
         handlers::admin_revoke_key,
         handlers::admin_list_templates,
         handlers::list_audit,
+        handlers::events,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,

@@ -555,3 +555,10 @@ pub struct AuditPage {
     /// Pass as `before` for the next (older) page; null: no more.
     pub next_before: Option<i64>,
 }
+
+/// Where `GET /v1/events` starts.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Entries after this event ID (as `Last-Event-ID`, which wins); default: from now.
+    pub after: Option<i64>,
+}
