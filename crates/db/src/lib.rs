@@ -37,7 +37,7 @@ pub use models::{
     SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
 };
 pub use quotas::{Admission, ResumeAdmission};
-pub use sandboxes::{PageCursor, SandboxPage};
+pub use sandboxes::{PageCursor, SandboxPage, STORED as STORED_STATES};
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 

@@ -10,7 +10,7 @@ use crate::keys::{ms_to_time, parse_team};
 use crate::{now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
 
 /// States a sandbox row may hold (the agent's transient ones never reach the database).
-const STORED: [SandboxState; 6] = [
+pub const STORED: [SandboxState; 6] = [
     SandboxState::Pending,
     SandboxState::Starting,
     SandboxState::Running,

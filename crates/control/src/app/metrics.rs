@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use hearth_db::SandboxState;
+use hearth_db::STORED_STATES;
 
 use super::{App, AppError, AppResult};
 
@@ -128,14 +128,7 @@ impl App {
     /// The metrics in Prometheus' text format, sandbox and host figures as of now.
     pub async fn render_metrics(&self) -> AppResult<String> {
         let counts = self.db.count_sandboxes_by_state().await?;
-        for state in [
-            SandboxState::Pending,
-            SandboxState::Starting,
-            SandboxState::Running,
-            SandboxState::Paused,
-            SandboxState::Stopped,
-            SandboxState::Error,
-        ] {
+        for state in STORED_STATES {
             let n = counts.get(&state).copied().unwrap_or(0);
             self.metrics
                 .sandboxes

@@ -300,6 +300,18 @@ impl App {
         Ok(())
     }
 
+    /// Record that hearth ended a sandbox's time (`then`: paused or destroyed).
+    async fn record_timeout(&self, row: &SandboxRow, then: &str) {
+        self.audit_as(
+            None,
+            row.team_id,
+            super::audit::action::SANDBOX_TIMEOUT,
+            row.id.as_str(),
+            serde_json::json!({ "then": then }),
+        )
+        .await;
+    }
+
     /// Record a change of state made by hearth itself (no key) in the audit log, from
     /// which the team's event stream reads.
     async fn record_change(&self, row: &SandboxRow, to: SandboxState, why: &str) {
@@ -325,14 +337,7 @@ impl App {
                 Ok(()) => {
                     tracing::info!(sandbox_id = %row.id, "sandbox reached its timeout: paused");
                     report.paused.push(row.id.clone());
-                    self.audit_as(
-                        None,
-                        row.team_id,
-                        super::audit::action::SANDBOX_TIMEOUT,
-                        row.id.as_str(),
-                        serde_json::json!({"then": "paused"}),
-                    )
-                    .await;
+                    self.record_timeout(row, "paused").await;
                 }
                 Err(e) => {
                     tracing::warn!(sandbox_id = %row.id, error = %e, "pausing an expired sandbox failed")
@@ -342,14 +347,7 @@ impl App {
                 Ok(()) => {
                     tracing::info!(sandbox_id = %row.id, "sandbox expired: destroyed and marked stopped");
                     report.expired.push(row.id.clone());
-                    self.audit_as(
-                        None,
-                        row.team_id,
-                        super::audit::action::SANDBOX_TIMEOUT,
-                        row.id.as_str(),
-                        serde_json::json!({"then": "destroyed"}),
-                    )
-                    .await;
+                    self.record_timeout(row, "destroyed").await;
                 }
                 Err(e) => {
                     tracing::warn!(sandbox_id = %row.id, error = %e, "destroying expired sandbox failed")

@@ -391,13 +391,7 @@ pub async fn create_key(
         .app
         .create_key(&caller, caller.team_id, req.into())
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKey {
-            key: key.into(),
-            secret,
-        }),
-    ))
+    Ok(created_key(key, secret))
 }
 
 #[utoipa::path(get, path = "/v1/keys",
@@ -484,13 +478,7 @@ pub async fn admin_create_team_key(
     crate::app::accounts::require_admin(&caller)?;
     let team = crate::app::accounts::parse_team_id(&team_id)?;
     let (key, secret) = s.app.create_key(&caller, team, req.into()).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKey {
-            key: key.into(),
-            secret,
-        }),
-    ))
+    Ok(created_key(key, secret))
 }
 
 #[utoipa::path(delete, path = "/v1/admin/keys/{key_id}", params(("key_id" = String, Path)),
@@ -584,4 +572,15 @@ pub async fn events(
     Ok(axum::response::sse::Sse::new(events)
         .keep_alive(axum::response::sse::KeepAlive::default())
         .into_response())
+}
+
+/// 201 with a new key and its secret (shown this once).
+fn created_key(key: hearth_db::ApiKey, secret: String) -> (StatusCode, Json<CreatedKey>) {
+    (
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: key.into(),
+            secret,
+        }),
+    )
 }
