@@ -403,8 +403,11 @@ impl App {
         let app = self.clone();
         tokio::spawn(audit::keep_caller(async move {
             app.destroy_row(&row).await?;
-            app.audit(team, action::SANDBOX_DELETE, row.id.as_str(), Value::Null)
-                .await;
+            // Deleting an ended sandbox again (idempotent) is not another act.
+            if !matches!(row.state, SandboxState::Stopped | SandboxState::Error) {
+                app.audit(team, action::SANDBOX_DELETE, row.id.as_str(), Value::Null)
+                    .await;
+            }
             Ok(())
         }))
         .await
