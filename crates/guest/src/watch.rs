@@ -380,18 +380,31 @@ mod tests {
     use buffa::Enumeration;
 
     /// Take events of `id` into `seen` until every name of `want` is among them.
-    fn wait_for(w: &Watchers, id: &str, seen: &mut Vec<FilesystemEvent>, want: &[&str]) {
+    /// Collect events until `done` holds of them (5 s at most).
+    fn wait_until(
+        w: &Watchers,
+        id: &str,
+        seen: &mut Vec<FilesystemEvent>,
+        what: &str,
+        done: impl Fn(&[FilesystemEvent]) -> bool,
+    ) {
         for _ in 0..100 {
             seen.extend(w.take(id).unwrap());
-            if want.iter().all(|n| seen.iter().any(|e| e.name == *n)) {
+            if done(seen) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "{want:?} not all seen: {:?}",
-            seen.iter().map(|e| &e.name).collect::<Vec<_>>()
+            "{what} not seen: {:?}",
+            seen.iter().map(|e| (&e.name, e.r#type)).collect::<Vec<_>>()
         );
+    }
+
+    fn wait_for(w: &Watchers, id: &str, seen: &mut Vec<FilesystemEvent>, want: &[&str]) {
+        wait_until(w, id, seen, &format!("{want:?}"), |seen| {
+            want.iter().all(|n| seen.iter().any(|e| e.name == *n))
+        });
     }
 
     #[test]
@@ -411,12 +424,13 @@ mod tests {
         wait_for(&w, &id, &mut seen, &["new"]);
         std::fs::write(dir.path().join("new/in-new.txt"), "3").unwrap();
         std::fs::remove_file(dir.path().join("top.txt")).unwrap();
-        wait_for(
-            &w,
-            &id,
-            &mut seen,
-            &["old/in-old.txt", "new/in-new.txt", "top.txt"],
-        );
+        wait_for(&w, &id, &mut seen, &["old/in-old.txt", "new/in-new.txt"]);
+        // top.txt was seen at its create already: wait for its removal itself.
+        let removed = EventType::EVENT_TYPE_REMOVE.to_i32();
+        wait_until(&w, &id, &mut seen, "top.txt removed", |seen| {
+            seen.iter()
+                .any(|e| e.name == "top.txt" && e.r#type.to_i32() == removed)
+        });
         let top: Vec<i32> = seen
             .iter()
             .filter(|e| e.name == "top.txt")
