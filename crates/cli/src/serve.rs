@@ -113,6 +113,17 @@ pub struct PolicyOpts {
     /// `localhost:PORT` with this server's port.
     #[arg(long, env = "HEARTH_E2B_DOMAIN")]
     pub e2b_domain: Option<String>,
+    /// Milliseconds between reconciler passes (each compares every host's sandboxes
+    /// with the database; with several servers on one database only the leader changes
+    /// rows, the others refresh what they know of the hosts).
+    #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    pub reconcile_interval_ms: u64,
+    /// Seconds a create may stay `starting` before the reconciler calls it failed and
+    /// asks its host to destroy whatever it made (a server that died mid-create).
+    #[arg(long, env = "HEARTH_CREATE_TIMEOUT_S", default_value_t = 240,
+          value_parser = clap::value_parser!(u64).range(5..=86_400))]
+    pub create_timeout_s: u64,
 }
 
 impl PolicyOpts {
@@ -134,6 +145,7 @@ impl PolicyOpts {
                 ..Default::default()
             },
             e2b_domain: self.e2b_domain.clone(),
+            create_timeout: std::time::Duration::from_secs(self.create_timeout_s),
             ..Default::default()
         }
     }
@@ -331,6 +343,7 @@ async fn start_control(
     cfg.agent_urls = agent_urls;
     cfg.agent_token = agent_token;
     cfg.policy = policy.policy();
+    cfg.reconcile_interval = std::time::Duration::from_millis(policy.reconcile_interval_ms);
     cfg.server_limits = listener.limits();
     let control = hearth_control::start(cfg).await?;
     if let Some(key) = control.bootstrap_key() {

@@ -123,6 +123,33 @@ impl RunningControl {
     }
 }
 
+/// Leadership of background work (the reconciler's changes to sandboxes) for the
+/// next pass: kept while its connection answers, else sought again. With several
+/// control planes on one PostgreSQL database exactly one leads; when it dies its lock
+/// goes with its connection and another takes over within a pass or two.
+async fn keep_leading(
+    db: &hearth_db::Db,
+    lead: Option<hearth_db::Leadership>,
+) -> Option<hearth_db::Leadership> {
+    if let Some(mut l) = lead {
+        if l.still_leads().await {
+            return Some(l);
+        }
+        tracing::warn!("lost the lead of background work (database connection broke)");
+    }
+    match db.try_lead("background").await {
+        Ok(Some(l)) => {
+            tracing::info!("leading background work (reconciler)");
+            Some(l)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not ask for the lead of background work");
+            None
+        }
+    }
+}
+
 /// Open the database (migrating it), bootstrap on first start, register the host
 /// agents, and serve the API; the reconciler runs every `reconcile_interval`.
 pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
@@ -154,8 +181,10 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     let state = AppState::new(
         App::new(db, hosts, config.limits, config.max_upload_bytes).with_policy(policy),
     );
-    // First pass before serving, so a create right after start finds its host.
-    if let Err(e) = state.app().reconcile_once().await {
+    // First pass before serving, so a create right after start finds its host. It only
+    // learns the hosts: changing rows waits for the lead (the loop's first tick, at
+    // once), so a replica joining others never acts beside their leader.
+    if let Err(e) = state.app().reconcile_pass(false).await {
         tracing::warn!(error = %e, "initial reconcile failed");
     }
     let (stop, stop_rx) = watch::channel(false);
@@ -176,12 +205,14 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     let reconciler = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lead = None;
         loop {
             tokio::select! {
                 _ = rx.wait_for(|s| *s) => break,
                 _ = tick.tick() => {}
             }
-            match app.reconcile_once().await {
+            lead = keep_leading(&app.db, lead).await;
+            match app.reconcile_pass(lead.is_some()).await {
                 Ok(r) if r.changed() => {
                     tracing::info!(
                         lost = r.lost.len(),
@@ -198,6 +229,9 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
             }
+        }
+        if let Some(l) = lead {
+            l.release().await;
         }
     });
 

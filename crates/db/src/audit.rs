@@ -4,7 +4,7 @@ use hearth_types::{ApiKeyId, TeamId};
 use sqlx::Row;
 
 use crate::keys::{ms_to_time, parse_team};
-use crate::{now_ms, AuditEntry, Db, DbError, Result};
+use crate::{now_ms, AuditEntry, Db, DbError, Result, AUDIT_LOCK};
 
 impl Db {
     /// Append one entry; returns its ID.
@@ -16,6 +16,11 @@ impl Db {
         target: &str,
         detail: &serde_json::Value,
     ) -> Result<i64> {
+        // Readers of the event stream page by ID (`id > last seen`), so IDs must become
+        // visible in the order they were given. SQLite has one writer at a time; on
+        // PostgreSQL a sequence value can commit after a larger one, so appends take a
+        // lock of their own around the insert and its commit.
+        let mut tx = self.begin_locked(AUDIT_LOCK).await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO audit_log (at, team_id, actor_key_id, action, target, detail_json) \
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -26,8 +31,9 @@ impl Db {
         .bind(action)
         .bind(target)
         .bind(detail.to_string())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -80,7 +86,7 @@ impl Db {
     }
 }
 
-fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEntry> {
+fn entry_from_row(r: &sqlx::any::AnyRow) -> Result<AuditEntry> {
     let detail: String = r.try_get("detail_json")?;
     Ok(AuditEntry {
         id: r.try_get("id")?,

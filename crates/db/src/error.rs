@@ -3,7 +3,7 @@ use hearth_types::IdError;
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("unsupported database URL {url:?} (only sqlite: for now)")]
+    #[error("unsupported database URL {url:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl { url: String },
     #[error("cannot open database {url:?}")]
     Connect {

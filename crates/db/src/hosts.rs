@@ -4,7 +4,7 @@ use hearth_types::{HostId, TeamId, TemplateName};
 use sqlx::Row;
 
 use crate::keys::{ms_to_time, parse_team};
-use crate::{now_ms, Db, DbError, Host, NewTemplate, Result, Template, TemplateLocation};
+use crate::{flag, now_ms, Db, DbError, Host, NewTemplate, Result, Template, TemplateLocation};
 
 impl Db {
     /// Record a host agent (or refresh it): its URL, VMM and accelerator, seen now.
@@ -203,13 +203,13 @@ impl Db {
 }
 
 const TEMPLATE_COLUMNS: &str = "name, team_id, size_bytes, created_at, host_id, host_name, \
-    has_memory, allocated_bytes, source_sandbox_id, vcpus, memory_mb, disk_size_mb";
+    CAST(has_memory AS INTEGER) AS has_memory, allocated_bytes, source_sandbox_id, vcpus, memory_mb, disk_size_mb";
 
-fn u32_of(r: &sqlx::sqlite::SqliteRow, column: &str) -> Result<u32> {
+fn u32_of(r: &sqlx::any::AnyRow, column: &str) -> Result<u32> {
     Ok(u32::try_from(r.try_get::<i64, _>(column)?.max(0)).unwrap_or(u32::MAX))
 }
 
-fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Template> {
+fn template_from_row(r: &sqlx::any::AnyRow) -> Result<Template> {
     Ok(Template {
         name: r
             .try_get::<&str, _>("name")?
@@ -228,7 +228,7 @@ fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Template> {
             }),
             _ => None,
         },
-        has_memory: r.try_get("has_memory")?,
+        has_memory: flag(r, "has_memory")?,
         allocated_bytes: r.try_get::<i64, _>("allocated_bytes")?.max(0) as u64,
         source_sandbox_id: r
             .try_get::<Option<&str>, _>("source_sandbox_id")?

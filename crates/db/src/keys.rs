@@ -7,7 +7,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::{now_ms, ApiKey, Db, DbError, NewApiKey, Principal, Result, Team};
+use crate::{flag, now_ms, ApiKey, Db, DbError, NewApiKey, Principal, Result, Team};
 
 /// Prefix of every API key secret.
 pub const KEY_PREFIX: &str = "hk_";
@@ -18,13 +18,13 @@ pub const VISIBLE_PREFIX_LEN: usize = 8;
 pub const LAST_USED_GRANULARITY_MS: i64 = 30_000;
 
 const KEY_COLUMNS: &str =
-    "id, team_id, name, prefix, is_admin, created_at, last_used_at, expires_at, revoked_at, created_by";
+    "id, team_id, name, prefix, CAST(is_admin AS INTEGER) AS is_admin, created_at, last_used_at, expires_at, revoked_at, created_by";
 
 fn opt_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
     ms.map(ms_to_time)
 }
 
-fn team_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Team> {
+fn team_from_row(r: &sqlx::any::AnyRow) -> Result<Team> {
     Ok(Team {
         id: parse_team("teams.id", r.try_get("id")?)?,
         name: r.try_get("name")?,
@@ -32,7 +32,7 @@ fn team_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Team> {
     })
 }
 
-fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiKey> {
+fn key_from_row(r: &sqlx::any::AnyRow) -> Result<ApiKey> {
     Ok(ApiKey {
         id: r
             .try_get::<&str, _>("id")?
@@ -41,7 +41,7 @@ fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiKey> {
         team_id: parse_team("api_keys.team_id", r.try_get("team_id")?)?,
         name: r.try_get("name")?,
         prefix: r.try_get("prefix")?,
-        is_admin: r.try_get("is_admin")?,
+        is_admin: flag(r, "is_admin")?,
         created_at: ms_to_time(r.try_get("created_at")?),
         last_used_at: opt_time(r.try_get("last_used_at")?),
         expires_at: opt_time(r.try_get("expires_at")?),
@@ -212,7 +212,7 @@ impl Db {
         let hash = hash_secret(plaintext);
         let now = now_ms();
         let Some(row) = sqlx::query(
-            "SELECT id, team_id, is_admin, last_used_at FROM api_keys \
+            "SELECT id, team_id, CAST(is_admin AS INTEGER) AS is_admin, last_used_at FROM api_keys \
              WHERE secret_sha256 = $1 AND revoked_at IS NULL \
              AND (expires_at IS NULL OR expires_at > $2)",
         )
@@ -230,7 +230,7 @@ impl Db {
         let principal = Principal {
             team_id: parse_team("api_keys.team_id", row.try_get("team_id")?)?,
             key_id,
-            is_admin: row.try_get("is_admin")?,
+            is_admin: flag(&row, "is_admin")?,
         };
         // A write per request would serialize every request on SQLite's write lock:
         // the time of use is refreshed when it is older than the granularity.

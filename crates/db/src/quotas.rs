@@ -41,7 +41,7 @@ pub enum Admission {
     Refused(QuotaExceeded),
 }
 
-fn opt_u64(r: &sqlx::sqlite::SqliteRow, column: &str) -> Result<Option<u64>> {
+fn opt_u64(r: &sqlx::any::AnyRow, column: &str) -> Result<Option<u64>> {
     Ok(r.try_get::<Option<i64>, _>(column)?
         .map(|v| u64::try_from(v).unwrap_or(0)))
 }
@@ -110,7 +110,7 @@ impl Db {
         let Some(first) = rows.first() else {
             return Ok(Admission::Admitted);
         };
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_serialized().await?;
         let quota = quota_in(&mut tx, first.team_id, default).await?;
         let mut usage = usage_in(&mut tx, first.team_id).await?;
         for s in rows {
@@ -146,7 +146,7 @@ impl Db {
         default: &TeamQuota,
     ) -> Result<ResumeAdmission> {
         SandboxState::Paused.transition(SandboxState::Running)?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_serialized().await?;
         let row = sqlx::query(
             "SELECT vcpus, memory_mb FROM sandboxes WHERE id = $1 AND team_id = $2 AND state = 'paused'",
         )
@@ -194,7 +194,7 @@ impl Db {
 }
 
 async fn quota_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     team: TeamId,
     default: &TeamQuota,
 ) -> Result<TeamQuota> {
@@ -217,13 +217,14 @@ async fn quota_in(
     })
 }
 
-async fn usage_in(conn: &mut sqlx::SqliteConnection, team: TeamId) -> Result<TeamUsage> {
+async fn usage_in(conn: &mut sqlx::AnyConnection, team: TeamId) -> Result<TeamUsage> {
     // Paused sandboxes hold no VM: they count for the number and the disk only.
     let r = sqlx::query(
         "SELECT COUNT(*) AS n, \
-         COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE vcpus END), 0) AS vcpus, \
-         COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE memory_mb END), 0) AS memory_mb, \
-         COALESCE(SUM(disk_size_mb), 0) AS disk_mb \
+         CAST(COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE vcpus END), 0) AS BIGINT) AS vcpus, \
+         CAST(COALESCE(SUM(CASE WHEN state = 'paused' THEN 0 ELSE memory_mb END), 0) AS BIGINT) \
+         AS memory_mb, \
+         CAST(COALESCE(SUM(disk_size_mb), 0) AS BIGINT) AS disk_mb \
          FROM sandboxes WHERE team_id = $1 \
          AND state IN ('pending', 'starting', 'running', 'paused')",
     )

@@ -7,7 +7,7 @@ use hearth_types::{HostId, SandboxId, TeamId};
 use sqlx::Row;
 
 use crate::keys::{ms_to_time, parse_team};
-use crate::{now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
+use crate::{flag, now_ms, Db, DbError, NewSandbox, Result, SandboxRow, SandboxState};
 
 /// States a sandbox row may hold (the agent's transient ones never reach the database).
 pub const STORED: [SandboxState; 6] = [
@@ -33,8 +33,13 @@ pub struct SandboxPage {
     pub next: Option<PageCursor>,
 }
 
-const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
+/// The columns of a row, in the order `INSERT` binds them.
+const INSERT_COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
     env_json, metadata_json, host_id, created_at, expires_at, error, updated_at, on_timeout, secure, auto_resume";
+/// The same columns as read back (booleans through `CAST`, see the crate docs).
+const COLUMNS: &str = "id, team_id, template, state, vcpus, memory_mb, disk_size_mb, timeout_s, \
+    env_json, metadata_json, host_id, created_at, expires_at, error, updated_at, on_timeout, \
+    CAST(secure AS INTEGER) AS secure, CAST(auto_resume AS INTEGER) AS auto_resume";
 
 impl Db {
     /// Insert a row without any admission check (tests, imports). Creates go through
@@ -408,7 +413,7 @@ impl Db {
 /// Insert the row of `s` through `exec` (the pool or an open transaction).
 pub(crate) async fn insert_row<'e, E>(exec: E, s: &NewSandbox) -> Result<()>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let env = serde_json::to_string(&s.env).map_err(|e| DbError::Corrupt {
         column: "sandboxes.env_json",
@@ -420,7 +425,7 @@ where
     })?;
     let now = now_ms();
     sqlx::query(&format!(
-        "INSERT INTO sandboxes ({COLUMNS}) \
+        "INSERT INTO sandboxes ({INSERT_COLUMNS}) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15, $16, $17)"
     ))
     .bind(s.id.as_str())
@@ -451,7 +456,7 @@ where
     Ok(())
 }
 
-fn u32_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<u32> {
+fn u32_col(r: &sqlx::any::AnyRow, column: &'static str) -> Result<u32> {
     let v: i64 = r.try_get(column)?;
     u32::try_from(v).map_err(|e| DbError::Corrupt {
         column,
@@ -459,7 +464,7 @@ fn u32_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<u32> {
     })
 }
 
-fn json_map(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<BTreeMap<String, String>> {
+fn json_map(r: &sqlx::any::AnyRow, column: &'static str) -> Result<BTreeMap<String, String>> {
     let s: &str = r.try_get(column)?;
     serde_json::from_str(s).map_err(|e| DbError::Corrupt {
         column,
@@ -467,11 +472,11 @@ fn json_map(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<BTreeMa
     })
 }
 
-fn time_col(r: &sqlx::sqlite::SqliteRow, column: &'static str) -> Result<DateTime<Utc>> {
+fn time_col(r: &sqlx::any::AnyRow, column: &'static str) -> Result<DateTime<Utc>> {
     Ok(ms_to_time(r.try_get(column)?))
 }
 
-fn sandbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SandboxRow> {
+fn sandbox_from_row(r: &sqlx::any::AnyRow) -> Result<SandboxRow> {
     let state: &str = r.try_get("state")?;
     Ok(SandboxRow {
         id: r
@@ -509,7 +514,7 @@ fn sandbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SandboxRow> {
                 column: "sandboxes.on_timeout",
                 source: Box::new(e),
             })?,
-        secure: r.try_get("secure")?,
-        auto_resume: r.try_get("auto_resume")?,
+        secure: flag(r, "secure")?,
+        auto_resume: flag(r, "auto_resume")?,
     })
 }

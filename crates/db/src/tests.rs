@@ -55,7 +55,10 @@ async fn unsupported_url_is_rejected() {
 
 #[tokio::test]
 async fn api_keys_are_stored_hashed_and_authenticate() {
-    let db = Db::connect_in_memory().await.unwrap();
+    api_keys_are_stored_hashed_and_authenticate_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn api_keys_are_stored_hashed_and_authenticate_on(db: Db) {
     let team = db.create_team("a").await.unwrap();
     let (key, plaintext) = db
         .create_api_key(&NewApiKey::new(team.id, "admin", true))
@@ -97,7 +100,13 @@ async fn api_keys_are_stored_hashed_and_authenticate() {
 
 #[tokio::test]
 async fn revoked_and_expired_keys_stop_authenticating_and_stay_listed() {
-    let db = Db::connect_in_memory().await.unwrap();
+    revoked_and_expired_keys_stop_authenticating_and_stay_listed_on(
+        Db::connect_in_memory().await.unwrap(),
+    )
+    .await;
+}
+
+async fn revoked_and_expired_keys_stop_authenticating_and_stay_listed_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let (live, live_secret) = db
         .create_api_key(&NewApiKey::new(team, "live", false))
@@ -145,7 +154,11 @@ async fn revoked_and_expired_keys_stop_authenticating_and_stay_listed() {
 
 #[tokio::test]
 async fn last_use_is_written_at_most_once_per_granularity() {
-    let db = Db::connect_in_memory().await.unwrap();
+    last_use_is_written_at_most_once_per_granularity_on(Db::connect_in_memory().await.unwrap())
+        .await;
+}
+
+async fn last_use_is_written_at_most_once_per_granularity_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let (key, secret) = db
         .create_api_key(&NewApiKey::new(team, "k", false))
@@ -177,7 +190,11 @@ async fn last_use_is_written_at_most_once_per_granularity() {
 
 #[tokio::test]
 async fn team_names_are_unique_and_teams_are_found_by_name() {
-    let db = Db::connect_in_memory().await.unwrap();
+    team_names_are_unique_and_teams_are_found_by_name_on(Db::connect_in_memory().await.unwrap())
+        .await;
+}
+
+async fn team_names_are_unique_and_teams_are_found_by_name_on(db: Db) {
     let a = db.create_team("acme").await.unwrap();
     let err = db.create_team("acme").await.unwrap_err();
     assert!(matches!(err, DbError::AlreadyExists { .. }), "{err:?}");
@@ -189,7 +206,10 @@ async fn team_names_are_unique_and_teams_are_found_by_name() {
 
 #[tokio::test]
 async fn teams_do_not_see_each_others_sandboxes() {
-    let db = Db::connect_in_memory().await.unwrap();
+    teams_do_not_see_each_others_sandboxes_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn teams_do_not_see_each_others_sandboxes_on(db: Db) {
     let a = db.create_team("a").await.unwrap().id;
     let b = db.create_team("b").await.unwrap().id;
     let sa = new_sandbox(a, None);
@@ -218,7 +238,10 @@ async fn teams_do_not_see_each_others_sandboxes() {
 
 #[tokio::test]
 async fn state_updates_honour_the_from_guard() {
-    let db = Db::connect_in_memory().await.unwrap();
+    state_updates_honour_the_from_guard_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn state_updates_honour_the_from_guard_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let host = HostId::generate();
     db.upsert_host(&host, "http://127.0.0.1:1", "qemu", "tcg")
@@ -276,7 +299,10 @@ async fn state_updates_honour_the_from_guard() {
 
 #[tokio::test]
 async fn duplicate_sandbox_id_is_reported() {
-    let db = Db::connect_in_memory().await.unwrap();
+    duplicate_sandbox_id_is_reported_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn duplicate_sandbox_id_is_reported_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let s = new_sandbox(team, None);
     db.insert_sandbox(&s).await.unwrap();
@@ -286,7 +312,10 @@ async fn duplicate_sandbox_id_is_reported() {
 
 #[tokio::test]
 async fn templates_are_team_scoped_plus_platform() {
-    let db = Db::connect_in_memory().await.unwrap();
+    templates_are_team_scoped_plus_platform_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn templates_are_team_scoped_plus_platform_on(db: Db) {
     let a = db.create_team("a").await.unwrap().id;
     let b = db.create_team("b").await.unwrap().id;
     let minimal: TemplateName = "minimal".parse().unwrap();
@@ -313,7 +342,10 @@ async fn templates_are_team_scoped_plus_platform() {
 
 #[tokio::test]
 async fn hosts_upsert() {
-    let db = Db::connect_in_memory().await.unwrap();
+    hosts_upsert_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn hosts_upsert_on(db: Db) {
     let h = HostId::generate();
     db.upsert_host(&h, "http://a", "qemu", "tcg").await.unwrap();
     db.upsert_host(&h, "http://b", "qemu", "kvm").await.unwrap();
@@ -332,10 +364,16 @@ fn file_url(dir: &tempfile::TempDir) -> String {
 
 #[tokio::test]
 async fn concurrent_admissions_never_pass_the_quota_together() {
-    use hearth_types::{QuotaExceeded, TeamQuota};
     // A file database with a pool of 8: admissions really run in parallel.
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::connect(&file_url(&dir)).await.unwrap();
+    concurrent_admissions_never_pass_the_quota_together_on(
+        Db::connect(&file_url(&dir)).await.unwrap(),
+    )
+    .await;
+}
+
+async fn concurrent_admissions_never_pass_the_quota_together_on(db: Db) {
+    use hearth_types::{QuotaExceeded, TeamQuota};
     let team = db.create_team("t").await.unwrap().id;
     let quota = TeamQuota {
         max_sandboxes: 5,
@@ -384,8 +422,11 @@ async fn concurrent_admissions_never_pass_the_quota_together() {
 
 #[tokio::test]
 async fn a_team_quota_row_overrides_the_defaults() {
+    a_team_quota_row_overrides_the_defaults_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn a_team_quota_row_overrides_the_defaults_on(db: Db) {
     use hearth_types::{QuotaExceeded, TeamQuota};
-    let db = Db::connect_in_memory().await.unwrap();
     let team = db.create_team("t").await.unwrap().id;
     let default = TeamQuota::default();
     assert_eq!(db.team_quota(team, &default).await.unwrap(), default);
@@ -416,7 +457,10 @@ async fn a_team_quota_row_overrides_the_defaults() {
 
 #[tokio::test]
 async fn pages_filter_by_state_and_cover_every_row_once() {
-    let db = Db::connect_in_memory().await.unwrap();
+    pages_filter_by_state_and_cover_every_row_once_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn pages_filter_by_state_and_cover_every_row_once_on(db: Db) {
     let team = db.create_team("t").await.unwrap().id;
     let base = Utc::now();
     let mut ids = Vec::new();
@@ -462,7 +506,10 @@ async fn pages_filter_by_state_and_cover_every_row_once() {
 
 #[tokio::test]
 async fn pruning_removes_only_old_finished_rows() {
-    let db = Db::connect_in_memory().await.unwrap();
+    pruning_removes_only_old_finished_rows_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn pruning_removes_only_old_finished_rows_on(db: Db) {
     let team = db.create_team("t").await.unwrap().id;
     let running = new_sandbox(team, None);
     let stopped = new_sandbox(team, None);
@@ -481,7 +528,10 @@ async fn pruning_removes_only_old_finished_rows() {
 
 #[tokio::test]
 async fn running_sets_the_expiry_from_then() {
-    let db = Db::connect_in_memory().await.unwrap();
+    running_sets_the_expiry_from_then_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn running_sets_the_expiry_from_then_on(db: Db) {
     let team = db.create_team("t").await.unwrap().id;
     let s = new_sandbox(team, None);
     db.insert_sandbox(&s).await.unwrap();
@@ -502,7 +552,13 @@ async fn running_sets_the_expiry_from_then() {
 
 #[tokio::test]
 async fn pause_and_resume_are_compare_and_set_and_follow_the_table() {
-    let db = Db::connect_in_memory().await.unwrap();
+    pause_and_resume_are_compare_and_set_and_follow_the_table_on(
+        Db::connect_in_memory().await.unwrap(),
+    )
+    .await;
+}
+
+async fn pause_and_resume_are_compare_and_set_and_follow_the_table_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let s = new_sandbox(team, None);
     db.insert_sandbox(&s).await.unwrap();
@@ -559,7 +615,13 @@ async fn pause_and_resume_are_compare_and_set_and_follow_the_table() {
 
 #[tokio::test]
 async fn paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota() {
-    let db = Db::connect_in_memory().await.unwrap();
+    paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota_on(
+        Db::connect_in_memory().await.unwrap(),
+    )
+    .await;
+}
+
+async fn paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let quota = TeamQuota {
         max_sandboxes: 3,
@@ -620,7 +682,10 @@ async fn paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota() 
 
 #[tokio::test]
 async fn a_fork_is_admitted_whole_or_not_at_all() {
-    let db = Db::connect_in_memory().await.unwrap();
+    a_fork_is_admitted_whole_or_not_at_all_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn a_fork_is_admitted_whole_or_not_at_all_on(db: Db) {
     let team = db.create_team("a").await.unwrap().id;
     let quota = TeamQuota {
         max_sandboxes: 4,
@@ -651,7 +716,11 @@ async fn a_fork_is_admitted_whole_or_not_at_all() {
 
 #[tokio::test]
 async fn the_catalogue_maps_team_names_to_host_templates() {
-    let db = Db::connect_in_memory().await.unwrap();
+    the_catalogue_maps_team_names_to_host_templates_on(Db::connect_in_memory().await.unwrap())
+        .await;
+}
+
+async fn the_catalogue_maps_team_names_to_host_templates_on(db: Db) {
     let a = db.create_team("a").await.unwrap().id;
     let b = db.create_team("b").await.unwrap().id;
     let host = HostId::generate();
@@ -716,7 +785,10 @@ async fn the_catalogue_maps_team_names_to_host_templates() {
 
 #[tokio::test]
 async fn a_secret_is_made_once_and_kept() {
-    let db = Db::connect_in_memory().await.unwrap();
+    a_secret_is_made_once_and_kept_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn a_secret_is_made_once_and_kept_on(db: Db) {
     let a = db
         .get_or_create_secret("k", || vec![1, 2, 3])
         .await
@@ -730,7 +802,10 @@ async fn a_secret_is_made_once_and_kept() {
 
 #[tokio::test]
 async fn secure_and_auto_resume_round_trip() {
-    let db = Db::connect_in_memory().await.unwrap();
+    secure_and_auto_resume_round_trip_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn secure_and_auto_resume_round_trip_on(db: Db) {
     let team = db.create_team("t").await.unwrap().id;
     let mut s = new_sandbox(team, None);
     s.secure = false;
@@ -738,4 +813,44 @@ async fn secure_and_auto_resume_round_trip() {
     db.insert_sandbox(&s).await.unwrap();
     let row = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
     assert!(!row.secure && row.auto_resume);
+}
+
+/// Every test above again on PostgreSQL (a scratch database on the test cluster of
+/// scripts/test-postgres.sh; skipped without one unless CI requires it).
+mod on_postgres {
+    use crate::testing::scratch_postgres;
+
+    macro_rules! on_postgres {
+        ($($name:ident => $body:path),* $(,)?) => {$(
+            #[tokio::test]
+            async fn $name() {
+                if let Some((db, _)) = scratch_postgres().await {
+                    $body(db).await;
+                }
+            }
+        )*};
+    }
+
+    on_postgres! {
+        api_keys_are_stored_hashed_and_authenticate => super::api_keys_are_stored_hashed_and_authenticate_on,
+        revoked_and_expired_keys_stop_authenticating_and_stay_listed => super::revoked_and_expired_keys_stop_authenticating_and_stay_listed_on,
+        last_use_is_written_at_most_once_per_granularity => super::last_use_is_written_at_most_once_per_granularity_on,
+        team_names_are_unique_and_teams_are_found_by_name => super::team_names_are_unique_and_teams_are_found_by_name_on,
+        teams_do_not_see_each_others_sandboxes => super::teams_do_not_see_each_others_sandboxes_on,
+        state_updates_honour_the_from_guard => super::state_updates_honour_the_from_guard_on,
+        duplicate_sandbox_id_is_reported => super::duplicate_sandbox_id_is_reported_on,
+        templates_are_team_scoped_plus_platform => super::templates_are_team_scoped_plus_platform_on,
+        hosts_upsert => super::hosts_upsert_on,
+        a_team_quota_row_overrides_the_defaults => super::a_team_quota_row_overrides_the_defaults_on,
+        pages_filter_by_state_and_cover_every_row_once => super::pages_filter_by_state_and_cover_every_row_once_on,
+        pruning_removes_only_old_finished_rows => super::pruning_removes_only_old_finished_rows_on,
+        running_sets_the_expiry_from_then => super::running_sets_the_expiry_from_then_on,
+        pause_and_resume_are_compare_and_set_and_follow_the_table => super::pause_and_resume_are_compare_and_set_and_follow_the_table_on,
+        paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota => super::paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota_on,
+        a_fork_is_admitted_whole_or_not_at_all => super::a_fork_is_admitted_whole_or_not_at_all_on,
+        the_catalogue_maps_team_names_to_host_templates => super::the_catalogue_maps_team_names_to_host_templates_on,
+        a_secret_is_made_once_and_kept => super::a_secret_is_made_once_and_kept_on,
+        secure_and_auto_resume_round_trip => super::secure_and_auto_resume_round_trip_on,
+        concurrent_admissions_never_pass_the_quota_together => super::concurrent_admissions_never_pass_the_quota_together_on,
+    }
 }

@@ -71,7 +71,15 @@ impl ReconcileReport {
 }
 
 impl App {
+    /// One whole pass, as the leader (tests, and the first pass of a lone server).
     pub async fn reconcile_once(&self) -> AppResult<ReconcileReport> {
+        self.reconcile_pass(true).await
+    }
+
+    /// One pass. Every control plane refreshes what it knows of the hosts (it schedules
+    /// on it); only the leader (`lead`, see `hearth_db::Leadership`) changes sandboxes,
+    /// so that replicas on one database never act twice on one row.
+    pub async fn reconcile_pass(&self, lead: bool) -> AppResult<ReconcileReport> {
         let mut report = ReconcileReport::default();
         for (index, entry) in self.hosts.entries().into_iter().enumerate() {
             let url = entry.client.url().to_owned();
@@ -113,6 +121,9 @@ impl App {
             let host_id = info.host_id.clone();
             self.hosts.set_info(index, info);
             report.hosts_seen += 1;
+            if !lead {
+                continue;
+            }
 
             // Read intent before observing the host: a row that is `running` now was
             // created on the host already, so the listing below must contain it.
@@ -136,6 +147,9 @@ impl App {
                 self.reconcile_row(&entry.client, &url, row.clone(), on_host, &mut report)
                     .await?;
             }
+        }
+        if !lead {
+            return Ok(report);
         }
         self.reconcile_stale_starts(&mut report).await?;
         let keep =

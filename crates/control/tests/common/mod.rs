@@ -17,7 +17,7 @@ use hearth_control::app::hosts::{
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
-use hearth_db::{Db, NewApiKey};
+use hearth_db::NewApiKey;
 use hearth_types::{HostId, SandboxId, SandboxLimits, TeamId, TemplateName};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -498,7 +498,9 @@ pub async fn env() -> Env {
 }
 
 pub async fn env_with(policy: Policy) -> Env {
-    let db = Db::connect_in_memory().await.unwrap();
+    // SQLite in memory, or PostgreSQL with HEARTH_TEST_DATABASE=postgres (scripts/test.sh
+    // runs this suite on both).
+    let db = hearth_db::testing::test_db().await;
     let team_a = db.create_team("a").await.unwrap().id;
     let team_b = db.create_team("b").await.unwrap().id;
     let key = |team, admin| NewApiKey::new(team, "k", admin);
