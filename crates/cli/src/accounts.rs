@@ -32,8 +32,40 @@ pub enum AdminCmd {
     /// Make, list and revoke any team's API keys.
     #[command(subcommand)]
     Key(AdminKeyCmd),
+    /// Make, list and disable users (people who sign in to the dashboard).
+    #[command(subcommand)]
+    User(UserCmd),
     /// List every team's templates and the platform's.
     Templates,
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Make a user of team T who signs in with EMAIL and a password read from the first
+    /// line of standard input (10 to 256 characters), e.g.
+    /// `printf '%s\n' "$PASSWORD" | hearth admin user create --team T --email E`.
+    Create {
+        /// Team name or ID.
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        email: String,
+        /// An admin user (may manage every team).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users (all teams, or one).
+    #[command(alias = "ls")]
+    List {
+        /// Team name or ID.
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// Disable users: their sessions end at once and they can no longer sign in.
+    Disable {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,6 +276,7 @@ pub async fn admin(g: &Global, cmd: AdminCmd) -> Result<()> {
             print_keys(g, &v);
         }
         AdminCmd::Key(AdminKeyCmd::Revoke { ids }) => revoke_all(g, "/v1/admin/keys", &ids).await?,
+        AdminCmd::User(cmd) => user(g, cmd).await?,
         AdminCmd::Templates => {
             let v: Value = c
                 .json(c.request(Method::GET, "/v1/admin/templates"))
@@ -256,6 +289,96 @@ pub async fn admin(g: &Global, cmd: AdminCmd) -> Result<()> {
                     &["name", "team_id", "has_memory", "size_bytes", "created_at"],
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+const USER_COLUMNS: &[&str] = &[
+    "id",
+    "email",
+    "team_id",
+    "is_admin",
+    "created_at",
+    "disabled_at",
+];
+
+async fn user(g: &Global, cmd: UserCmd) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        UserCmd::Create { team, email, admin } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                bail!("no password on standard input: pipe it in, e.g. `printf '%s\\n' \"$PASSWORD\" | hearth admin user create ...`");
+            }
+            let team_id = team_id(g, &team).await?;
+            let v: Value = c
+                .json(c.request(Method::POST, "/v1/admin/users").json(&json!({
+                    "team_id": team_id, "email": email, "password": password, "is_admin": admin,
+                })))
+                .await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                println!("{}", v["id"].as_str().unwrap_or(""));
+            }
+        }
+        UserCmd::List { team } => {
+            let path = match team {
+                Some(t) => format!("/v1/admin/users?team_id={}", team_id(g, &t).await?),
+                None => "/v1/admin/users".to_owned(),
+            };
+            let v: Value = c.json(c.request(Method::GET, &path)).await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                print_table(
+                    &v["users"].as_array().cloned().unwrap_or_default(),
+                    USER_COLUMNS,
+                );
+            }
+        }
+        UserCmd::Disable { ids } => {
+            let mut failed = 0;
+            for id in &ids {
+                match c
+                    .json::<Value>(c.request(Method::DELETE, &format!("/v1/admin/users/{id}")))
+                    .await
+                {
+                    Ok(v) if g.json => print_json(&v),
+                    Ok(_) => println!("{id} disabled"),
+                    Err(e) => {
+                        eprintln!("error: {id}: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} user(s) not disabled", ids.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `hearth whoami`: the team, key and rights the configured key speaks for.
+pub async fn whoami(g: &Global) -> Result<()> {
+    let c = client(g)?;
+    let v: Value = c.json(c.request(Method::GET, "/v1/me")).await?;
+    if g.json {
+        print_json(&v);
+    } else {
+        println!(
+            "team      {} ({})",
+            v["team_name"].as_str().unwrap_or("?"),
+            v["team_id"].as_str().unwrap_or("?")
+        );
+        println!("key       {}", v["key_id"].as_str().unwrap_or("?"));
+        println!("admin     {}", v["is_admin"]);
+        if let Some(email) = v["user"]["email"].as_str() {
+            println!("user      {email}");
         }
     }
     Ok(())

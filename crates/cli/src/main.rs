@@ -76,9 +76,11 @@ enum Command {
     /// Your team's API keys: make (shown once), list, revoke.
     #[command(subcommand)]
     Key(accounts::KeyCmd),
-    /// Operators (admin key): teams, any team's keys, every team's templates.
+    /// Operators (admin key): teams, any team's keys, users, every team's templates.
     #[command(subcommand)]
     Admin(accounts::AdminCmd),
+    /// The team, key and rights your API key speaks for.
+    Whoami,
     /// Your team's audit log, newest first: who created, paused, snapshotted, deleted
     /// what, and which keys were made and revoked.
     Audit {
@@ -282,6 +284,7 @@ impl Command {
                 | Command::Key(_)
                 | Command::Admin(_)
                 | Command::Audit { .. }
+                | Command::Whoami
         )
     }
 }
@@ -334,6 +337,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Key(c) => accounts::key(&g, c).await.map(|_| 0),
         Command::Admin(c) => accounts::admin(&g, c).await.map(|_| 0),
         Command::Audit { limit, before } => accounts::audit(&g, limit, before).await.map(|_| 0),
+        Command::Whoami => accounts::whoami(&g).await.map(|_| 0),
     };
     match result {
         Ok(code) => code,

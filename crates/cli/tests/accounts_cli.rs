@@ -113,3 +113,66 @@ fn an_operator_makes_a_team_and_its_keys_and_a_revoked_key_stops_at_once() {
     ok(&stack.cli_as(&acme_key, &["key", "revoke", &ops_id]));
     failed(&stack.cli_as(&acme_key, &["key", "list"]));
 }
+
+/// `hearth admin user create` with the password on stdin, then `list`, `whoami`,
+/// `disable`; a sign-in through the API works until the user is disabled.
+#[test]
+fn an_operator_makes_lists_and_disables_users() {
+    use std::io::Write;
+    let stack = Stack::start_server_only();
+    ok(&stack.cli(&["admin", "team", "create", "acme"]));
+    let create = |email: &str, password: &str| {
+        let mut child = std::process::Command::new(common::hearth_bin())
+            .args([
+                "admin", "user", "create", "--team", "acme", "--email", email,
+            ])
+            .env("HEARTH_URL", &stack.url)
+            .env("HEARTH_API_KEY", &stack.api_key)
+            .env("HEARTH_CREDENTIALS", stack.dir.path().join("no-such-file"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let id = last_line(&ok(&create("Ann@Acme.io", "a long enough password")));
+    assert!(id.starts_with("usr-"), "{id}");
+    let err = failed(&create("bob@acme.io", "short"));
+    assert!(err.contains("password must be"), "{err}");
+    let err = failed(&create("bob@acme.io", ""));
+    assert!(err.contains("standard input"), "{err}");
+    let list = ok(&stack.cli(&["admin", "user", "list", "--team", "acme"]));
+    assert!(
+        list.contains("ann@acme.io") && !list.contains("bob@"),
+        "{list}"
+    );
+
+    let who = ok(&stack.cli(&["whoami"]));
+    assert!(
+        who.contains("admin     true") && who.contains("default"),
+        "{who}"
+    );
+
+    let login = |password: &str| {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/v1/auth/login", stack.url))
+            .json(&serde_json::json!({"email": "ann@acme.io", "password": password}))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(login("a long enough password"), 200);
+    ok(&stack.cli(&["admin", "user", "disable", &id]));
+    assert_eq!(login("a long enough password"), 401);
+    let listed: Value =
+        serde_json::from_str(&ok(&stack.cli(&["--json", "admin", "user", "list"]))).unwrap();
+    assert!(listed["users"][0]["disabled_at"].is_string(), "{listed}");
+}

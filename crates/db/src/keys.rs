@@ -1,7 +1,7 @@
 //! Teams and API keys. Only the SHA-256 of a key's secret is stored.
 
 use chrono::{DateTime, Utc};
-use hearth_types::{ApiKeyId, TeamId};
+use hearth_types::{ApiKeyId, TeamId, UserId};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -122,6 +122,16 @@ impl Db {
     /// Create an API key. Returns it and its secret, which is shown to the caller once
     /// and never stored (only its SHA-256 is).
     pub async fn create_api_key(&self, k: &NewApiKey) -> Result<(ApiKey, String)> {
+        self.create_key_of_kind(k, "api", None).await
+    }
+
+    /// [`Db::create_api_key`] of `kind` (`api`, or `session` for `user`'s sign-in).
+    pub(crate) async fn create_key_of_kind(
+        &self,
+        k: &NewApiKey,
+        kind: &str,
+        user: Option<&UserId>,
+    ) -> Result<(ApiKey, String)> {
         let id = ApiKeyId::generate();
         let random: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
@@ -133,7 +143,8 @@ impl Db {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO api_keys (id, team_id, name, secret_sha256, is_admin, created_at, \
-             prefix, expires_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             prefix, expires_at, created_by, kind, user_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(id.as_str())
         .bind(k.team.to_string())
@@ -144,6 +155,8 @@ impl Db {
         .bind(&prefix)
         .bind(k.expires_at.map(|t| t.timestamp_millis()))
         .bind(k.created_by.as_ref().map(|c| c.as_str().to_owned()))
+        .bind(kind)
+        .bind(user.map(|u| u.as_str().to_owned()))
         .execute(&self.pool)
         .await?;
         let key = ApiKey {
@@ -161,10 +174,12 @@ impl Db {
         Ok((key, plaintext))
     }
 
-    /// `team`'s API keys, revoked and expired ones too, oldest first.
+    /// `team`'s API keys, revoked and expired ones too, oldest first (not users'
+    /// sign-in sessions).
     pub async fn list_api_keys(&self, team: TeamId) -> Result<Vec<ApiKey>> {
         let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE team_id = $1 ORDER BY created_at, id"
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE team_id = $1 AND kind = 'api' \
+             ORDER BY created_at, id"
         ))
         .bind(team.to_string())
         .fetch_all(&self.pool)
@@ -196,7 +211,7 @@ impl Db {
     /// Admin keys that still authenticate (neither revoked nor expired), all teams.
     pub async fn count_active_admin_keys(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE is_admin AND revoked_at IS NULL \
+            "SELECT COUNT(*) FROM api_keys WHERE is_admin AND kind = 'api' AND revoked_at IS NULL \
              AND (expires_at IS NULL OR expires_at > $1)",
         )
         .bind(now_ms())

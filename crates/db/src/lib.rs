@@ -31,6 +31,7 @@ mod quotas;
 mod sandboxes;
 mod secrets;
 pub mod testing;
+mod users;
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -48,6 +49,7 @@ pub use models::{
 };
 pub use quotas::{Admission, ResumeAdmission};
 pub use sandboxes::{PageCursor, SandboxPage, STORED as STORED_STATES};
+pub use users::{Login, NewUser, Session, User};
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 

@@ -815,6 +815,87 @@ async fn secure_and_auto_resume_round_trip_on(db: Db) {
     assert!(!row.secure && row.auto_resume);
 }
 
+#[tokio::test]
+async fn users_sign_in_to_sessions_that_end_at_logout_and_when_disabled() {
+    users_sign_in_to_sessions_that_end_at_logout_and_when_disabled_on(
+        Db::connect_in_memory().await.unwrap(),
+    )
+    .await;
+}
+
+async fn users_sign_in_to_sessions_that_end_at_logout_and_when_disabled_on(db: Db) {
+    use crate::{Login, NewUser};
+    let team = db.create_team("t").await.unwrap().id;
+    let new = |email: &str, admin| NewUser {
+        team,
+        email: email.into(),
+        password: "correct horse battery".into(),
+        is_admin: admin,
+    };
+    let u = db.create_user(&new("Ann@Example.com", true)).await.unwrap();
+    assert_eq!(u.email, "ann@example.com");
+    // One account per email, whatever its case.
+    assert!(matches!(
+        db.create_user(&new("ANN@example.com", false)).await,
+        Err(DbError::AlreadyExists { .. })
+    ));
+    let ttl = Duration::hours(1);
+    for (email, password) in [
+        ("ann@example.com", "wrong password!"),
+        ("nobody@example.com", "correct horse battery"),
+    ] {
+        assert_eq!(
+            db.login(email, password, ttl).await.unwrap(),
+            Login::Refused
+        );
+    }
+    let Login::Ok(ok) = db
+        .login("ANN@example.com", "correct horse battery", ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("login refused");
+    };
+    let crate::Session {
+        user,
+        key: session,
+        secret,
+    } = *ok;
+    assert_eq!(user.id, u.id);
+    assert!(session.expires_at.is_some());
+    // A session speaks for the user's team with the user's rights ...
+    let p = db.authenticate(&secret).await.unwrap().unwrap();
+    assert_eq!((p.team_id, p.is_admin), (team, true));
+    assert_eq!(db.user_of_key(&p.key_id).await.unwrap().unwrap().id, u.id);
+    // ... is not one of the team's keys, nor its last admin key.
+    assert!(db.list_api_keys(team).await.unwrap().is_empty());
+    assert_eq!(db.count_active_admin_keys().await.unwrap(), 0);
+    // Logout ends it.
+    assert!(db.revoke_api_key(&p.key_id).await.unwrap());
+    assert!(db.authenticate(&secret).await.unwrap().is_none());
+    // Disabling ends every session at once, and no new one opens.
+    let Login::Ok(again) = db
+        .login("ann@example.com", "correct horse battery", ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("login refused");
+    };
+    assert!(db.disable_user(&u.id).await.unwrap());
+    assert!(!db.disable_user(&u.id).await.unwrap());
+    assert!(db.authenticate(&again.secret).await.unwrap().is_none());
+    assert_eq!(
+        db.login("ann@example.com", "correct horse battery", ttl)
+            .await
+            .unwrap(),
+        Login::Refused
+    );
+    assert!(db.list_users(Some(team)).await.unwrap()[0]
+        .disabled_at
+        .is_some());
+    assert_eq!(db.list_users(None).await.unwrap().len(), 1);
+}
+
 /// Every test above again on PostgreSQL (a scratch database on the test cluster of
 /// scripts/test-postgres.sh; skipped without one unless CI requires it).
 mod on_postgres {
@@ -852,5 +933,6 @@ mod on_postgres {
         a_secret_is_made_once_and_kept => super::a_secret_is_made_once_and_kept_on,
         secure_and_auto_resume_round_trip => super::secure_and_auto_resume_round_trip_on,
         concurrent_admissions_never_pass_the_quota_together => super::concurrent_admissions_never_pass_the_quota_together_on,
+        users_sign_in_to_sessions_that_end_at_logout_and_when_disabled => super::users_sign_in_to_sessions_that_end_at_logout_and_when_disabled_on,
     }
 }

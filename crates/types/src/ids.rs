@@ -111,6 +111,10 @@ prefixed_id!(
     /// The public, non-secret half of an API key: `key-` and 12 characters.
     ApiKeyId, "key-", "API key ID", 12
 );
+prefixed_id!(
+    /// A user (a person who signs in to the dashboard): `usr-` and 12 characters.
+    UserId, "usr-", "user ID", 12
+);
 
 /// A team. Teams are UUIDs; the platform team (owner of built-in templates) is the
 /// all-zeros UUID.

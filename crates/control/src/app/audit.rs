@@ -47,6 +47,9 @@ pub mod action {
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
     pub const TEAM_CREATE: &str = "team.create";
+    pub const USER_CREATE: &str = "user.create";
+    pub const USER_DISABLE: &str = "user.disable";
+    pub const USER_LOGIN: &str = "user.login";
 }
 
 /// Most entries one page returns.

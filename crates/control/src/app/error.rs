@@ -12,6 +12,13 @@ pub enum AppError {
     InvalidArgument(String),
     #[error("missing, unknown, expired or revoked API key")]
     Unauthenticated,
+    /// A sign-in with an email and password that do not match an active user.
+    #[error("wrong email or password")]
+    BadCredentials,
+    /// Too many tries of something that is throttled (sign-ins); the message says when
+    /// to try again.
+    #[error("{0}")]
+    RateLimited(String),
     /// The caller is known but may not do this (not an admin); the message says why.
     #[error("{0}")]
     Forbidden(String),

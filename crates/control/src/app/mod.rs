@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod sandbox_proxy;
 pub mod sandboxes;
 pub mod templates;
+pub mod users;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -86,6 +87,8 @@ pub struct App {
     token_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: metrics::Metrics,
+    /// Failed sign-ins per email.
+    login_throttle: users::LoginThrottle,
 }
 
 impl App {
@@ -105,6 +108,7 @@ impl App {
             concurrency: concurrency::Counters::default(),
             token_key: tokio::sync::OnceCell::new(),
             metrics: metrics::Metrics::new(),
+            login_throttle: users::LoginThrottle::default(),
         }
     }
 

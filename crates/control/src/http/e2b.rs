@@ -62,12 +62,14 @@ impl E2bError {
 pub fn status_of(e: &AppError) -> StatusCode {
     match e {
         AppError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        AppError::Unauthenticated | AppError::BadCredentials => StatusCode::UNAUTHORIZED,
         AppError::Forbidden(_) => StatusCode::FORBIDDEN,
         AppError::NotFound(_) => StatusCode::NOT_FOUND,
         AppError::Conflict(_) => StatusCode::CONFLICT,
         AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        AppError::QuotaExceeded(_) | AppError::CapacityExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+        AppError::QuotaExceeded(_) | AppError::CapacityExceeded(_) | AppError::RateLimited(_) => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         AppError::Unavailable(_) | AppError::Host { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -20,7 +20,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// invalid_argument | unauthenticated | forbidden | not_found | method_not_allowed | conflict |
     /// payload_too_large | uri_too_long | unsupported_media_type | quota_exceeded |
-    /// capacity_exceeded | headers_too_large | unavailable | internal (see docs/contracts.md)
+    /// capacity_exceeded | rate_limited | headers_too_large | unavailable | internal
+    /// (see docs/contracts.md)
     pub code: &'static str,
     pub message: String,
 }
@@ -75,7 +76,10 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match &self.0 {
             AppError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
-            AppError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            AppError::Unauthenticated | AppError::BadCredentials => {
+                (StatusCode::UNAUTHORIZED, "unauthenticated")
+            }
+            AppError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

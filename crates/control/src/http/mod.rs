@@ -10,6 +10,7 @@ pub mod reject;
 mod sandbox_proxy;
 pub use hearth_serve as server;
 pub mod types;
+pub mod users;
 mod ws;
 
 use std::sync::Arc;
@@ -122,6 +123,16 @@ pub fn router(state: AppState) -> Router {
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),
         )
+        .route("/v1/auth/logout", axum::routing::post(users::logout))
+        .route("/v1/me", get(users::me))
+        .route(
+            "/v1/admin/users",
+            get(users::admin_list_users).post(users::admin_create_user),
+        )
+        .route(
+            "/v1/admin/users/{user_id}",
+            axum::routing::delete(users::admin_disable_user),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         // Outside auth: refused keys are counted too.
         .route_layer(middleware::from_fn_with_state(state.clone(), track));
@@ -129,6 +140,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(handlers::health))
         .route("/metrics", get(prometheus))
         .route("/v1/openapi.json", get(openapi::serve))
+        .route(
+            "/v1/auth/login",
+            axum::routing::post(users::login)
+                .route_layer(middleware::from_fn_with_state(state.clone(), track)),
+        )
         .merge(authed)
         .merge(e2b::router(state.clone()))
         .fallback(|uri: axum::http::Uri| async move {
@@ -147,8 +163,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `Authorization: Bearer <key>` or `X-API-Key: <key>` -> [`Principal`] in the request's
-/// extensions; anything else is 401.
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>`, else a signed-in session's
+/// `hearth_session` cookie -> [`Principal`] in the request's extensions; anything else
+/// is 401. A request that names a key is judged by that key alone (a bad key is not
+/// rescued by a cookie).
 async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let key = headers
@@ -159,6 +177,11 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            let named =
+                headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key");
+            (!named).then(|| session_cookie(headers)).flatten()
+        })
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 256);
     let Some(key) = key else {
@@ -173,6 +196,19 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
         Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
         Err(e) => ApiError(AppError::Db(e)).into_response(),
     }
+}
+
+/// The value of the `hearth_session` cookie, if the request has one.
+fn session_cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == users::SESSION_COOKIE).then_some(value)
+        })
 }
 
 /// Count the request and its latency under its route template (matched routes only).

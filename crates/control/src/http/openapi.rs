@@ -13,6 +13,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
 use super::types::*;
+use super::users;
 use crate::app::{sandboxes, validate};
 
 struct Security;
@@ -27,6 +28,10 @@ impl Modify for Security {
         c.add_security_scheme(
             "x_api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        c.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(users::SESSION_COOKIE))),
         );
     }
 }
@@ -67,12 +72,20 @@ impl Modify for Security {
         handlers::admin_list_templates,
         handlers::list_audit,
         handlers::events,
+        users::login,
+        users::logout,
+        users::me,
+        users::admin_create_user,
+        users::admin_list_users,
+        users::admin_disable_user,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
         ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList,
         CreateKeyRequest, ApiKeyInfo, CreatedKey, KeyList, CreateTeamRequest, TeamInfo, TeamList,
-        SandboxMetricsInfo, AuditEntryInfo, AuditPage)),
+        SandboxMetricsInfo, AuditEntryInfo, AuditPage,
+        users::LoginRequest, users::LoginResponse, users::UserInfo, users::MeResponse,
+        users::CreateUserRequest, users::UserList)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
