@@ -363,6 +363,89 @@ async fn user(g: &Global, cmd: UserCmd) -> Result<()> {
     Ok(())
 }
 
+#[derive(Subcommand)]
+pub enum WebhookCmd {
+    /// POST your team's events (audit entries) to URL, signed; prints the signing
+    /// secret alone on the last line (shown once).
+    Create {
+        url: String,
+        /// Action patterns, comma-separated: `*` (default), `sandbox.*`, `sandbox.create`.
+        #[arg(long, value_delimiter = ',')]
+        events: Option<Vec<String>>,
+    },
+    /// List your team's webhooks: cursor, failures, last error.
+    #[command(alias = "ls")]
+    List,
+    /// Remove webhooks: nothing more is sent to them.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// `hearth webhook ...`.
+pub async fn webhook(g: &Global, cmd: WebhookCmd) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        WebhookCmd::Create { url, events } => {
+            let mut body = json!({ "url": url });
+            if let Some(e) = events {
+                body["events"] = json!(e);
+            }
+            let v: Value = c
+                .json(c.request(Method::POST, "/v1/webhooks").json(&body))
+                .await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                eprintln!(
+                    "created {} for {}; its signing secret, not shown again:",
+                    v["webhook"]["id"].as_str().unwrap_or("?"),
+                    v["webhook"]["url"].as_str().unwrap_or("?")
+                );
+                println!("{}", v["secret"].as_str().unwrap_or(""));
+            }
+        }
+        WebhookCmd::List => {
+            let v: Value = c.json(c.request(Method::GET, "/v1/webhooks")).await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                print_table(
+                    &v["webhooks"].as_array().cloned().unwrap_or_default(),
+                    &[
+                        "id",
+                        "url",
+                        "events",
+                        "cursor",
+                        "failures",
+                        "last_error",
+                        "disabled_at",
+                    ],
+                );
+            }
+        }
+        WebhookCmd::Delete { ids } => {
+            let mut failed = 0;
+            for id in &ids {
+                let r = c.request(Method::DELETE, &format!("/v1/webhooks/{id}"));
+                match c.send(r).await {
+                    Ok(_) => println!("{id} deleted"),
+                    Err(e) => {
+                        eprintln!("error: {id}: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} webhook(s) not deleted", ids.len());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `hearth whoami`: the team, key and rights the configured key speaks for.
 pub async fn whoami(g: &Global) -> Result<()> {
     let c = client(g)?;

@@ -81,6 +81,9 @@ enum Command {
     Admin(accounts::AdminCmd),
     /// The team, key and rights your API key speaks for.
     Whoami,
+    /// Your team's webhooks: its events POSTed to your URLs, signed.
+    #[command(subcommand)]
+    Webhook(accounts::WebhookCmd),
     /// Your team's audit log, newest first: who created, paused, snapshotted, deleted
     /// what, and which keys were made and revoked.
     Audit {
@@ -285,6 +288,7 @@ impl Command {
                 | Command::Admin(_)
                 | Command::Audit { .. }
                 | Command::Whoami
+                | Command::Webhook(_)
         )
     }
 }
@@ -338,6 +342,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Admin(c) => accounts::admin(&g, c).await.map(|_| 0),
         Command::Audit { limit, before } => accounts::audit(&g, limit, before).await.map(|_| 0),
         Command::Whoami => accounts::whoami(&g).await.map(|_| 0),
+        Command::Webhook(c) => accounts::webhook(&g, c).await.map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -124,6 +124,10 @@ pub struct PolicyOpts {
     #[arg(long, env = "HEARTH_CREATE_TIMEOUT_S", default_value_t = 240,
           value_parser = clap::value_parser!(u64).range(5..=86_400))]
     pub create_timeout_s: u64,
+    /// Let webhooks call loopback, private and link-local addresses (refused by default:
+    /// a tenant's webhook must not reach this server's own network).
+    #[arg(long, env = "HEARTH_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
 }
 
 impl PolicyOpts {
@@ -146,6 +150,7 @@ impl PolicyOpts {
             },
             e2b_domain: self.e2b_domain.clone(),
             create_timeout: std::time::Duration::from_secs(self.create_timeout_s),
+            webhook_allow_private: self.webhook_allow_private,
             ..Default::default()
         }
     }

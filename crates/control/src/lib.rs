@@ -30,6 +30,9 @@ pub use http::{router, AppState};
 /// Default largest file upload: 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Time between webhook delivery passes (on the leader).
+pub const WEBHOOK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// How to run the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -199,6 +202,29 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         http::server::serve(listener, app, limits, shutdown).await;
     });
 
+    // Whether this process leads background work now (set by the reconciler's loop,
+    // read by the webhook sender's).
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut rx = stop_rx.clone();
+    let app = state.app().clone();
+    let is_leader = leading.clone();
+    let webhooks = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WEBHOOK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = rx.wait_for(|s| *s) => break,
+                _ = tick.tick() => {}
+            }
+            if !is_leader.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = app.deliver_webhooks_once().await {
+                tracing::warn!(error = %e, "webhook delivery pass failed");
+            }
+        }
+    });
+
     let mut rx = stop_rx;
     let app = state.app().clone();
     let interval = config.reconcile_interval;
@@ -212,6 +238,7 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 _ = tick.tick() => {}
             }
             lead = keep_leading(&app.db, lead).await;
+            leading.store(lead.is_some(), std::sync::atomic::Ordering::Relaxed);
             match app.reconcile_pass(lead.is_some()).await {
                 Ok(r) if r.changed() => {
                     tracing::info!(
@@ -230,9 +257,11 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
             }
         }
+        leading.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = lead {
             l.release().await;
         }
+        let _ = webhooks.await;
     });
 
     tracing::info!(addr = %local_addr, agents = config.agent_urls.len(), "control plane started");

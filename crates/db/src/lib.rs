@@ -32,6 +32,7 @@ mod sandboxes;
 mod secrets;
 pub mod testing;
 mod users;
+mod webhooks;
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -50,6 +51,7 @@ pub use models::{
 pub use quotas::{Admission, ResumeAdmission};
 pub use sandboxes::{PageCursor, SandboxPage, STORED as STORED_STATES};
 pub use users::{Login, NewUser, Session, User};
+pub use webhooks::Webhook;
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 

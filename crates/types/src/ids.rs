@@ -115,6 +115,10 @@ prefixed_id!(
     /// A user (a person who signs in to the dashboard): `usr-` and 12 characters.
     UserId, "usr-", "user ID", 12
 );
+prefixed_id!(
+    /// A team's webhook: `wh-` and 12 characters.
+    WebhookId, "wh-", "webhook ID", 12
+);
 
 /// A team. Teams are UUIDs; the platform team (owner of built-in templates) is the
 /// all-zeros UUID.

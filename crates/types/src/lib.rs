@@ -8,7 +8,7 @@ mod ids;
 mod limits;
 mod state;
 
-pub use ids::{ApiKeyId, HostId, IdError, SandboxId, TeamId, TemplateName, UserId};
+pub use ids::{ApiKeyId, HostId, IdError, SandboxId, TeamId, TemplateName, UserId, WebhookId};
 pub use limits::{
     check_range, LimitError, QuotaExceeded, SandboxLimits, SandboxShape, TeamQuota, TeamUsage,
 };

@@ -50,6 +50,8 @@ pub mod action {
     pub const USER_CREATE: &str = "user.create";
     pub const USER_DISABLE: &str = "user.disable";
     pub const USER_LOGIN: &str = "user.login";
+    pub const WEBHOOK_CREATE: &str = "webhook.create";
+    pub const WEBHOOK_DELETE: &str = "webhook.delete";
 }
 
 /// Most entries one page returns.

@@ -21,6 +21,7 @@ pub mod sandboxes;
 pub mod templates;
 pub mod users;
 pub mod validate;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,13 @@ pub struct Policy {
     /// `P-<sandbox id>.<domain>` through the sandbox proxy. `None`: not announced
     /// (`hearth_control::start` fills in `localhost:<its port>`).
     pub e2b_domain: Option<String>,
+    /// Webhooks may call loopback, private and link-local addresses (tests, or an
+    /// operator whose receivers live on a private network).
+    pub webhook_allow_private: bool,
+    /// Failed deliveries in a row after which a webhook is disabled.
+    pub webhook_max_failures: u32,
+    /// First wait after a failed delivery (doubled per failure, at most 5 minutes).
+    pub webhook_backoff: Duration,
 }
 
 impl Default for Policy {
@@ -68,6 +76,9 @@ impl Default for Policy {
             // A pause or resume RPC may take up to 180 s (full migration under TCG).
             transition_grace: Duration::from_secs(240),
             e2b_domain: None,
+            webhook_allow_private: false,
+            webhook_max_failures: 20,
+            webhook_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -89,6 +100,8 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// Failed sign-ins per email.
     login_throttle: users::LoginThrottle,
+    /// When failing webhooks may be tried again.
+    webhook_backoff: webhooks::Backoff,
 }
 
 impl App {
@@ -109,6 +122,7 @@ impl App {
             token_key: tokio::sync::OnceCell::new(),
             metrics: metrics::Metrics::new(),
             login_throttle: users::LoginThrottle::default(),
+            webhook_backoff: webhooks::Backoff::default(),
         }
     }
 

@@ -11,6 +11,7 @@ mod sandbox_proxy;
 pub use hearth_serve as server;
 pub mod types;
 pub mod users;
+pub mod webhooks;
 mod ws;
 
 use std::sync::Arc;
@@ -122,6 +123,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/templates/{name}",
             axum::routing::delete(handlers::delete_template),
+        )
+        .route(
+            "/v1/webhooks",
+            get(webhooks::list_webhooks).post(webhooks::create_webhook),
+        )
+        .route(
+            "/v1/webhooks/{webhook_id}",
+            axum::routing::delete(webhooks::delete_webhook),
         )
         .route("/v1/auth/logout", axum::routing::post(users::logout))
         .route("/v1/me", get(users::me))

@@ -14,6 +14,7 @@ use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
 use super::types::*;
 use super::users;
+use super::webhooks;
 use crate::app::{sandboxes, validate};
 
 struct Security;
@@ -78,6 +79,9 @@ impl Modify for Security {
         users::admin_create_user,
         users::admin_list_users,
         users::admin_disable_user,
+        webhooks::create_webhook,
+        webhooks::list_webhooks,
+        webhooks::delete_webhook,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
@@ -85,7 +89,9 @@ impl Modify for Security {
         CreateKeyRequest, ApiKeyInfo, CreatedKey, KeyList, CreateTeamRequest, TeamInfo, TeamList,
         SandboxMetricsInfo, AuditEntryInfo, AuditPage,
         users::LoginRequest, users::LoginResponse, users::UserInfo, users::MeResponse,
-        users::CreateUserRequest, users::UserList)),
+        users::CreateUserRequest, users::UserList,
+        webhooks::CreateWebhookRequest, webhooks::WebhookInfo, webhooks::CreatedWebhook,
+        webhooks::WebhookList)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
