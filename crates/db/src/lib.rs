@@ -33,7 +33,7 @@ pub use error::DbError;
 pub use hearth_types::UnknownState;
 pub use keys::{KEY_PREFIX, LAST_USED_GRANULARITY_MS, VISIBLE_PREFIX_LEN};
 pub use models::{
-    ApiKey, AuditEntry, Host, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
+    ApiKey, AuditEntry, Host, HostLoad, HostStatus, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
     SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
 };
 pub use quotas::{Admission, ResumeAdmission};
