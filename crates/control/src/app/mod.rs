@@ -11,6 +11,7 @@ pub mod e2b_tokens;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod fleet;
 pub mod host_proxy;
 pub mod hosts;
 pub mod lifecycle;
@@ -53,6 +54,16 @@ pub struct Policy {
     /// `P-<sandbox id>.<domain>` through the sandbox proxy. `None`: not announced
     /// (`hearth_control::start` fills in `localhost:<its port>`).
     pub e2b_domain: Option<String>,
+    /// How often the control plane polls each enrolled host's Info (the heartbeat).
+    pub host_heartbeat: Duration,
+    /// An enrolled host whose last heartbeat is older than this is `unreachable`
+    /// (no new sandboxes; back to `active` when it answers).
+    pub host_unreachable_after: Duration,
+    /// An unreachable host's running and paused sandboxes become `error` (lost)
+    /// once its last heartbeat is this old.
+    pub host_lost_after: Duration,
+    /// How long a host's enrollment token works.
+    pub enroll_token_ttl: Duration,
 }
 
 impl Default for Policy {
@@ -67,6 +78,10 @@ impl Default for Policy {
             // A pause or resume RPC may take up to 180 s (full migration under TCG).
             transition_grace: Duration::from_secs(240),
             e2b_domain: None,
+            host_heartbeat: Duration::from_secs(2),
+            host_unreachable_after: Duration::from_secs(10),
+            host_lost_after: Duration::from_secs(60),
+            enroll_token_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -86,6 +101,8 @@ pub struct App {
     token_key: tokio::sync::OnceCell<Vec<u8>>,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: metrics::Metrics,
+    /// The deployment CA (from the database), read once; `None` until first used.
+    ca: tokio::sync::OnceCell<Arc<hearth_pki::Ca>>,
 }
 
 impl App {
@@ -105,6 +122,7 @@ impl App {
             concurrency: concurrency::Counters::default(),
             token_key: tokio::sync::OnceCell::new(),
             metrics: metrics::Metrics::new(),
+            ca: tokio::sync::OnceCell::new(),
         }
     }
 

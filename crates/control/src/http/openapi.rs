@@ -12,6 +12,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
+use super::hosts;
 use super::types::*;
 use crate::app::{sandboxes, validate};
 
@@ -67,12 +68,21 @@ impl Modify for Security {
         handlers::admin_list_templates,
         handlers::list_audit,
         handlers::events,
+        hosts::admin_create_host,
+        hosts::admin_list_hosts,
+        hosts::admin_get_host,
+        hosts::admin_drain_host,
+        hosts::admin_undrain_host,
+        hosts::admin_revoke_host,
+        hosts::enroll_host,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
         ResumeRequest, TimeoutRequest, SnapshotRequest, ForkRequest, ForkResponse, ProcessInfo, ProcessList,
         CreateKeyRequest, ApiKeyInfo, CreatedKey, KeyList, CreateTeamRequest, TeamInfo, TeamList,
-        SandboxMetricsInfo, AuditEntryInfo, AuditPage)),
+        SandboxMetricsInfo, AuditEntryInfo, AuditPage,
+        hosts::CreateHostRequest, hosts::HostInfoBody, hosts::HostLoadInfo, hosts::CreatedHost,
+        hosts::HostList, hosts::EnrollRequest, hosts::EnrollResponse)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
