@@ -76,7 +76,7 @@ enum Command {
     /// Your team's API keys: make (shown once), list, revoke.
     #[command(subcommand)]
     Key(accounts::KeyCmd),
-    /// Operators (admin key): teams, any team's keys, every team's templates.
+    /// Operators (admin key): teams, any team's keys, every team's templates, hosts.
     #[command(subcommand)]
     Admin(accounts::AdminCmd),
     /// Your team's audit log, newest first: who created, paused, snapshotted, deleted

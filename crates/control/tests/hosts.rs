@@ -48,7 +48,12 @@ async fn an_admin_creates_a_host_and_its_agent_enrolls_once() {
     assert!(id.starts_with("host-"), "{id}");
     assert!(token.starts_with("hearth_enroll_"), "{token}");
     let (s, v) = e
-        .call("GET", &format!("/v1/admin/hosts/{id}"), Some(&e.key_admin), None)
+        .call(
+            "GET",
+            &format!("/v1/admin/hosts/{id}"),
+            Some(&e.key_admin),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "pending");
@@ -59,15 +64,33 @@ async fn an_admin_creates_a_host_and_its_agent_enrolls_once() {
     let (s, v) = enroll(&e, &token).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["host_id"], json!(id));
-    assert!(v["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
-    assert!(v["ca_certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(v["certificate"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert!(v["ca_certificate"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
     let pin = hearth_pki::cert_fingerprint_pem(v["certificate"].as_str().unwrap()).unwrap();
 
     // Used once: the same token again, and any other, are refused.
     let (s, v) = enroll(&e, &token).await;
-    assert_error(s, &v, StatusCode::FORBIDDEN, "forbidden", "enrollment token");
+    assert_error(
+        s,
+        &v,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "enrollment token",
+    );
     let (s, v) = enroll(&e, "hearth_enroll_guessed").await;
-    assert_error(s, &v, StatusCode::FORBIDDEN, "forbidden", "enrollment token");
+    assert_error(
+        s,
+        &v,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "enrollment token",
+    );
 
     let (s, v) = e
         .call("GET", "/v1/admin/hosts", Some(&e.key_admin), None)
@@ -92,7 +115,9 @@ async fn an_admin_creates_a_host_and_its_agent_enrolls_once() {
         .list_audit(e.team_a, None, 50)
         .await
         .unwrap();
-    assert!(entries.iter().any(|a| a.action == "host.create" && a.target == id));
+    assert!(entries
+        .iter()
+        .any(|a| a.action == "host.create" && a.target == id));
     assert!(!format!("{entries:?}").contains(&token));
 }
 
@@ -105,13 +130,25 @@ async fn drain_undrain_and_revoke() {
     let (s, v) = e
         .call("POST", &format!("{path}/drain"), Some(&e.key_admin), None)
         .await;
-    assert_eq!((s, v["status"].clone()), (StatusCode::OK, json!("draining")), "{v}");
+    assert_eq!(
+        (s, v["status"].clone()),
+        (StatusCode::OK, json!("draining")),
+        "{v}"
+    );
     let (s, v) = e
         .call("POST", &format!("{path}/undrain"), Some(&e.key_admin), None)
         .await;
-    assert_eq!((s, v["status"].clone()), (StatusCode::OK, json!("active")), "{v}");
+    assert_eq!(
+        (s, v["status"].clone()),
+        (StatusCode::OK, json!("active")),
+        "{v}"
+    );
     let (s, v) = e.call("DELETE", &path, Some(&e.key_admin), None).await;
-    assert_eq!((s, v["status"].clone()), (StatusCode::OK, json!("revoked")), "{v}");
+    assert_eq!(
+        (s, v["status"].clone()),
+        (StatusCode::OK, json!("revoked")),
+        "{v}"
+    );
     let (s, v) = e.call("DELETE", &path, Some(&e.key_admin), None).await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "already revoked");
     let (s, v) = e
@@ -126,7 +163,10 @@ async fn drain_undrain_and_revoke() {
         .await
         .unwrap();
     for a in ["host.drain", "host.undrain", "host.revoke"] {
-        assert!(entries.iter().any(|x| x.action == a && x.target == id), "{a}");
+        assert!(
+            entries.iter().any(|x| x.action == a && x.target == id),
+            "{a}"
+        );
     }
 }
 
@@ -135,11 +175,22 @@ async fn a_revoked_hosts_unused_token_is_refused() {
     let e = env().await;
     let (id, token) = create_host(&e, "h1", "https://10.0.0.2:7421").await;
     let (s, _) = e
-        .call("DELETE", &format!("/v1/admin/hosts/{id}"), Some(&e.key_admin), None)
+        .call(
+            "DELETE",
+            &format!("/v1/admin/hosts/{id}"),
+            Some(&e.key_admin),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = enroll(&e, &token).await;
-    assert_error(s, &v, StatusCode::FORBIDDEN, "forbidden", "enrollment token");
+    assert_error(
+        s,
+        &v,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "enrollment token",
+    );
 }
 
 #[tokio::test]
@@ -199,7 +250,12 @@ async fn bad_input_is_a_4xx_and_changes_nothing() {
         json!({"name": 5, "url": "https://h:1"}),
     ] {
         let (s, v) = e
-            .call("POST", "/v1/admin/hosts", Some(&e.key_admin), Some(body.clone()))
+            .call(
+                "POST",
+                "/v1/admin/hosts",
+                Some(&e.key_admin),
+                Some(body.clone()),
+            )
             .await;
         assert!(s.is_client_error(), "{body}: {s} {v}");
     }
@@ -219,7 +275,13 @@ async fn bad_input_is_a_4xx_and_changes_nothing() {
         ("DELETE", "/v1/admin/hosts/sb-0000000000000000"),
     ] {
         let (s, v) = e.call(method, path, Some(&e.key_admin), None).await;
-        assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", "host ID");
+        assert_error(
+            s,
+            &v,
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "host ID",
+        );
     }
     let (s, v) = e
         .call(
@@ -297,7 +359,10 @@ async fn a_silent_host_goes_unreachable_then_its_sandboxes_are_lost_after_the_gr
         .unwrap());
 
     app.heartbeat_once().await.unwrap();
-    assert!(app.hosts.enrolled(&host).is_some(), "registered from the database");
+    assert!(
+        app.hosts.enrolled(&host).is_some(),
+        "registered from the database"
+    );
     let h = app.db.get_host(&host).await.unwrap().unwrap();
     assert_eq!(h.status, HostStatus::Unreachable);
     // Not schedulable, and its sandbox not lost yet.

@@ -333,7 +333,10 @@ async fn host_enrollment_lifecycle() {
         .create_host(&id, "h1", "https://10.0.0.2:7421", "hash1", later)
         .await
         .unwrap();
-    assert_eq!((h.status, h.name.as_deref()), (HostStatus::Pending, Some("h1")));
+    assert_eq!(
+        (h.status, h.name.as_deref()),
+        (HostStatus::Pending, Some("h1"))
+    );
     // Names are unique.
     let dup = db
         .create_host(&HostId::generate(), "h1", "https://x:1", "hash2", later)
@@ -341,13 +344,22 @@ async fn host_enrollment_lifecycle() {
     assert!(matches!(dup, Err(DbError::AlreadyExists { .. })));
     // An expired token finds nothing.
     let old = HostId::generate();
-    db.create_host(&old, "h2", "https://x:1", "hash3", Utc::now() - Duration::seconds(1))
-        .await
-        .unwrap();
+    db.create_host(
+        &old,
+        "h2",
+        "https://x:1",
+        "hash3",
+        Utc::now() - Duration::seconds(1),
+    )
+    .await
+    .unwrap();
     assert!(db.host_for_enrollment("hash3").await.unwrap().is_none());
     assert!(!db.complete_enrollment(&old, "hash3", "fp").await.unwrap());
     // The right token works once.
-    assert_eq!(db.host_for_enrollment("hash1").await.unwrap().unwrap().id, id);
+    assert_eq!(
+        db.host_for_enrollment("hash1").await.unwrap().unwrap().id,
+        id
+    );
     assert!(!db.complete_enrollment(&id, "wrong", "fp").await.unwrap());
     assert!(db.complete_enrollment(&id, "hash1", "fp1").await.unwrap());
     assert!(!db.complete_enrollment(&id, "hash1", "fp2").await.unwrap());
@@ -361,13 +373,18 @@ async fn host_enrollment_lifecycle() {
         .mark_host_unreachable(&id, Utc::now() + Duration::seconds(1))
         .await
         .unwrap());
-    assert_eq!(db.get_host(&id).await.unwrap().unwrap().status, HostStatus::Unreachable);
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Unreachable
+    );
     let load = HostLoad {
         memory_capacity_mb: 4096,
         running: 2,
         ..Default::default()
     };
-    db.record_heartbeat(&id, "qemu", "tcg", &load).await.unwrap();
+    db.record_heartbeat(&id, "qemu", "tcg", &load)
+        .await
+        .unwrap();
     let h = db.get_host(&id).await.unwrap().unwrap();
     assert_eq!((h.status, h.load), (HostStatus::Draining, load));
     assert!(h.last_heartbeat_at.is_some());
@@ -377,13 +394,21 @@ async fn host_enrollment_lifecycle() {
         .await
         .unwrap());
     assert!(db.set_host_drain(&id, false).await.unwrap());
-    assert_eq!(db.get_host(&id).await.unwrap().unwrap().status, HostStatus::Active);
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Active
+    );
     // Revoked is final: no drain, no heartbeat brings it back.
     assert!(db.revoke_host(&id).await.unwrap());
     assert!(!db.revoke_host(&id).await.unwrap());
     assert!(!db.set_host_drain(&id, false).await.unwrap());
-    db.record_heartbeat(&id, "qemu", "tcg", &load).await.unwrap();
-    assert_eq!(db.get_host(&id).await.unwrap().unwrap().status, HostStatus::Revoked);
+    db.record_heartbeat(&id, "qemu", "tcg", &load)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Revoked
+    );
 }
 
 fn file_url(dir: &tempfile::TempDir) -> String {

@@ -134,7 +134,9 @@ impl Ca {
     /// Returns the certificate PEM and its fingerprint.
     pub fn sign_host_csr(&self, csr_pem: &str, host: &HostId) -> Result<(String, String)> {
         if csr_pem.len() > MAX_CSR_BYTES {
-            return Err(PkiError::BadCsr(rcgen::Error::CouldNotParseCertificationRequest));
+            return Err(PkiError::BadCsr(
+                rcgen::Error::CouldNotParseCertificationRequest,
+            ));
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
         let key = KeyPair::from_pem(&self.ca_key_pem).map_err(PkiError::Gen)?;
@@ -257,12 +259,10 @@ pub fn control_client_config(
     host: &HostId,
     pin: &str,
 ) -> Result<rustls::ClientConfig> {
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        roots(ca_pem)?,
-        provider(),
-    )
-    .build()
-    .map_err(PkiError::Verifier)?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
+            .build()
+            .map_err(PkiError::Verifier)?;
     let name = ServerName::try_from(host_dns_name(host)).map_err(|_| PkiError::BadPem {
         what: "the host name",
     })?;

@@ -37,18 +37,26 @@ async fn handshake(
 async fn exchange(
     client: rustls::ClientConfig,
     server: rustls::ServerConfig,
-) -> (std::result::Result<(), String>, std::result::Result<(), String>) {
+) -> (
+    std::result::Result<(), String>,
+    std::result::Result<(), String>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, b) = tokio::io::duplex(64 * 1024);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let srv = tokio::spawn(async move {
-        let mut s = acceptor.accept(b).await.map_err(|e| format!("server: {e}"))?;
+        let mut s = acceptor
+            .accept(b)
+            .await
+            .map_err(|e| format!("server: {e}"))?;
         let mut buf = [0u8; 2];
         s.read_exact(&mut buf)
             .await
             .map_err(|e| format!("server: {e}"))?;
-        s.write_all(b"ok").await.map_err(|e| format!("server: {e}"))?;
+        s.write_all(b"ok")
+            .await
+            .map_err(|e| format!("server: {e}"))?;
         s.flush().await.map_err(|e| format!("server: {e}"))?;
         Ok::<_, String>(())
     });
@@ -58,7 +66,9 @@ async fn exchange(
             .connect(name, a)
             .await
             .map_err(|e| format!("client: {e}"))?;
-        c.write_all(b"hi").await.map_err(|e| format!("client: {e}"))?;
+        c.write_all(b"hi")
+            .await
+            .map_err(|e| format!("client: {e}"))?;
         c.flush().await.map_err(|e| format!("client: {e}"))?;
         let mut buf = [0u8; 2];
         c.read_exact(&mut buf)
@@ -134,8 +144,8 @@ async fn control_refuses_a_host_of_another_ca() {
     let h = enroll(&ca);
     let impostor = enroll(&foreign);
     let client = ca.control_client_config(&h.id, &h.pin).unwrap();
-    let server = agent_server_config(&ca.ca_cert_pem, &impostor.cert, &impostor.key.key_pem)
-        .unwrap();
+    let server =
+        agent_server_config(&ca.ca_cert_pem, &impostor.cert, &impostor.key.key_pem).unwrap();
     let (side, err) = handshake(client, server).await.unwrap_err();
     assert_eq!(side, "client", "{err}");
 }
@@ -148,7 +158,10 @@ async fn control_refuses_a_certificate_naming_another_host() {
     // Expect host h (and even pin the other's cert): the name check still fails.
     let client = ca.control_client_config(&h.id, &other.pin).unwrap();
     let (side, err) = handshake(client, server_of(&ca, &other)).await.unwrap_err();
-    assert!(side == "client" && err.contains("not valid for name"), "{side}: {err}");
+    assert!(
+        side == "client" && err.contains("not valid for name"),
+        "{side}: {err}"
+    );
 }
 
 #[tokio::test]
@@ -162,7 +175,10 @@ async fn control_refuses_a_replaced_or_revoked_certificate() {
     let client = ca.control_client_config(&h.id, &h.pin).unwrap();
     let server = agent_server_config(&ca.ca_cert_pem, &cert2, &key2.key_pem).unwrap();
     let (side, err) = handshake(client, server).await.unwrap_err();
-    assert!(side == "client" && err.to_lowercase().contains("revoked"), "{side}: {err}");
+    assert!(
+        side == "client" && err.to_lowercase().contains("revoked"),
+        "{side}: {err}"
+    );
 }
 
 #[test]
@@ -170,10 +186,15 @@ fn a_garbage_csr_is_refused() {
     let ca = Ca::generate().unwrap();
     let id = HostId::generate();
     assert!(matches!(
-        ca.sign_host_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &id),
+        ca.sign_host_csr(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            &id
+        ),
         Err(PkiError::BadCsr(_))
     ));
-    assert!(ca.sign_host_csr(&"A".repeat(MAX_CSR_BYTES + 1), &id).is_err());
+    assert!(ca
+        .sign_host_csr(&"A".repeat(MAX_CSR_BYTES + 1), &id)
+        .is_err());
 }
 
 #[test]

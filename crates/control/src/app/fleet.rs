@@ -104,7 +104,9 @@ pub fn host_url(url: &str) -> AppResult<String> {
         && uri.host().is_some_and(|h| !h.is_empty())
         && uri.port_u16().is_some_and(|p| p > 0)
         && !uri.authority().is_some_and(|a| a.as_str().contains('@'))
-        && uri.path_and_query().is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/");
+        && uri
+            .path_and_query()
+            .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/");
     if !ok {
         return Err(bad());
     }
@@ -159,7 +161,12 @@ impl App {
 
     /// A new pending host `name` reached at `url`, with its one-time enrollment token
     /// (valid for `Policy::enroll_token_ttl`). Admins only.
-    pub async fn create_host(&self, caller: &Principal, name: &str, url: &str) -> AppResult<NewHost> {
+    pub async fn create_host(
+        &self,
+        caller: &Principal,
+        name: &str,
+        url: &str,
+    ) -> AppResult<NewHost> {
         require_admin(caller)?;
         let new = self.create_host_record(name, url).await?;
         self.audit(
@@ -206,7 +213,12 @@ impl App {
     }
 
     /// Drain (no new sandboxes; running ones stay) or undrain an enrolled host.
-    pub async fn drain_host(&self, caller: &Principal, id: &HostId, drain: bool) -> AppResult<Host> {
+    pub async fn drain_host(
+        &self,
+        caller: &Principal,
+        id: &HostId,
+        drain: bool,
+    ) -> AppResult<Host> {
         let host = self.get_host(caller, id).await?;
         if host.name.is_none() {
             return Err(AppError::Conflict(format!(
@@ -224,7 +236,8 @@ impl App {
             action::HOST_UNDRAIN
         };
         tracing::info!(host_id = %id, status = host.status.as_str(), "{what}");
-        self.audit(caller.team_id, what, id.as_str(), json!({})).await;
+        self.audit(caller.team_id, what, id.as_str(), json!({}))
+            .await;
         Ok(host)
     }
 
@@ -238,7 +251,9 @@ impl App {
             )));
         }
         if !self.db.revoke_host(id).await? {
-            return Err(AppError::Conflict(format!("host '{id}' is already revoked")));
+            return Err(AppError::Conflict(format!(
+                "host '{id}' is already revoked"
+            )));
         }
         self.hosts.remove_enrolled(id);
         tracing::warn!(host_id = %id, "host revoked");

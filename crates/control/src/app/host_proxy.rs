@@ -5,7 +5,6 @@
 //! adds the guest's own access token for its agent port; the agent token goes to the
 //! agent only (the agent never forwards it).
 
-
 use axum::body::Body;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};

@@ -176,8 +176,7 @@ impl App {
             .filter_map(|h| match h.status {
                 HostStatus::Revoked => Some((h.id, "lost: its host was revoked")),
                 HostStatus::Unreachable
-                    if h
-                        .last_heartbeat_at
+                    if h.last_heartbeat_at
                         .or(h.enrolled_at)
                         .is_none_or(|t| t + after <= now) =>
                 {

@@ -145,10 +145,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/health", get(handlers::health))
         // The enrollment token is its only credential (no API key).
-        .route(
-            "/v1/hosts/enroll",
-            axum::routing::post(hosts::enroll_host),
-        )
+        .route("/v1/hosts/enroll", axum::routing::post(hosts::enroll_host))
         .route("/metrics", get(prometheus))
         .route("/v1/openapi.json", get(openapi::serve))
         .merge(authed)

@@ -87,7 +87,11 @@ pub(crate) fn connector(
     http.enforce_http(false);
     let b = hyper_rustls::HttpsConnectorBuilder::new();
     match tls {
-        Some(cfg) => b.with_tls_config(cfg).https_only().enable_http1().wrap_connector(http),
+        Some(cfg) => b
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
         None => b
             .with_tls_config(no_tls())
             .https_or_http()

@@ -18,8 +18,8 @@
 mod agent_client;
 mod registry;
 
-pub use agent_client::{basic_user, AgentHostClient, TlsMode};
 pub(crate) use agent_client::connector;
+pub use agent_client::{basic_user, AgentHostClient, TlsMode};
 pub use registry::{Enrolled, HostEntry, Hosts};
 
 use std::time::Duration;
