@@ -113,6 +113,20 @@ pub struct PolicyOpts {
     /// `localhost:PORT` with this server's port.
     #[arg(long, env = "HEARTH_E2B_DOMAIN")]
     pub e2b_domain: Option<String>,
+    /// Milliseconds between two heartbeats (Info polls) of each enrolled host.
+    #[arg(long, env = "HEARTH_HOST_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub host_heartbeat_ms: u64,
+    /// Seconds without an answer before an enrolled host is marked unreachable (no new
+    /// sandboxes go there).
+    #[arg(long, env = "HEARTH_HOST_UNREACHABLE_AFTER_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub host_unreachable_after_s: u64,
+    /// Seconds without an answer before an unreachable host's running and paused
+    /// sandboxes are marked error (lost).
+    #[arg(long, env = "HEARTH_HOST_LOST_AFTER_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    pub host_lost_after_s: u64,
+    /// Seconds an enrollment token from `hearth admin host create` works.
+    #[arg(long, env = "HEARTH_ENROLL_TOKEN_TTL_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=7 * 86_400))]
+    pub enroll_token_ttl_s: u64,
 }
 
 impl PolicyOpts {
@@ -134,6 +148,13 @@ impl PolicyOpts {
                 ..Default::default()
             },
             e2b_domain: self.e2b_domain.clone(),
+            host_heartbeat: std::time::Duration::from_millis(self.host_heartbeat_ms),
+            host_unreachable_after: std::time::Duration::from_secs(self.host_unreachable_after_s),
+            // Never before the host is unreachable.
+            host_lost_after: std::time::Duration::from_secs(
+                self.host_lost_after_s.max(self.host_unreachable_after_s),
+            ),
+            enroll_token_ttl: std::time::Duration::from_secs(self.enroll_token_ttl_s),
             ..Default::default()
         }
     }

@@ -120,6 +120,12 @@ impl Ca {
         })
     }
 
+    /// The control plane's client key (PEM), e.g. for a test that connects to an agent
+    /// as the control plane would.
+    pub fn control_key_pem(&self) -> &str {
+        &self.control_key_pem
+    }
+
     /// The stored form (JSON of the four PEMs).
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
