@@ -90,7 +90,7 @@ fn dns(name: &str) -> Result<SanType> {
     Ok(SanType::DnsName(
         name.to_owned()
             .try_into()
-            .map_err(|e| PkiError::Gen(rcgen::Error::from(e)))?,
+            .map_err(PkiError::Gen)?,
     ))
 }
 

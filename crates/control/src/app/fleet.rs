@@ -404,7 +404,7 @@ impl App {
         let tls = ca
             .control_client_config(&h.id, fp)
             .map_err(|e| AppError::Internal(format!("TLS config: {e}")))?;
-        let client = AgentHostClient::connect(&h.url, TlsMode::Mutual(tls))
+        let client = AgentHostClient::connect(&h.url, TlsMode::Mutual(Box::new(tls)))
             .map_err(AppError::host("enrolled host"))?;
         Ok(Arc::new(client))
     }

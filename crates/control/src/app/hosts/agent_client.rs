@@ -73,7 +73,7 @@ pub enum TlsMode {
     Plain { token: Option<String> },
     /// `https://` only, with this client config (the control plane's certificate,
     /// the agent's pinned: see `hearth_pki::control_client_config`).
-    Mutual(rustls::ClientConfig),
+    Mutual(Box<rustls::ClientConfig>),
 }
 
 /// An HTTPS-capable connector: `https_only` with `tls` for an enrolled host; for a
@@ -164,7 +164,7 @@ impl AgentHostClient {
                         "invalid agent URL {url:?}: an enrolled host needs https://"
                     )));
                 }
-                (None, Some(cfg))
+                (None, Some(*cfg))
             }
         };
         let http: HttpClient = ServiceTransport::new(
