@@ -88,9 +88,7 @@ fn dn(common_name: &str) -> DistinguishedName {
 
 fn dns(name: &str) -> Result<SanType> {
     Ok(SanType::DnsName(
-        name.to_owned()
-            .try_into()
-            .map_err(PkiError::Gen)?,
+        name.to_owned().try_into().map_err(PkiError::Gen)?,
     ))
 }
 
