@@ -504,12 +504,15 @@ fn two_enrolled_agents_in_their_own_namespaces() {
 
     // The agent's side of mutual TLS, tried from inside c with curl: the real control
     // certificate works; a foreign CA's, another host's, or none is refused.
-    let ca_json = Command::new("sqlite3")
-        .arg(root.join("server/hearth.db"))
-        .arg("SELECT CAST(value AS TEXT) FROM secrets WHERE name = 'pki.ca.v1'")
-        .output()
-        .expect("sqlite3");
-    let ca = hearth_pki::Ca::from_bytes(&ca_json.stdout).expect("the stored CA");
+    // The control plane's credential, read from its database as a replica would.
+    let db_url = format!("sqlite://{}", root.join("server/hearth.db").display());
+    let bundle = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let db = hearth_db::Db::connect(&db_url).await.expect("database");
+        let b = db.get_or_create_secret("pki.ca.v1", Vec::new).await;
+        db.close().await;
+        b.expect("the CA secret")
+    });
+    let ca = hearth_pki::Ca::from_bytes(&bundle).expect("the stored CA");
     let pem = root.join("pem");
     std::fs::create_dir_all(&pem).unwrap();
     let ca_pem = write(&pem, "ca.pem", &ca.ca_cert_pem);
