@@ -451,7 +451,13 @@ async fn local_identity(
             }
         }
     }
-    let url = format!("https://{agent_listen}");
+    // The control plane is in this process: reach the agent on loopback when it
+    // listens on every address.
+    let mut reach = agent_listen;
+    if reach.ip().is_unspecified() {
+        reach.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("https://{reach}");
     let mut made = None;
     for name in [
         "local".to_owned(),
