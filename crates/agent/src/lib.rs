@@ -15,6 +15,7 @@ pub mod admission;
 mod console_route;
 pub mod disk;
 pub mod faults;
+pub mod identity;
 pub mod lifecycle;
 pub mod net;
 mod pool;
@@ -96,6 +97,9 @@ pub struct AgentConfig {
     /// Shared secret the control plane must send in [`AGENT_TOKEN_HEADER`] on every
     /// request (RPC and proxy). `None` leaves the port open: only for loopback.
     pub token: Option<String>,
+    /// Serve TLS with this config (an enrolled agent: [`identity::Identity`], which
+    /// requires the control plane's client certificate). `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// VM confinement (uids, cgroups) and console bounds.
     pub vm: vmm::VmHostConfig,
     /// Steps of pause/resume/snapshot/fork armed to fail, hang or kill (tests only;
@@ -134,6 +138,7 @@ impl AgentConfig {
             listener: default_listener_limits(),
             boot_timeout: Duration::from_secs(60),
             token: None,
+            tls: None,
             vm: vmm::VmHostConfig::default(),
             faults: faults::Faults::default(),
             warm_templates: Vec::new(),
@@ -432,9 +437,13 @@ impl Agent {
         let app = router(ctx.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let limits = ctx.config.listener.clone();
-        let server = tokio::spawn(hearth_serve::serve(listener, app, limits, async {
+        let stop = async {
             let _ = stop_rx.await;
-        }));
+        };
+        let server = match ctx.config.tls.clone() {
+            Some(tls) => tokio::spawn(hearth_serve::serve_tls(listener, app, limits, tls, stop)),
+            None => tokio::spawn(hearth_serve::serve(listener, app, limits, stop)),
+        };
         let reaper = tokio::spawn(reaper::run(ctx.clone()));
         ctx.tasks.track(reaper.abort_handle());
         if !ctx.config.warm_templates.is_empty() {
@@ -455,7 +464,8 @@ impl Agent {
             reason = %ctx.accel_reason,
             "host agent serving"
         );
-        if ctx.config.token.is_none() && !local_addr.ip().is_loopback() {
+        if ctx.config.token.is_none() && ctx.config.tls.is_none() && !local_addr.ip().is_loopback()
+        {
             warn!(%local_addr, "no agent token: anyone who reaches this port controls its VMs; set one (hearth agent --token-file)");
         }
         Ok(RunningAgent {

@@ -1,5 +1,5 @@
 //! `hearth key …` (a team's own API keys) and `hearth admin …` (teams, any team's
-//! keys, every team's templates; needs an admin key).
+//! keys, every team's templates, host agents; needs an admin key).
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -37,6 +37,137 @@ pub enum AdminCmd {
     User(UserCmd),
     /// List every team's templates and the platform's.
     Templates,
+    /// Add host agents (one-time enrollment tokens), list, drain and revoke them.
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand)]
+pub enum HostCmd {
+    /// Record a host; prints its one-time enrollment token alone on the last line
+    /// (valid 1 h): give it to `hearth agent --control-url URL --enroll-token T` there.
+    Create {
+        /// Unique name: lowercase letters, digits and '-'.
+        #[arg(long)]
+        name: String,
+        /// Where the control plane reaches the agent: https://HOST:PORT.
+        #[arg(long)]
+        url: String,
+    },
+    /// List hosts: status, last heartbeat, capacity and load.
+    #[command(alias = "ls")]
+    List,
+    /// No new sandboxes go to these hosts (running ones keep running).
+    Drain {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Take new sandboxes again.
+    Undrain {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Revoke hosts: their certificates are refused from the next call on and their
+    /// sandboxes are marked lost.
+    #[command(alias = "rm")]
+    Revoke {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+const HOST_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "status",
+    "url",
+    "last_heartbeat_at",
+    "running",
+];
+
+fn host_row(h: &Value) -> Value {
+    let mut r = h.clone();
+    r["running"] = h["load"]["running"].clone();
+    r
+}
+
+/// `METHOD /v1/admin/hosts/{id}{suffix}` for each ID; prints what each became.
+async fn each_host(
+    g: &Global,
+    method: Method,
+    suffix: &str,
+    ids: &[String],
+    done: &str,
+) -> Result<()> {
+    let c = client(g)?;
+    let mut failed = 0;
+    for id in ids {
+        match c
+            .json::<Value>(c.request(method.clone(), &format!("/v1/admin/hosts/{id}{suffix}")))
+            .await
+        {
+            Ok(v) if g.json => print_json(&v),
+            Ok(v) => println!(
+                "{id} {done} (status {})",
+                v["status"].as_str().unwrap_or("?")
+            ),
+            Err(e) => {
+                eprintln!("error: {id}: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} host(s) failed", ids.len());
+    }
+    Ok(())
+}
+
+async fn host(g: &Global, cmd: HostCmd) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        HostCmd::Create { name, url } => {
+            let v: Value = c
+                .json(
+                    c.request(Method::POST, "/v1/admin/hosts")
+                        .json(&json!({ "name": name, "url": url })),
+                )
+                .await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                let h = &v["host"];
+                eprintln!(
+                    "created host {} ({}) at {}; its enrollment token works once, until {}:",
+                    h["id"].as_str().unwrap_or("?"),
+                    h["name"].as_str().unwrap_or("?"),
+                    h["url"].as_str().unwrap_or("?"),
+                    h["enroll_expires_at"].as_str().unwrap_or("?"),
+                );
+                println!("{}", v["enrollment_token"].as_str().unwrap_or(""));
+            }
+        }
+        HostCmd::List => {
+            let v: Value = c.json(c.request(Method::GET, "/v1/admin/hosts")).await?;
+            if g.json {
+                print_json(&v);
+            } else {
+                let rows: Vec<Value> = v["hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(host_row)
+                    .collect();
+                print_table(&rows, HOST_COLUMNS);
+            }
+        }
+        HostCmd::Drain { ids } => each_host(g, Method::POST, "/drain", &ids, "drained").await?,
+        HostCmd::Undrain { ids } => {
+            each_host(g, Method::POST, "/undrain", &ids, "undrained").await?
+        }
+        HostCmd::Revoke { ids } => each_host(g, Method::DELETE, "", &ids, "revoked").await?,
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -277,6 +408,7 @@ pub async fn admin(g: &Global, cmd: AdminCmd) -> Result<()> {
         }
         AdminCmd::Key(AdminKeyCmd::Revoke { ids }) => revoke_all(g, "/v1/admin/keys", &ids).await?,
         AdminCmd::User(cmd) => user(g, cmd).await?,
+        AdminCmd::Host(cmd) => host(g, cmd).await?,
         AdminCmd::Templates => {
             let v: Value = c
                 .json(c.request(Method::GET, "/v1/admin/templates"))

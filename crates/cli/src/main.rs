@@ -76,7 +76,7 @@ enum Command {
     /// Your team's API keys: make (shown once), list, revoke.
     #[command(subcommand)]
     Key(accounts::KeyCmd),
-    /// Operators (admin key): teams, any team's keys, users, every team's templates.
+    /// Operators (admin key): teams, any team's keys, users, hosts, every team's templates.
     #[command(subcommand)]
     Admin(accounts::AdminCmd),
     /// The team, key and rights your API key speaks for.

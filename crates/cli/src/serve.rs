@@ -128,6 +128,20 @@ pub struct PolicyOpts {
     /// a tenant's webhook must not reach this server's own network).
     #[arg(long, env = "HEARTH_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
+    /// Milliseconds between two heartbeats (Info polls) of each enrolled host.
+    #[arg(long, env = "HEARTH_HOST_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub host_heartbeat_ms: u64,
+    /// Seconds without an answer before an enrolled host is marked unreachable (no new
+    /// sandboxes go there).
+    #[arg(long, env = "HEARTH_HOST_UNREACHABLE_AFTER_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub host_unreachable_after_s: u64,
+    /// Seconds without an answer before an unreachable host's running and paused
+    /// sandboxes are marked error (lost).
+    #[arg(long, env = "HEARTH_HOST_LOST_AFTER_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    pub host_lost_after_s: u64,
+    /// Seconds an enrollment token from `hearth admin host create` works.
+    #[arg(long, env = "HEARTH_ENROLL_TOKEN_TTL_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=7 * 86_400))]
+    pub enroll_token_ttl_s: u64,
 }
 
 impl PolicyOpts {
@@ -151,6 +165,13 @@ impl PolicyOpts {
             e2b_domain: self.e2b_domain.clone(),
             create_timeout: std::time::Duration::from_secs(self.create_timeout_s),
             webhook_allow_private: self.webhook_allow_private,
+            host_heartbeat: std::time::Duration::from_millis(self.host_heartbeat_ms),
+            host_unreachable_after: std::time::Duration::from_secs(self.host_unreachable_after_s),
+            // Never before the host is unreachable.
+            host_lost_after: std::time::Duration::from_secs(
+                self.host_lost_after_s.max(self.host_unreachable_after_s),
+            ),
+            enroll_token_ttl: std::time::Duration::from_secs(self.enroll_token_ttl_s),
             ..Default::default()
         }
     }
@@ -188,7 +209,8 @@ pub struct UpArgs {
     /// Address of the REST API.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub listen: SocketAddr,
-    /// Address of the host agent's RPC and proxy port (loopback by default: it has no auth of its own yet).
+    /// Address of the host agent's RPC and proxy port (mutual TLS: `hearth up` enrolls
+    /// its own agent with the control plane's CA).
     #[arg(long, default_value = "127.0.0.1:7421")]
     pub agent_listen: SocketAddr,
     /// Data directory (database; images/ and run/ below it unless set apart).
@@ -213,8 +235,10 @@ pub struct ServerArgs {
     /// Database URL (default: sqlite in the data directory).
     #[arg(long, env = "HEARTH_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Host agent URL (repeatable).
-    #[arg(long = "agent-url", default_value = "http://127.0.0.1:7421")]
+    /// A static host agent's URL (repeatable), reached over plain HTTP with the shared
+    /// agent token. Enrolled hosts (`hearth admin host create`, mutual TLS) come from
+    /// the database and need no flag.
+    #[arg(long = "agent-url")]
     pub agent_urls: Vec<String>,
     #[command(flatten)]
     pub token: TokenOpts,
@@ -229,9 +253,18 @@ pub struct AgentArgs {
     /// Address of the agent's RPC and proxy port.
     #[arg(long, default_value = "127.0.0.1:7421")]
     pub listen: SocketAddr,
-    /// Data directory (images/ and run/ below it unless set apart).
+    /// Data directory (images/ and run/ below it unless set apart; the enrolled
+    /// identity in agent-identity/).
     #[arg(long, env = "HEARTH_DATA_DIR", default_value = "/var/lib/hearth")]
     pub data_dir: PathBuf,
+    /// The control plane's API URL, for enrollment (with --enroll-token).
+    #[arg(long, env = "HEARTH_CONTROL_URL")]
+    pub control_url: Option<String>,
+    /// One-time enrollment token from `hearth admin host create` (first start only):
+    /// the agent makes its key, trades a CSR and the token for its certificate, and
+    /// from then on serves mutual TLS only. Later starts need no token.
+    #[arg(long, env = "HEARTH_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
     #[command(flatten)]
     pub agent: AgentOpts,
     #[command(flatten)]
@@ -378,25 +411,35 @@ async fn start_control(
 pub async fn up(a: UpArgs) -> Result<()> {
     private_umask();
     init_tracing();
-    // One process holds both ends: a fresh secret per start, never written anywhere.
-    let token = random_token();
-    let cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent, Some(token.clone()))?;
-    let agent = hearth_agent::Agent::start(cfg).await?;
-    let agent_url = format!("http://{}", agent.local_addr());
     let control = start_control(
         a.listen,
         &a.data_dir,
         None,
-        vec![agent_url],
-        Some(token),
+        Vec::new(),
+        None,
         &a.policy,
         &a.listener,
     )
     .await?;
+    // Its own agent goes the way of any other: a host record, a one-time token, a CSR
+    // traded for a certificate over the API, then mutual TLS.
+    let identity = local_identity(&control, &a.data_dir, a.agent_listen).await?;
+    let mut cfg = agent_config(a.agent_listen, &a.data_dir, &a.agent, None)?;
+    cfg.host_id = Some(identity.host_id.clone());
+    cfg.tls = Some(std::sync::Arc::new(identity.server_config()?));
+    let agent = hearth_agent::Agent::start(cfg).await?;
+    // Register it now, so a create right after start finds its host.
+    if let Err(e) = control.state().app().heartbeat_once().await {
+        tracing::warn!(error = %e, "first heartbeat of the local agent failed");
+    }
+    if let Err(e) = control.state().app().reconcile_once().await {
+        tracing::warn!(error = %e, "first reconcile with the local agent failed");
+    }
     println!(
-        "hearth is up: API http://{} (host agent {})",
+        "hearth is up: API http://{} (host agent {} over mutual TLS, {})",
         control.local_addr(),
-        agent.local_addr()
+        agent.local_addr(),
+        identity.host_id
     );
     shutdown_signal().await;
     tracing::info!("shutting down (sandboxes keep running and are re-adopted at the next start)");
@@ -406,6 +449,89 @@ pub async fn up(a: UpArgs) -> Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+/// The identity of `hearth up`'s own agent: the stored one while the database still
+/// knows it (not revoked), else a new host `local` enrolled through the API.
+async fn local_identity(
+    control: &hearth_control::RunningControl,
+    data_dir: &std::path::Path,
+    agent_listen: SocketAddr,
+) -> Result<hearth_agent::identity::Identity> {
+    use hearth_agent::identity::{self, Identity};
+    let dir = identity::dir(data_dir);
+    let app = control.state().app();
+    if let Some(id) = Identity::load(&dir)? {
+        match app.db.get_host(&id.host_id).await? {
+            Some(h) if h.status != hearth_db::HostStatus::Revoked => return Ok(id),
+            _ => {
+                tracing::warn!(host_id = %id.host_id, "the local agent's host is unknown or revoked: enrolling it again")
+            }
+        }
+    }
+    // The control plane is in this process: reach the agent on loopback when it
+    // listens on every address.
+    let mut reach = agent_listen;
+    if reach.ip().is_unspecified() {
+        reach.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("https://{reach}");
+    let mut made = None;
+    for name in [
+        "local".to_owned(),
+        format!("local-{}", random_token()[..6].to_lowercase()),
+    ] {
+        match app.create_host_record(&name, &url).await {
+            Ok(n) => {
+                made = Some(n);
+                break;
+            }
+            Err(hearth_control::app::AppError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let made = made.context("cannot name the local host")?;
+    let control_url = format!("http://{}", control.local_addr());
+    let id = enroll(&control_url, &made.token).await?;
+    id.store(&dir)?;
+    tracing::info!(host_id = %id.host_id, "local host agent enrolled");
+    Ok(id)
+}
+
+/// Trade `token` and a CSR of a new key for this agent's certificate.
+async fn enroll(control_url: &str, token: &str) -> Result<hearth_agent::identity::Identity> {
+    let key = hearth_pki::HostKey::generate()?;
+    let url = format!("{}/v1/hosts/enroll", control_url.trim_end_matches('/'));
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?
+        .post(&url)
+        .json(&serde_json::json!({ "token": token, "csr": key.csr_pem }))
+        .send()
+        .await
+        .with_context(|| format!("enrolling at {url}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "enrollment refused ({status}): {}",
+            v["error"]["message"].as_str().unwrap_or("no message")
+        );
+    }
+    let field = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("the enrollment answer has no {k}"))
+    };
+    Ok(hearth_agent::identity::Identity {
+        host_id: field("host_id")?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the enrollment answer's host_id: {e}"))?,
+        key_pem: key.key_pem,
+        cert_pem: field("certificate")?,
+        ca_pem: field("ca_certificate")?,
+    })
 }
 
 pub async fn server(a: ServerArgs) -> Result<()> {
@@ -427,9 +553,39 @@ pub async fn server(a: ServerArgs) -> Result<()> {
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
+    use hearth_agent::identity::{self, Identity};
     private_umask();
     init_tracing();
-    let cfg = agent_config(a.listen, &a.data_dir, &a.agent, a.token.resolve()?)?;
+    let dir = identity::dir(&a.data_dir);
+    let identity = match (Identity::load(&dir)?, &a.enroll_token) {
+        (Some(id), token) => {
+            if token.is_some() {
+                tracing::warn!(host_id = %id.host_id, dir = %dir.display(),
+                    "already enrolled: --enroll-token ignored (remove the directory to enroll again)");
+            }
+            Some(id)
+        }
+        (None, Some(token)) => {
+            let control = a
+                .control_url
+                .as_deref()
+                .context("--enroll-token needs --control-url (the control plane's API)")?;
+            let id = enroll(control, token).await?;
+            id.store(&dir)?;
+            tracing::info!(host_id = %id.host_id, dir = %dir.display(), "enrolled");
+            Some(id)
+        }
+        (None, None) => None,
+    };
+    let mut cfg = agent_config(a.listen, &a.data_dir, &a.agent, a.token.resolve()?)?;
+    if let Some(id) = &identity {
+        cfg.host_id = Some(id.host_id.clone());
+        cfg.tls = Some(std::sync::Arc::new(id.server_config()?));
+        // Mutual TLS is the credential; a shared token would only be one more secret.
+        cfg.token = None;
+    } else {
+        tracing::warn!("not enrolled: serving plain HTTP for a static --agent-url control plane (enroll with --control-url and --enroll-token)");
+    }
     let agent = hearth_agent::Agent::start(cfg).await?;
     tracing::info!(addr = %agent.local_addr(), "host agent listening");
     shutdown_signal().await;

@@ -99,6 +99,7 @@ pub struct RunningControl {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     reconciler: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
 }
 
 impl RunningControl {
@@ -122,6 +123,7 @@ impl RunningControl {
         let _ = self.stop.send(true);
         let _ = self.server.await;
         let _ = self.reconciler.await;
+        let _ = self.heartbeat.await;
         self.state.app().db.close().await;
     }
 }
@@ -184,9 +186,12 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     let state = AppState::new(
         App::new(db, hosts, config.limits, config.max_upload_bytes).with_policy(policy),
     );
-    // First pass before serving, so a create right after start finds its host. It only
-    // learns the hosts: changing rows waits for the lead (the loop's first tick, at
+    // First passes before serving, so a create right after start finds its host. They
+    // only learn the hosts: changing rows waits for the lead (the loop's first tick, at
     // once), so a replica joining others never acts beside their leader.
+    if let Err(e) = state.app().heartbeat_once().await {
+        tracing::warn!(error = %e, "initial host heartbeat failed");
+    }
     if let Err(e) = state.app().reconcile_pass(false).await {
         tracing::warn!(error = %e, "initial reconcile failed");
     }
@@ -200,6 +205,23 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
             let _ = rx.wait_for(|s| *s).await;
         };
         http::server::serve(listener, app, limits, shutdown).await;
+    });
+
+    let mut rx = stop_rx.clone();
+    let app = state.app().clone();
+    let period = app.policy.host_heartbeat.max(Duration::from_millis(100));
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = rx.wait_for(|s| *s) => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = app.heartbeat_once().await {
+                tracing::warn!(error = %e, "host heartbeat pass failed");
+            }
+        }
     });
 
     // Whether this process leads background work now (set by the reconciler's loop,
@@ -272,5 +294,6 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         stop,
         server,
         reconciler,
+        heartbeat,
     })
 }

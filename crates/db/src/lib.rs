@@ -45,8 +45,8 @@ pub use hearth_types::UnknownState;
 pub use keys::{KEY_PREFIX, LAST_USED_GRANULARITY_MS, VISIBLE_PREFIX_LEN};
 pub use leader::Leadership;
 pub use models::{
-    ApiKey, AuditEntry, Host, NewApiKey, NewSandbox, NewTemplate, OnTimeout, Principal, SandboxRow,
-    SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
+    ApiKey, AuditEntry, Host, HostLoad, HostStatus, NewApiKey, NewSandbox, NewTemplate, OnTimeout,
+    Principal, SandboxRow, SandboxState, Team, Template, TemplateLocation, UnknownOnTimeout,
 };
 pub use quotas::{Admission, ResumeAdmission};
 pub use sandboxes::{PageCursor, SandboxPage, STORED as STORED_STATES};

@@ -133,6 +133,66 @@ pub struct Host {
     pub vmm: String,
     pub accel: String,
     pub last_seen_at: DateTime<Utc>,
+    /// `None` for a static host (`--agent-url`), recorded by the reconciler.
+    pub name: Option<String>,
+    pub status: HostStatus,
+    /// Set by an admin (`drain`): no new sandboxes, kept while unreachable.
+    pub drain: bool,
+    pub created_at: DateTime<Utc>,
+    pub enrolled_at: Option<DateTime<Utc>>,
+    pub enroll_expires_at: Option<DateTime<Utc>>,
+    /// SHA-256 (hex) of the certificate issued at enrollment.
+    pub cert_fingerprint: Option<String>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub load: HostLoad,
+}
+
+/// Where a host is in its life (`hosts.status`).
+///
+/// `pending` (created, token not used) -> `active` (enrolled) <-> `draining` (admin);
+/// `active`/`draining` -> `unreachable` (no heartbeat for a while) -> back when it
+/// answers; any -> `revoked` (final: its certificate is refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostStatus {
+    Pending,
+    Active,
+    Draining,
+    Unreachable,
+    Revoked,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Pending => "pending",
+            HostStatus::Active => "active",
+            HostStatus::Draining => "draining",
+            HostStatus::Unreachable => "unreachable",
+            HostStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => HostStatus::Pending,
+            "active" => HostStatus::Active,
+            "draining" => HostStatus::Draining,
+            "unreachable" => HostStatus::Unreachable,
+            "revoked" => HostStatus::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+/// A host's last reported capacity and load (its Info).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLoad {
+    pub memory_capacity_mb: u64,
+    pub memory_used_mb: u64,
+    pub vcpu_capacity: u64,
+    pub vcpus_used: u64,
+    pub disk_free_mb: u64,
+    pub running: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

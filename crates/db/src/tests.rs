@@ -355,6 +355,97 @@ async fn hosts_upsert_on(db: Db) {
     assert_eq!(hosts[0].accel, "kvm");
 }
 
+#[tokio::test]
+async fn host_enrollment_lifecycle() {
+    host_enrollment_lifecycle_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn host_enrollment_lifecycle_on(db: Db) {
+    use crate::{HostLoad, HostStatus};
+    let id = HostId::generate();
+    let later = Utc::now() + Duration::hours(1);
+    let h = db
+        .create_host(&id, "h1", "https://10.0.0.2:7421", "hash1", later)
+        .await
+        .unwrap();
+    assert_eq!(
+        (h.status, h.name.as_deref()),
+        (HostStatus::Pending, Some("h1"))
+    );
+    // Names are unique.
+    let dup = db
+        .create_host(&HostId::generate(), "h1", "https://x:1", "hash2", later)
+        .await;
+    assert!(matches!(dup, Err(DbError::AlreadyExists { .. })));
+    // An expired token finds nothing.
+    let old = HostId::generate();
+    db.create_host(
+        &old,
+        "h2",
+        "https://x:1",
+        "hash3",
+        Utc::now() - Duration::seconds(1),
+    )
+    .await
+    .unwrap();
+    assert!(db.host_for_enrollment("hash3").await.unwrap().is_none());
+    assert!(!db.complete_enrollment(&old, "hash3", "fp").await.unwrap());
+    // The right token works once.
+    assert_eq!(
+        db.host_for_enrollment("hash1").await.unwrap().unwrap().id,
+        id
+    );
+    assert!(!db.complete_enrollment(&id, "wrong", "fp").await.unwrap());
+    assert!(db.complete_enrollment(&id, "hash1", "fp1").await.unwrap());
+    assert!(!db.complete_enrollment(&id, "hash1", "fp2").await.unwrap());
+    assert!(db.host_for_enrollment("hash1").await.unwrap().is_none());
+    let h = db.get_host(&id).await.unwrap().unwrap();
+    assert_eq!(h.status, HostStatus::Active);
+    assert_eq!(h.cert_fingerprint.as_deref(), Some("fp1"));
+    // Drain, unreachable, back (still draining), undrain.
+    assert!(db.set_host_drain(&id, true).await.unwrap());
+    assert!(db
+        .mark_host_unreachable(&id, Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap());
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Unreachable
+    );
+    let load = HostLoad {
+        memory_capacity_mb: 4096,
+        running: 2,
+        ..Default::default()
+    };
+    db.record_heartbeat(&id, "qemu", "tcg", &load)
+        .await
+        .unwrap();
+    let h = db.get_host(&id).await.unwrap().unwrap();
+    assert_eq!((h.status, h.load), (HostStatus::Draining, load));
+    assert!(h.last_heartbeat_at.is_some());
+    // A fresh heartbeat is not older than a minute ago: stays.
+    assert!(!db
+        .mark_host_unreachable(&id, Utc::now() - Duration::seconds(60))
+        .await
+        .unwrap());
+    assert!(db.set_host_drain(&id, false).await.unwrap());
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Active
+    );
+    // Revoked is final: no drain, no heartbeat brings it back.
+    assert!(db.revoke_host(&id).await.unwrap());
+    assert!(!db.revoke_host(&id).await.unwrap());
+    assert!(!db.set_host_drain(&id, false).await.unwrap());
+    db.record_heartbeat(&id, "qemu", "tcg", &load)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.get_host(&id).await.unwrap().unwrap().status,
+        HostStatus::Revoked
+    );
+}
+
 fn file_url(dir: &tempfile::TempDir) -> String {
     format!(
         "sqlite://{}?mode=rwc",
@@ -934,5 +1025,6 @@ mod on_postgres {
         secure_and_auto_resume_round_trip => super::secure_and_auto_resume_round_trip_on,
         concurrent_admissions_never_pass_the_quota_together => super::concurrent_admissions_never_pass_the_quota_together_on,
         users_sign_in_to_sessions_that_end_at_logout_and_when_disabled => super::users_sign_in_to_sessions_that_end_at_logout_and_when_disabled_on,
+        host_enrollment_lifecycle => super::host_enrollment_lifecycle_on,
     }
 }

@@ -133,6 +133,30 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    serve_with(listener, app, limits, None, shutdown).await
+}
+
+/// [`serve`] over TLS: every connection's handshake (which, with a client verifier in
+/// `tls`, checks the client's certificate) must finish within the header timeout, or
+/// the connection is dropped before any request is read.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(listener, app, limits, Some(acceptor), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -186,6 +210,7 @@ pub async fn serve(
         let http = http.clone();
         let watcher = graceful.watcher();
         let head_timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
             // hyper-util's `auto` builder waits, with no timeout, for the first bytes
             // (to tell HTTP/1 from HTTP/2) before hyper's head timeout starts: a client
@@ -199,11 +224,32 @@ pub async fn serve(
                     return;
                 }
             }
-            let conn = http.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(svc),
-            );
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let svc = TowerToHyperService::new(svc);
+            let result = match tls {
+                None => {
+                    let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake refused");
+                                drop(permit);
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                drop(permit);
+                                return;
+                            }
+                        };
+                    let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

@@ -5,8 +5,6 @@
 //! adds the guest's own access token for its agent port; the agent token goes to the
 //! agent only (the agent never forwards it).
 
-use std::time::Duration;
-
 use axum::body::Body;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
@@ -18,17 +16,13 @@ use super::hosts::HostError;
 use hearth_serve::proxy;
 use hearth_types::SandboxId;
 
-/// A plain HTTP/1.1 client for the agent's port route.
-pub type RawClient = Client<HttpConnector, Body>;
+/// An HTTP/1.1 client for the agent's port route (plain, or mutual TLS for an
+/// enrolled host).
+pub type RawClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
-/// Connecting to the agent may take this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub fn raw_client() -> RawClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+/// `tls`: the enrolled host's client config; `None`: a static host over plain HTTP.
+pub fn raw_client(tls: Option<rustls::ClientConfig>) -> RawClient {
+    Client::builder(TokioExecutor::new()).build(super::hosts::connector(tls))
 }
 
 /// Send `req` (its path and query kept) to `port` of sandbox `id` via the agent at

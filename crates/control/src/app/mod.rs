@@ -11,6 +11,7 @@ pub mod e2b_tokens;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod fleet;
 pub mod host_proxy;
 pub mod hosts;
 pub mod lifecycle;
@@ -62,6 +63,16 @@ pub struct Policy {
     pub webhook_max_failures: u32,
     /// First wait after a failed delivery (doubled per failure, at most 5 minutes).
     pub webhook_backoff: Duration,
+    /// How often the control plane polls each enrolled host's Info (the heartbeat).
+    pub host_heartbeat: Duration,
+    /// An enrolled host whose last heartbeat is older than this is `unreachable`
+    /// (no new sandboxes; back to `active` when it answers).
+    pub host_unreachable_after: Duration,
+    /// An unreachable host's running and paused sandboxes become `error` (lost)
+    /// once its last heartbeat is this old.
+    pub host_lost_after: Duration,
+    /// How long a host's enrollment token works.
+    pub enroll_token_ttl: Duration,
 }
 
 impl Default for Policy {
@@ -79,6 +90,10 @@ impl Default for Policy {
             webhook_allow_private: false,
             webhook_max_failures: 20,
             webhook_backoff: Duration::from_secs(1),
+            host_heartbeat: Duration::from_secs(2),
+            host_unreachable_after: Duration::from_secs(10),
+            host_lost_after: Duration::from_secs(60),
+            enroll_token_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -102,6 +117,8 @@ pub struct App {
     login_throttle: users::LoginThrottle,
     /// When failing webhooks may be tried again.
     webhook_backoff: webhooks::Backoff,
+    /// The deployment CA (from the database), read once; `None` until first used.
+    ca: tokio::sync::OnceCell<Arc<hearth_pki::Ca>>,
 }
 
 impl App {
@@ -123,6 +140,7 @@ impl App {
             metrics: metrics::Metrics::new(),
             login_throttle: users::LoginThrottle::default(),
             webhook_backoff: webhooks::Backoff::default(),
+            ca: tokio::sync::OnceCell::new(),
         }
     }
 

@@ -17,7 +17,10 @@
 //!   (`on_timeout: pause`); `paused` longer than `Policy::paused_retention`: destroyed.
 //!
 //! A host that does not answer is left alone: its rows keep their state until it is
-//! back (a restarted agent re-adopts its VMs).
+//! back (a restarted agent re-adopts its VMs). An enrolled host marked `unreachable`
+//! by the heartbeat (`app::fleet`) is skipped; once it has not answered for
+//! `Policy::host_lost_after`, or when it is revoked, its running and paused rows
+//! become `error` ("lost").
 //!
 //! Then, for all hosts: rows still `starting` past the create timeout (a control
 //! plane that died mid-create) become `error` and their host is asked to destroy
@@ -28,8 +31,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
-use hearth_db::{OnTimeout, SandboxRow, SandboxState};
-use hearth_types::{SandboxId, TeamId, TemplateName};
+use hearth_db::{HostStatus, OnTimeout, SandboxRow, SandboxState};
+use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
 
 use super::hosts::{HostClient, HostPhase, HostSandbox};
 use super::templates::SNAPSHOT_PREFIX;
@@ -81,7 +84,13 @@ impl App {
     /// so that replicas on one database never act twice on one row.
     pub async fn reconcile_pass(&self, lead: bool) -> AppResult<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        for (index, entry) in self.hosts.entries().into_iter().enumerate() {
+        for entry in self.hosts.entries() {
+            // An unreachable host is polled by the heartbeat, not here (a dead host
+            // would hold every pass for its timeout); its rows wait for it, or are
+            // lost after `Policy::host_lost_after` (`reconcile_lost_hosts`).
+            if !entry.reachable() {
+                continue;
+            }
             let url = entry.client.url().to_owned();
             let info = match entry.client.info().await {
                 Ok(info) => info,
@@ -119,7 +128,7 @@ impl App {
                     .await;
             }
             let host_id = info.host_id.clone();
-            self.hosts.set_info(index, info);
+            self.hosts.set_info(&entry.client, info);
             report.hosts_seen += 1;
             if !lead {
                 continue;
@@ -151,6 +160,7 @@ impl App {
         if !lead {
             return Ok(report);
         }
+        self.reconcile_lost_hosts(&mut report).await?;
         self.reconcile_stale_starts(&mut report).await?;
         let keep =
             chrono::Duration::from_std(self.policy.retention).unwrap_or(chrono::Duration::days(7));
@@ -162,6 +172,56 @@ impl App {
             );
         }
         Ok(report)
+    }
+
+    /// Running and paused rows of enrolled hosts that have not answered for
+    /// `Policy::host_lost_after` (since their last heartbeat), or were revoked:
+    /// `error` ("lost"). A host that misses a few heartbeats is only `unreachable`
+    /// and its rows wait (a restarted agent re-adopts its VMs).
+    async fn reconcile_lost_hosts(&self, report: &mut ReconcileReport) -> AppResult<()> {
+        let after = chrono::Duration::from_std(self.policy.host_lost_after)
+            .unwrap_or(chrono::Duration::seconds(60));
+        let now = Utc::now();
+        let lost: HashMap<HostId, &'static str> = self
+            .db
+            .list_hosts()
+            .await?
+            .into_iter()
+            .filter_map(|h| match h.status {
+                HostStatus::Revoked => Some((h.id, "lost: its host was revoked")),
+                HostStatus::Unreachable
+                    if h.last_heartbeat_at
+                        .or(h.enrolled_at)
+                        .is_none_or(|t| t + after <= now) =>
+                {
+                    Some((h.id, "lost: its host stopped answering"))
+                }
+                _ => None,
+            })
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .db
+            .list_sandboxes_in_states(&[SandboxState::Running, SandboxState::Paused])
+            .await?;
+        for row in rows {
+            let Some(why) = row.host_id.as_ref().and_then(|h| lost.get(h)) else {
+                continue;
+            };
+            if self
+                .db
+                .transition_sandbox(&row.id, row.state, SandboxState::Error, Some(why))
+                .await?
+            {
+                tracing::warn!(sandbox_id = %row.id, host_id = ?row.host_id, reason = %why, "sandbox marked error");
+                self.end_streams(&row.id);
+                self.record_change(&row, SandboxState::Error, why).await;
+                report.lost.push(row.id);
+            }
+        }
+        Ok(())
     }
 
     /// Platform templates' sizes, memory and shape as the host reports them (hosts

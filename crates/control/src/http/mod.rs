@@ -5,6 +5,7 @@
 pub mod e2b;
 pub mod error;
 mod handlers;
+pub mod hosts;
 pub mod openapi;
 pub mod reject;
 mod sandbox_proxy;
@@ -118,6 +119,22 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(handlers::admin_revoke_key),
         )
         .route("/v1/admin/templates", get(handlers::admin_list_templates))
+        .route(
+            "/v1/admin/hosts",
+            get(hosts::admin_list_hosts).post(hosts::admin_create_host),
+        )
+        .route(
+            "/v1/admin/hosts/{id}",
+            get(hosts::admin_get_host).delete(hosts::admin_revoke_host),
+        )
+        .route(
+            "/v1/admin/hosts/{id}/drain",
+            axum::routing::post(hosts::admin_drain_host),
+        )
+        .route(
+            "/v1/admin/hosts/{id}/undrain",
+            axum::routing::post(hosts::admin_undrain_host),
+        )
         .route("/v1/audit", get(handlers::list_audit))
         .route("/v1/events", get(handlers::events))
         .route(
@@ -147,6 +164,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), track));
     Router::new()
         .route("/v1/health", get(handlers::health))
+        // The enrollment token is its only credential (no API key).
+        .route("/v1/hosts/enroll", axum::routing::post(hosts::enroll_host))
         .route("/metrics", get(prometheus))
         .route("/v1/openapi.json", get(openapi::serve))
         .route(

@@ -12,6 +12,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::handlers;
+use super::hosts;
 use super::types::*;
 use super::users;
 use super::webhooks;
@@ -82,6 +83,13 @@ impl Modify for Security {
         webhooks::create_webhook,
         webhooks::list_webhooks,
         webhooks::delete_webhook,
+        hosts::admin_create_host,
+        hosts::admin_list_hosts,
+        hosts::admin_get_host,
+        hosts::admin_drain_host,
+        hosts::admin_undrain_host,
+        hosts::admin_revoke_host,
+        hosts::enroll_host,
     ),
     components(schemas(ErrorBody, ErrorDetail, Health, CreateSandboxRequest, Sandbox, SandboxList,
         ExecRequest, PtySize, ExecResponse, FileWritten, TemplateInfo, TemplateList,
@@ -91,7 +99,9 @@ impl Modify for Security {
         users::LoginRequest, users::LoginResponse, users::UserInfo, users::MeResponse,
         users::CreateUserRequest, users::UserList,
         webhooks::CreateWebhookRequest, webhooks::WebhookInfo, webhooks::CreatedWebhook,
-        webhooks::WebhookList)),
+        webhooks::WebhookList,
+        hosts::CreateHostRequest, hosts::HostInfoBody, hosts::HostLoadInfo, hosts::CreatedHost,
+        hosts::HostList, hosts::EnrollRequest, hosts::EnrollResponse)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

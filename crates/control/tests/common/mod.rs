@@ -107,6 +107,7 @@ impl HostClient for FakeHost {
                 .chain(st.templates.keys().cloned())
                 .collect(),
             running: st.sandboxes.len() as u32,
+            capacity: Default::default(),
         })
     }
     async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {

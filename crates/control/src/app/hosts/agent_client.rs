@@ -3,11 +3,12 @@
 //! proxy for files, console and metrics). Every answer is bounded and checked here: see
 //! the parent module's docs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
+use connectrpc::client::{CallOptions, ClientBody, ClientConfig, ServiceTransport};
 use futures::StreamExt;
 use hearth_proto::hearth::agent::v1 as agent;
 use hearth_proto::process;
@@ -57,6 +58,63 @@ macro_rules! proc_events {
     }};
 }
 
+/// The HTTP client under the Connect clients: plain HTTP for a static host, mutual
+/// TLS for an enrolled one (one connector type for both; see [`TlsMode`]).
+type HttpClient = ServiceTransport<
+    hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        ClientBody,
+    >,
+>;
+
+/// How the control plane reaches an agent.
+pub enum TlsMode {
+    /// `http://`, optionally with the shared agent token (static `--agent-url` hosts).
+    Plain { token: Option<String> },
+    /// `https://` only, with this client config (the control plane's certificate,
+    /// the agent's pinned: see `hearth_pki::control_client_config`).
+    Mutual(Box<rustls::ClientConfig>),
+}
+
+/// An HTTPS-capable connector: `https_only` with `tls` for an enrolled host; for a
+/// static one `http` only in effect (its URL is `http://`; the config has no roots).
+pub(crate) fn connector(
+    tls: Option<rustls::ClientConfig>,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let b = hyper_rustls::HttpsConnectorBuilder::new();
+    match tls {
+        Some(cfg) => b
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
+        None => b
+            .with_tls_config(no_tls())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
+    }
+}
+
+/// A TLS config that trusts nothing (a static host's connector never uses it).
+fn no_tls() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+}
+
 /// The real host agent: Connect RPC for lifecycle, the agent's envd reverse proxy
 /// (`/sandboxes/{id}/envd/...`) for processes and files.
 pub struct AgentHostClient {
@@ -76,8 +134,19 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl AgentHostClient {
-    /// `token`: the host agent's shared secret, sent on every call (RPC, proxy, files).
+    /// A static host over plain HTTP; `token`: the host agent's shared secret, sent on
+    /// every call (RPC, proxy, files).
     pub fn new(url: &str, token: Option<&str>) -> Result<Self, HostError> {
+        Self::connect(
+            url,
+            TlsMode::Plain {
+                token: token.map(str::to_owned),
+            },
+        )
+    }
+
+    /// A host at `url` reached as `mode` says (an enrolled host: `https://` only).
+    pub fn connect(url: &str, mode: TlsMode) -> Result<Self, HostError> {
         let url = url.trim_end_matches('/').to_owned();
         let uri: http::Uri = url
             .parse()
@@ -87,8 +156,21 @@ impl AgentHostClient {
                 "invalid agent URL {url:?}: needs http://host:port"
             )));
         }
-        let http = HttpClient::plaintext();
-        let token = token.map(str::to_owned);
+        let (token, tls) = match mode {
+            TlsMode::Plain { token } => (token, None),
+            TlsMode::Mutual(cfg) => {
+                if uri.scheme_str() != Some("https") {
+                    return Err(HostError::Transport(format!(
+                        "invalid agent URL {url:?}: an enrolled host needs https://"
+                    )));
+                }
+                (None, Some(*cfg))
+            }
+        };
+        let http: HttpClient = ServiceTransport::new(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector(tls.clone())),
+        );
         let agent = agent::HostAgentClient::new(
             http.clone(),
             with_token(
@@ -107,7 +189,11 @@ impl AgentHostClient {
             headers.insert(AGENT_TOKEN_HEADER, v);
         }
         // The connectrpc client (hyper) never follows redirects; this one is told not to.
-        let files = reqwest::Client::builder()
+        let mut files = reqwest::Client::builder();
+        if let Some(cfg) = tls.clone() {
+            files = files.use_preconfigured_tls(cfg).https_only(true);
+        }
+        let files = files
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(BODY_IDLE_TIMEOUT)
@@ -117,7 +203,7 @@ impl AgentHostClient {
         Ok(Self {
             url,
             http,
-            raw: crate::app::host_proxy::raw_client(),
+            raw: crate::app::host_proxy::raw_client(tls),
             agent,
             files,
             token,
@@ -262,6 +348,13 @@ impl HostClient for AgentHostClient {
             accel: r.accel,
             templates: r.templates.iter().filter_map(|t| t.parse().ok()).collect(),
             running: r.running,
+            capacity: HostCapacity {
+                memory_capacity_mb: r.memory_capacity_mb,
+                memory_used_mb: r.memory_used_mb,
+                vcpus_capacity: r.vcpus_capacity,
+                vcpus_used: r.vcpus_used,
+                disk_free_mb: r.disk_free_mb,
+            },
         })
     }
 

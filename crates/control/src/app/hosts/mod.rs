@@ -18,8 +18,9 @@
 mod agent_client;
 mod registry;
 
-pub use agent_client::{basic_user, AgentHostClient};
-pub use registry::{HostEntry, Hosts};
+pub(crate) use agent_client::connector;
+pub use agent_client::{basic_user, AgentHostClient, TlsMode};
+pub use registry::{Enrolled, HostEntry, Hosts};
 
 use std::time::Duration;
 
@@ -103,6 +104,18 @@ pub struct HostInfo {
     pub accel: String,
     pub templates: Vec<TemplateName>,
     pub running: u32,
+    /// Admission capacity and use the host reported (stored by the heartbeat).
+    pub capacity: HostCapacity,
+}
+
+/// A host's admission capacity and what is in use (its Info).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub memory_capacity_mb: u64,
+    pub memory_used_mb: u64,
+    pub vcpus_capacity: u64,
+    pub vcpus_used: u64,
+    pub disk_free_mb: u64,
 }
 
 /// What the control plane asks a host to boot.
