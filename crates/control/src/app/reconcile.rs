@@ -75,6 +75,7 @@ impl App {
         let mut report = ReconcileReport::default();
         for (index, entry) in self.hosts.entries().into_iter().enumerate() {
             let url = entry.client.url().to_owned();
+            let asked = std::time::Instant::now();
             let info = match entry.client.info().await {
                 Ok(info) => info,
                 Err(e) => {
@@ -111,7 +112,7 @@ impl App {
                     .await;
             }
             let host_id = info.host_id.clone();
-            self.hosts.set_info(index, info);
+            self.hosts.set_info(index, info, asked);
             report.hosts_seen += 1;
 
             // Read intent before observing the host: a row that is `running` now was

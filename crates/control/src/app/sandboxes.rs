@@ -1,6 +1,6 @@
 //! Sandbox lifecycle: create, read, list, destroy.
 //!
-//! Create: validate -> pick a host -> check the team's quota and insert the row
+//! Create: validate -> pick a host and reserve its capacity (`hosts::placement`) -> check the team's quota and insert the row
 //! `starting` in one atomic step (`hearth_db`) -> host CreateSandbox -> `running`, with
 //! the lifetime (`timeout_s`) counted from then. A create that is refused (validation,
 //! quota, unknown template, no host, host out of capacity) leaves no row; a host that
@@ -24,13 +24,18 @@ use std::sync::Arc;
 use base64::Engine;
 use chrono::{Duration, Utc};
 use connectrpc::ErrorCode;
-use hearth_db::{Admission, NewSandbox, OnTimeout, PageCursor, SandboxRow, SandboxState};
+use hearth_db::{
+    Admission, NewSandbox, OnTimeout, PageCursor, SandboxRow, SandboxState, TemplateLocation,
+};
 use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
 use super::audit::{self, action};
-use super::hosts::{CreateSpec, HostClient, HostError, SandboxMetrics};
+use super::hosts::placement::{Need, NoPlacement};
+use super::hosts::{
+    CreateSpec, HostClient, HostError, Loads, Placement, PlacementRequest, SandboxMetrics,
+};
 use super::{validate, App, AppError, AppResult};
 use serde_json::Value;
 
@@ -190,19 +195,15 @@ impl App {
             p.timeout_s,
         )
         .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
-        // A team's snapshot lives on one host under its host-level name.
-        let (host_id, host_template) = match &tpl.location {
-            Some(loc) => (loc.host_id.clone(), loc.host_name.clone()),
-            None => {
-                let load = self.db.count_active_by_host().await?;
-                let host = self.hosts.pick(&template, &load).ok_or_else(|| {
-                    AppError::Unavailable(format!(
-                        "no host agent that has template '{template}' is reachable"
-                    ))
-                })?;
-                (host, template.clone())
-            }
+        let need = Need {
+            vcpus: shape.vcpus,
+            memory_mb: shape.memory_mb,
+            disk_size_mb: shape.disk_size_mb,
         };
+        let (placement, host_template) = self
+            .place(team, &template, tpl.location.as_ref(), need)
+            .await?;
+        let host_id = placement.host_id().clone();
         let client = self.hosts.get(&host_id).ok_or_else(|| {
             AppError::Unavailable(format!(
                 "host {host_id} (which holds template '{template}') is not reachable"
@@ -257,6 +258,8 @@ impl App {
         let outcome = tokio::spawn(audit::keep_caller(async move {
             let r = app.finish_create(&client, spec, lifetime).await;
             if r.is_ok() {
+                // Held until the host's next report counts the sandbox itself.
+                placement.landed();
                 app.audit(team, action::SANDBOX_CREATE, spec_id.as_str(), detail)
                     .await;
             }
@@ -269,6 +272,43 @@ impl App {
             .get_sandbox(team, &id)
             .await?
             .ok_or_else(|| not_found(&id))
+    }
+
+    /// The host for a new sandbox of `template` (see [`super::hosts::placement`]), its
+    /// capacity reserved, and the template's name there. A team's snapshot lives on one
+    /// host under its host-level name: only that host may take it.
+    async fn place(
+        &self,
+        team: TeamId,
+        template: &TemplateName,
+        location: Option<&TemplateLocation>,
+        need: Need,
+    ) -> AppResult<(Placement, TemplateName)> {
+        let loads = Loads {
+            all: self.db.count_active_by_host().await?,
+            team: self.db.count_team_active_by_host(team).await?,
+        };
+        let (only, host_template) = match location {
+            Some(loc) => (Some(&loc.host_id), loc.host_name.clone()),
+            None => (None, template.clone()),
+        };
+        let req = PlacementRequest {
+            team,
+            template: &host_template,
+            need,
+            only,
+        };
+        match self.hosts.pick(&req, &loads) {
+            Ok(p) => Ok((p, host_template)),
+            Err(e @ NoPlacement::NoCapacity { .. }) => {
+                Err(AppError::CapacityExceeded(e.to_string()))
+            }
+            // Never the snapshot's host-level name: teams do not see it.
+            Err(_) if location.is_some() => Err(AppError::Unavailable(format!(
+                "the host that holds template '{template}' is not reachable"
+            ))),
+            Err(e) => Err(AppError::Unavailable(e.to_string())),
+        }
     }
 
     pub(crate) fn create_timeout(&self) -> Duration {

@@ -262,6 +262,31 @@ impl HostClient for AgentHostClient {
             accel: r.accel,
             templates: r.templates.iter().filter_map(|t| t.parse().ok()).collect(),
             running: r.running,
+            capacity: HostCapacity {
+                memory_capacity_mb: r.memory_capacity_mb,
+                memory_used_mb: r.memory_used_mb,
+                vcpus_capacity: r.vcpus_capacity,
+                vcpus_used: r.vcpus_used,
+                disk_free_mb: r.disk_free_mb,
+                max_sandboxes: r.max_sandboxes,
+                vm_sandboxes: r.vm_sandboxes,
+                pooled_sandboxes: r.pooled_sandboxes,
+                pooled_memory_mb: r.pooled_memory_mb,
+                pooled_vcpus: r.pooled_vcpus,
+            },
+            warm: r
+                .warm
+                .iter()
+                .filter_map(|w| {
+                    Some(WarmShape {
+                        template: w.template.parse().ok()?,
+                        vcpus: w.vcpus,
+                        memory_mb: w.memory_mb,
+                        disk_size_mb: w.disk_size_mb,
+                        pooled: w.pooled,
+                    })
+                })
+                .collect(),
         })
     }
 
