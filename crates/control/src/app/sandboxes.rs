@@ -140,6 +140,18 @@ impl App {
         team: TeamId,
         p: CreateParams,
     ) -> AppResult<SandboxRow> {
+        let started = std::time::Instant::now();
+        let r = self.create_sandbox_timed(team, p).await;
+        self.metrics
+            .observe_op(super::metrics::Op::Create, started, &r);
+        r
+    }
+
+    async fn create_sandbox_timed(
+        self: &Arc<Self>,
+        team: TeamId,
+        p: CreateParams,
+    ) -> AppResult<SandboxRow> {
         let template: TemplateName = p
             .template
             .parse()
