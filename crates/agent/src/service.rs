@@ -573,6 +573,14 @@ impl pb::HostAgent for AgentService {
             pooled_memory_mb: used.pooled_memory_mb,
             pooled_vcpus: used.pooled_vcpus,
             warm: self.warm_templates(),
+            vm_sandbox_ids: ctx
+                .registry
+                .all()
+                .iter()
+                .map(|h| h.record.borrow().clone())
+                .filter(|r| r.state.holds_vm() && !r.pooled)
+                .map(|r| r.spec.sandbox_id.to_string())
+                .collect(),
             ..Default::default()
         })
     }

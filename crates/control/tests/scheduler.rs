@@ -289,3 +289,23 @@ async fn a_snapshot_goes_to_its_host_only_and_is_refused_when_that_host_is_full(
     assert!(!v.to_string().contains("snap-"), "{v}");
     assert_eq!(b.st().creates, 0);
 }
+
+#[tokio::test]
+async fn creates_over_the_teams_quota_never_hold_host_capacity() {
+    // Room for exactly two default sandboxes; a quota of two; six at once.
+    let host = FakeHost::with_capacity(8, 512, 100_000);
+    host.st().create_delay = Some(std::time::Duration::from_millis(200));
+    let mut policy = Policy::default();
+    policy.team_quota.max_sandboxes = 2;
+    let e = env_hosts(policy, vec![host.clone()]).await;
+    let burst = (0..6).map(|_| create(&e, &e.key_a, minimal()));
+    let mut statuses: Vec<u16> = futures::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|(s, _)| s.as_u16())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 429, 429, 429, 429], "never a 409");
+    assert_eq!(host.st().creates, 2);
+    assert_eq!(e.row_count().await, 2);
+}

@@ -268,6 +268,21 @@ impl Db {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Record the host a `starting` sandbox was placed on: its row is admitted by the
+    /// team's quota first, without a host, and placed after. False when the row is no
+    /// longer `starting` (a delete came first) or has a host already.
+    pub async fn set_sandbox_host(&self, id: &SandboxId, host: &HostId) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET host_id = $1 WHERE id = $2 AND state = 'starting' \
+             AND host_id IS NULL",
+        )
+        .bind(host.as_str())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Delete the row of sandbox `id` (any team) if it is still `starting`: a create
     /// that was refused after its row was reserved leaves nothing behind (a row that a
     /// delete has meanwhile marked `stopped` stays).

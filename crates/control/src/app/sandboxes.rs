@@ -1,7 +1,9 @@
 //! Sandbox lifecycle: create, read, list, destroy.
 //!
-//! Create: validate -> pick a host and reserve its capacity (`hosts::placement`) -> check the team's quota and insert the row
-//! `starting` in one atomic step (`hearth_db`) -> host CreateSandbox -> `running`, with
+//! Create: validate -> check the team's quota and insert the row `starting`, without a
+//! host, in one atomic step (`hearth_db`) -> pick a host and reserve its capacity
+//! (`hosts::placement`; a refusal deletes the row) -> record the host -> host
+//! CreateSandbox -> `running`, with
 //! the lifetime (`timeout_s`) counted from then. A create that is refused (validation,
 //! quota, unknown template, no host, host out of capacity) leaves no row; a host that
 //! fails otherwise leaves an `error` row (pruned after the retention period) and is
@@ -207,23 +209,11 @@ impl App {
             p.timeout_s,
         )
         .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
-        let need = Need {
-            vcpus: shape.vcpus,
-            memory_mb: shape.memory_mb,
-            disk_size_mb: shape.disk_size_mb,
-        };
-        let (placement, host_template) = self
-            .place(team, &template, tpl.location.as_ref(), need)
-            .await?;
-        let host_id = placement.host_id().clone();
-        let client = self.hosts.get(&host_id).ok_or_else(|| {
-            AppError::Unavailable(format!(
-                "host {host_id} (which holds template '{template}') is not reachable"
-            ))
-        })?;
-
         let now = Utc::now();
         let lifetime = Duration::seconds(i64::from(shape.timeout_s));
+        // The team's quota first, then a host: a create the quota refuses never
+        // holds host capacity, not even for a moment (a burst over quota would
+        // otherwise crowd out creates within it). The row waits without a host.
         let row = NewSandbox {
             id: SandboxId::generate(),
             team_id: team,
@@ -236,7 +226,7 @@ impl App {
             on_timeout,
             env: p.env.clone(),
             metadata: p.metadata,
-            host_id: Some(host_id.clone()),
+            host_id: None,
             created_at: now,
             // Provisional: reset to "running since + timeout_s" once it runs.
             expires_at: now + self.create_timeout() + lifetime,
@@ -251,28 +241,59 @@ impl App {
             Admission::Admitted => {}
             Admission::Refused(q) => return Err(AppError::QuotaExceeded(q.to_string())),
         }
-        let spec = CreateSpec {
-            sandbox_id: row.id.clone(),
-            team_id: team,
-            template: host_template,
-            vcpus: shape.vcpus,
-            memory_mb: shape.memory_mb,
-            disk_size_mb: shape.disk_size_mb,
-            // The control plane owns every deadline (see module docs).
-            expires_at_unix_ms: HOST_NO_DEADLINE,
-            env: p.env,
-        };
         let id = row.id.clone();
-        let spec_id = id.clone();
         let app = self.clone();
-        // Out of the request's cancellation scope: the row must follow the host's answer.
-        let detail = serde_json::json!({"template": template.as_str()});
+        let location = tpl.location.clone();
+        let env = p.env;
+        // Out of the request's cancellation scope: the row must follow the placement
+        // and the host's answer.
         let outcome = tokio::spawn(audit::keep_caller(async move {
+            let need = Need {
+                vcpus: shape.vcpus,
+                memory_mb: shape.memory_mb,
+                disk_size_mb: shape.disk_size_mb,
+            };
+            let placed = app
+                .place(&row.id, team, &template, location.as_ref(), need)
+                .await;
+            let (placement, host_template) = match placed {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing was asked of any host: leave no row behind.
+                    app.db.delete_starting_sandbox(&row.id).await?;
+                    return Err(e);
+                }
+            };
+            let host_id = placement.host_id().clone();
+            let Some(client) = app.hosts.get(&host_id) else {
+                app.db.delete_starting_sandbox(&row.id).await?;
+                return Err(AppError::Unavailable(format!(
+                    "host {host_id} (which holds template '{template}') is not reachable"
+                )));
+            };
+            if !app.db.set_sandbox_host(&row.id, &host_id).await? {
+                return Err(AppError::Conflict(format!(
+                    "sandbox {} was deleted while it was being placed",
+                    row.id
+                )));
+            }
+            let spec = CreateSpec {
+                sandbox_id: row.id.clone(),
+                team_id: team,
+                template: host_template,
+                vcpus: shape.vcpus,
+                memory_mb: shape.memory_mb,
+                disk_size_mb: shape.disk_size_mb,
+                // The control plane owns every deadline (see module docs).
+                expires_at_unix_ms: HOST_NO_DEADLINE,
+                env,
+            };
             let r = app.finish_create(&client, spec, lifetime).await;
             if r.is_ok() {
                 // Held until the host's next report counts the sandbox itself.
                 placement.landed();
-                app.audit(team, action::SANDBOX_CREATE, spec_id.as_str(), detail)
+                let detail = serde_json::json!({"template": template.as_str()});
+                app.audit(team, action::SANDBOX_CREATE, row.id.as_str(), detail)
                     .await;
             }
             r
@@ -291,6 +312,7 @@ impl App {
     /// host under its host-level name: only that host may take it.
     async fn place(
         &self,
+        sandbox: &SandboxId,
         team: TeamId,
         template: &TemplateName,
         location: Option<&TemplateLocation>,
@@ -305,6 +327,7 @@ impl App {
             None => (None, template.clone()),
         };
         let req = PlacementRequest {
+            sandbox,
             team,
             template: &host_template,
             need,

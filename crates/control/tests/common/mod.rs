@@ -152,6 +152,12 @@ impl HostClient for FakeHost {
             running: st.sandboxes.len() as u32,
             capacity: self.capacity(&st),
             warm: st.warm.clone(),
+            vm_sandboxes: st
+                .shapes
+                .keys()
+                .filter(|id| !st.paused.contains(*id))
+                .cloned()
+                .collect(),
         })
     }
     async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {

@@ -287,6 +287,11 @@ impl HostClient for AgentHostClient {
                     })
                 })
                 .collect(),
+            vm_sandboxes: r
+                .vm_sandbox_ids
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .collect(),
         })
     }
 

@@ -109,6 +109,8 @@ pub struct HostInfo {
     pub capacity: HostCapacity,
     /// Templates whose create of one shape restores instead of booting.
     pub warm: Vec<WarmShape>,
+    /// The sandboxes counted in `capacity`'s use (holding a VM, pooled VMs left out).
+    pub vm_sandboxes: std::collections::BTreeSet<SandboxId>,
 }
 
 /// A host's admission capacity and use (the agent's `Info`; the rules are

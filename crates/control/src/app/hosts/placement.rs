@@ -42,11 +42,16 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn add(&mut self, n: &Need) {
+    /// Count one placement; its disk only while it is `starting` (as the agent
+    /// counts disks: a sandbox's disk is promised until it runs, then it is on the
+    /// filesystem, where `disk_free_mb` measures it).
+    pub fn add(&mut self, n: &Need, starting: bool) {
         self.sandboxes = self.sandboxes.saturating_add(1);
         self.memory_mb = self.memory_mb.saturating_add(u64::from(n.memory_mb));
         self.vcpus = self.vcpus.saturating_add(u64::from(n.vcpus));
-        self.disk_mb = self.disk_mb.saturating_add(u64::from(n.disk_size_mb));
+        if starting {
+            self.disk_mb = self.disk_mb.saturating_add(u64::from(n.disk_size_mb));
+        }
     }
 }
 
@@ -265,6 +270,7 @@ mod tests {
                     ..Default::default()
                 },
                 warm: Vec::new(),
+                vm_sandboxes: Default::default(),
             },
             held: Held::default(),
             active: 0,
@@ -391,8 +397,8 @@ mod tests {
         let mut a = host(1, 512, 8);
         let b = host(2, 300, 8);
         assert_eq!(pick(&[a.clone(), b.clone()], SMALL), Ok(1));
-        a.held.add(&SMALL);
-        a.held.add(&SMALL);
+        a.held.add(&SMALL, true);
+        a.held.add(&SMALL, true);
         // Host 1 reported 512 MiB free but two creates are on their way there.
         assert_eq!(pick(&[a.clone(), b.clone()], SMALL), Ok(2));
         // Pooled VMs give their place to creates: their memory is free.

@@ -4,9 +4,11 @@
 //!
 //! A report is only as fresh as the last reconciler pass, so a burst of creates
 //! would all see the same free capacity. Every pick therefore reserves what it
-//! placed ([`Placement`]) until the host's own report includes it: a create that
-//! fails or is refused releases its reservation at once (the guard is dropped); one
-//! that lands keeps it until a report asked for after it landed replaces it. These
+//! placed ([`Placement`], keyed by the new sandbox's ID) until the host's own report
+//! counts it: a report whose `vm_sandboxes` lists the ID ends the reservation (also
+//! mid-create: the agent counts a sandbox from the moment it admits it), and so does
+//! any report asked for after the create landed (the sandbox may be gone already); a
+//! create that fails or is refused releases it at once (the guard is dropped). These
 //! reservations live in this process: two control-plane replicas do not see each
 //! other's, and the host's admission stays the last word (a refusal is a 409).
 
@@ -14,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_types::{HostId, TeamId, TemplateName};
+use hearth_types::{HostId, SandboxId, TeamId, TemplateName};
 
 use super::placement::{self, Candidate, Held, Need, NoPlacement};
 use super::{HostClient, HostInfo};
@@ -32,6 +34,7 @@ pub struct HostEntry {
 /// A placement this process made that the host has not reported yet.
 #[derive(Debug, Clone)]
 struct Reservation {
+    sandbox: SandboxId,
     host: HostId,
     team: TeamId,
     need: Need,
@@ -55,6 +58,8 @@ pub struct Hosts {
 /// What to place (see [`Hosts::pick`]).
 #[derive(Debug, Clone)]
 pub struct PlacementRequest<'a> {
+    /// The new sandbox (its reservation ends when a report of its host lists it).
+    pub sandbox: &'a SandboxId,
     pub team: TeamId,
     pub template: &'a TemplateName,
     pub need: Need,
@@ -125,18 +130,23 @@ impl Hosts {
     }
 
     /// Remember what host `index` said about itself in answer to a call made at
-    /// `asked`. Placements there that landed before `asked` are in the report now
-    /// and stop being held.
+    /// `asked`. Placements there that the report counts, or that landed before
+    /// `asked`, stop being held.
     pub fn set_info(&self, index: usize, info: HostInfo, asked: Instant) {
         let host = info.host_id.clone();
+        {
+            let mut book = lock(&self.book);
+            book.held.retain(|_, r| {
+                let counted =
+                    info.vm_sandboxes.contains(&r.sandbox) || r.landed.is_some_and(|t| t < asked);
+                r.host != host || !counted
+            });
+        }
         if let Ok(mut e) = self.entries.write() {
             if let Some(entry) = e.get_mut(index) {
                 entry.info = Some(info);
             }
         }
-        lock(&self.book)
-            .held
-            .retain(|_, r| r.host != host || r.landed.is_none_or(|t| t > asked));
     }
 
     /// The client of the host with ID `id`, if it is registered and has answered.
@@ -151,7 +161,9 @@ impl Hosts {
     pub fn held(&self) -> HashMap<HostId, Held> {
         let mut out: HashMap<HostId, Held> = HashMap::new();
         for r in lock(&self.book).held.values() {
-            out.entry(r.host.clone()).or_default().add(&r.need);
+            out.entry(r.host.clone())
+                .or_default()
+                .add(&r.need, r.landed.is_none());
         }
         out
     }
@@ -179,7 +191,7 @@ impl Hosts {
                 let mut held = Held::default();
                 let mut team_held = 0;
                 for r in book.held.values().filter(|r| r.host == info.host_id) {
-                    held.add(&r.need);
+                    held.add(&r.need, r.landed.is_none());
                     team_held += u64::from(r.team == req.team);
                 }
                 let count = |m: &HashMap<HostId, u64>| m.get(&info.host_id).copied().unwrap_or(0);
@@ -200,6 +212,7 @@ impl Hosts {
         book.held.insert(
             id,
             Reservation {
+                sandbox: req.sandbox.clone(),
                 host: host_id.clone(),
                 team: req.team,
                 need: req.need,
@@ -212,5 +225,110 @@ impl Hosts {
             host_id,
             landed: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AgentHostClient, HostCapacity};
+    use super::*;
+
+    fn report(host: &HostId, memory_used_mb: u64) -> HostInfo {
+        HostInfo {
+            host_id: host.clone(),
+            vmm: "qemu".into(),
+            accel: "tcg".into(),
+            templates: vec!["minimal".parse().unwrap()],
+            running: 0,
+            capacity: HostCapacity {
+                memory_capacity_mb: 512,
+                memory_used_mb,
+                vcpus_capacity: 8,
+                disk_free_mb: 100_000,
+                max_sandboxes: 8,
+                ..Default::default()
+            },
+            warm: Vec::new(),
+            vm_sandboxes: Default::default(),
+        }
+    }
+
+    /// A host with room for two 256 MiB sandboxes, and a pick of one.
+    fn setup() -> (Hosts, HostId) {
+        // Never called: the registry only keeps it.
+        let client = AgentHostClient::new("http://127.0.0.1:9", None).unwrap();
+        let hosts = Hosts::new(vec![Arc::new(client)]);
+        let host = HostId::generate();
+        hosts.set_info(0, report(&host, 0), Instant::now());
+        (hosts, host)
+    }
+
+    fn pick(hosts: &Hosts) -> Result<Placement, NoPlacement> {
+        pick_id(hosts, &SandboxId::generate())
+    }
+
+    fn pick_id(hosts: &Hosts, sandbox: &SandboxId) -> Result<Placement, NoPlacement> {
+        let template = "minimal".parse().unwrap();
+        let req = PlacementRequest {
+            sandbox,
+            team: TeamId::PLATFORM,
+            template: &template,
+            need: Need {
+                vcpus: 1,
+                memory_mb: 256,
+                disk_size_mb: 1024,
+            },
+            only: None,
+        };
+        hosts.pick(&req, &Loads::default())
+    }
+
+    #[test]
+    fn a_landed_placement_is_held_until_a_report_asked_after_it() {
+        let (hosts, host) = setup();
+        let a = pick(&hosts).unwrap();
+        let b = pick(&hosts).unwrap();
+        assert!(
+            matches!(pick(&hosts), Err(NoPlacement::NoCapacity { .. })),
+            "two in flight fill it"
+        );
+        // One fails: its room is back at once.
+        drop(b);
+        let b = pick(&hosts).unwrap();
+        drop(b);
+        // One lands; a report asked before it landed does not know it.
+        let asked_before = Instant::now();
+        a.landed();
+        hosts.set_info(0, report(&host, 0), asked_before);
+        assert_eq!(hosts.held()[&host].sandboxes, 1);
+        let c = pick(&hosts).unwrap();
+        assert!(pick(&hosts).is_err(), "the landed one still counts");
+        drop(c);
+        // A report asked after it landed counts it itself.
+        let later = Instant::now() + Duration::from_millis(1);
+        hosts.set_info(0, report(&host, 256), later);
+        assert!(hosts.held().is_empty());
+        let d = pick(&hosts).unwrap();
+        assert!(pick(&hosts).is_err(), "reported 256 + one in flight");
+        drop(d);
+    }
+
+    #[test]
+    fn a_report_that_counts_a_create_in_flight_ends_its_reservation() {
+        let (hosts, host) = setup();
+        let id = SandboxId::generate();
+        let a = pick_id(&hosts, &id).unwrap();
+        // Asked mid-create: the agent admitted it already and lists it.
+        let mut r = report(&host, 256);
+        r.vm_sandboxes.insert(id);
+        hosts.set_info(0, r, Instant::now());
+        assert!(hosts.held().is_empty(), "not counted twice");
+        a.landed();
+        let b = pick(&hosts).unwrap();
+        assert!(
+            pick(&hosts).is_err(),
+            "256 reported + 256 in flight fill 512"
+        );
+        drop(b);
     }
 }
