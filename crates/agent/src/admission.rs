@@ -48,6 +48,11 @@ pub struct Usage {
     pub vcpus: u64,
     /// Disk of sandboxes still starting: promised, maybe not yet on the filesystem.
     pub disk_pending_mb: u64,
+    /// The part of the above held by pooled VMs, which give their place to a
+    /// create (the service evicts them until it fits).
+    pub pooled_sandboxes: usize,
+    pub pooled_memory_mb: u64,
+    pub pooled_vcpus: u64,
 }
 
 impl Usage {

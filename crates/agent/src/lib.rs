@@ -17,6 +17,7 @@ pub mod disk;
 pub mod faults;
 pub mod identity;
 pub mod lifecycle;
+pub mod metrics;
 pub mod net;
 mod pool;
 pub mod proxy;
@@ -72,6 +73,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
+    /// A second, plain-HTTP listener serving only `GET /metrics` (no token), for
+    /// Prometheus; `None`: none (the metrics are on `listen` too, behind the token).
+    pub metrics_listen: Option<SocketAddr>,
     pub images_dir: PathBuf,
     pub run_dir: PathBuf,
     /// Host-wide slot claims, shared by every agent on the host.
@@ -123,6 +127,7 @@ impl AgentConfig {
     pub fn new(listen: SocketAddr, images_dir: PathBuf, run_dir: PathBuf) -> Self {
         Self {
             listen,
+            metrics_listen: None,
             images_dir,
             run_dir,
             slots_dir: net::slots::DEFAULT_SLOTS_DIR.into(),
@@ -268,6 +273,7 @@ pub(crate) struct Ctx {
     /// pooled VM); `true` once [`Agent::destroy_all`] has closed it, after which
     /// the warmer makes nothing more.
     pub warming: tokio::sync::Mutex<bool>,
+    pub metrics: metrics::Metrics,
 }
 
 impl Ctx {
@@ -307,6 +313,7 @@ impl Ctx {
             templates: templates::Store::new(config.images_dir.join("templates")),
             pinned: Mutex::default(),
             warming: tokio::sync::Mutex::new(false),
+            metrics: metrics::Metrics::new(),
             config,
         }
     }
@@ -444,6 +451,10 @@ impl Agent {
             Some(tls) => tokio::spawn(hearth_serve::serve_tls(listener, app, limits, tls, stop)),
             None => tokio::spawn(hearth_serve::serve(listener, app, limits, stop)),
         };
+        let metrics_addr = match ctx.config.metrics_listen {
+            Some(addr) => Some(serve_metrics(&ctx, addr).await?),
+            None => None,
+        };
         let reaper = tokio::spawn(reaper::run(ctx.clone()));
         ctx.tasks.track(reaper.abort_handle());
         if !ctx.config.warm_templates.is_empty() {
@@ -472,6 +483,7 @@ impl Agent {
             _lock: lock,
             ctx,
             local_addr,
+            metrics_addr,
             server,
             stop: Some(stop_tx),
             recovery,
@@ -539,12 +551,51 @@ fn first_template_rootfs(config: &AgentConfig) -> Option<PathBuf> {
     names.into_iter().next()
 }
 
+/// Serve `GET /metrics` alone, without the agent token, on `addr` (a tracked task:
+/// it stops with the agent). Returns the bound address.
+async fn serve_metrics(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<SocketAddr, AgentError> {
+    let bind = |source| AgentError::Bind { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+    let local = listener.local_addr().map_err(bind)?;
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_route))
+        .with_state(ctx.clone());
+    let limits = hearth_serve::ServerLimits {
+        max_connections: 64,
+        ..ctx.config.listener.clone()
+    };
+    let server = tokio::spawn(hearth_serve::serve(
+        listener,
+        app,
+        limits,
+        std::future::pending(),
+    ));
+    ctx.tasks.track(server.abort_handle());
+    info!(%local, "metrics listening (plain HTTP, GET /metrics only)");
+    Ok(local)
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics_route(
+    axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
+) -> axum::response::Response {
+    match metrics::render(&ctx) {
+        Ok(text) => ([(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed",
+        )
+            .into_response(),
+    }
+}
+
 /// The agent's HTTP surface: the guest proxy routes plus the Connect service.
 pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
     let service = Arc::new(service::AgentService { ctx: ctx.clone() });
     let connect = ConnectRouter::new().add_service(service);
     let token = ctx.config.token.clone();
     axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_route))
         .route(
             "/sandboxes/{id}/envd/{*rest}",
             axum::routing::any(proxy::handle),
@@ -605,6 +656,7 @@ pub struct RunningAgent {
     _lock: std::fs::File,
     ctx: Arc<Ctx>,
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     server: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
     recovery: RecoveryReport,
@@ -614,6 +666,11 @@ impl RunningAgent {
     /// The address the agent listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the plain metrics listener, when one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// What start-up recovery adopted and cleaned.

@@ -310,6 +310,11 @@ fn usage_of(map: &HashMap<SandboxId, SandboxHandle>) -> Usage {
         // memory, vCPUs or VM; their disks are already on the disk.
         if r.state.holds_vm() {
             used.add(&r.spec, r.state);
+            if r.pooled {
+                used.pooled_sandboxes += 1;
+                used.pooled_memory_mb += u64::from(r.spec.memory_mb);
+                used.pooled_vcpus += u64::from(r.spec.vcpus);
+            }
         }
     }
     used

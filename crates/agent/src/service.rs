@@ -5,6 +5,7 @@
 //! this module never touches a VM, disk or network.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use connectrpc::{
     ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult,
@@ -14,6 +15,7 @@ use hearth_types::{SandboxId, SandboxShape, TemplateName};
 use tracing::{info, warn};
 
 use crate::lifecycle::LifecycleError;
+use crate::metrics::{Op, Start};
 use crate::registry::{InsertError, SandboxHandle};
 use crate::sandbox::{start_create, start_create_from, SandboxError, StartError};
 use crate::snapshot::SnapshotRequest;
@@ -281,6 +283,261 @@ impl AgentService {
             team_id: spec.team_id.clone(),
         })
     }
+
+    /// Listed templates whose create of one shape restores instead of booting, as
+    /// the create itself decides ([`crate::sandbox`]): the template's own memory, else
+    /// its fresh warm variant, saved by this VMM; with the pooled VMs of it ready.
+    fn warm_templates(&self) -> Vec<pb::WarmTemplate> {
+        let ctx = &self.ctx;
+        let compat = ctx.vmm.snapshot_compat();
+        let pool: Vec<SandboxSpec> = ctx
+            .registry
+            .all()
+            .iter()
+            .map(|h| h.record.borrow().clone())
+            .filter(|r| r.pooled && r.state == SandboxState::Running)
+            .map(|r| r.spec)
+            .collect();
+        ctx.templates
+            .list(false)
+            .into_iter()
+            .filter_map(|t| {
+                let variant = || {
+                    let v = crate::templates::warm_variant(&t.name)
+                        .filter(|v| crate::warm::variant_is_fresh(ctx, &t.name, v))?;
+                    ctx.templates.warm(&v)
+                };
+                let w = t
+                    .warm
+                    .clone()
+                    .filter(|w| w.saved.compat == compat)
+                    .or_else(|| variant().filter(|w| w.saved.compat == compat))?;
+                let pooled = pool
+                    .iter()
+                    .filter(|s| {
+                        s.template == t.name
+                            && (s.vcpus, s.memory_mb, s.disk_size_mb)
+                                == (w.vcpus, w.memory_mb, w.disk_size_mb)
+                    })
+                    .count();
+                Some(pb::WarmTemplate {
+                    template: t.name.to_string(),
+                    vcpus: w.vcpus,
+                    memory_mb: w.memory_mb,
+                    disk_size_mb: w.disk_size_mb,
+                    pooled: u32::try_from(pooled).unwrap_or(u32::MAX),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    async fn create_sandbox_timed(
+        &self,
+        request: ServiceRequest<'_, pb::CreateSandboxRequest>,
+    ) -> ServiceResult<pb::CreateSandboxResponse> {
+        let req = request.to_owned_message();
+        let wire = req
+            .spec
+            .as_option()
+            .ok_or_else(|| invalid("spec is required"))?;
+        let spec = self.validate(wire)?;
+        let id = spec.sandbox_id.clone();
+        info!(sandbox_id = %id, template = %spec.template, "create requested");
+        // A pooled VM of this template and shape, when there is one.
+        let ctx = self.ctx.clone();
+        let s = spec.clone();
+        let pooled = tokio::spawn(async move { crate::pool::take(&ctx, &s).await })
+            .await
+            .ok()
+            .flatten();
+        match pooled {
+            Some(Ok(record)) => {
+                self.ctx.metrics.started(Start::Pool);
+                return Response::ok(pb::CreateSandboxResponse {
+                    sandbox: to_pb_status(&record).into(),
+                    ..Default::default()
+                });
+            }
+            Some(Err(e)) => crate::pool::log_miss(&id, &e),
+            None => {}
+        }
+        // Pooled VMs give their place to real sandboxes, one at a time until the
+        // create fits (schedulers count them as free capacity), at most as many as
+        // there are now.
+        let mut started = start_create(&self.ctx, spec.clone());
+        for _ in 0..self.ctx.registry.usage().pooled_sandboxes {
+            if !matches!(started, Err(StartError::Registry(InsertError::Refused(_)))) {
+                break;
+            }
+            let evicted = self.ctx.registry.evict_pooled(1, |_| true);
+            if evicted.is_empty() {
+                break;
+            }
+            for h in evicted {
+                h.destroy("capacity for a create").await;
+            }
+            started = start_create(&self.ctx, spec.clone());
+        }
+        let reply = started.map_err(|e| {
+            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create refused");
+            start_error(&e)
+        })?;
+        match reply.await {
+            Ok(Ok(record)) => {
+                self.ctx.metrics.started(if record.restored {
+                    Start::Restore
+                } else {
+                    Start::Boot
+                });
+                Response::ok(pb::CreateSandboxResponse {
+                    sandbox: to_pb_status(&record).into(),
+                    ..Default::default()
+                })
+            }
+            Ok(Err(e)) => {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create failed");
+                Err(ConnectError::new(create_error_code(&e), e.public_message()))
+            }
+            Err(_) => Err(ConnectError::new(
+                ErrorCode::Internal,
+                "the sandbox actor stopped before answering",
+            )),
+        }
+    }
+
+    async fn pause_sandbox_timed(
+        &self,
+        request: ServiceRequest<'_, pb::PauseSandboxRequest>,
+    ) -> ServiceResult<pb::PauseSandboxResponse> {
+        let id = parse_id(request.sandbox_id)?;
+        let handle = self.handle(&id)?;
+        let started = std::time::Instant::now();
+        // Outside the request future: a cancelled RPC must not stop it halfway.
+        let record = tokio::spawn(async move { handle.pause().await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "pause task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "pause failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::PauseSandboxResponse {
+            sandbox: to_pb_status(&record).into(),
+            pause_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn resume_sandbox_timed(
+        &self,
+        request: ServiceRequest<'_, pb::ResumeSandboxRequest>,
+    ) -> ServiceResult<pb::ResumeSandboxResponse> {
+        let id = parse_id(request.sandbox_id)?;
+        if request.expires_at_unix_ms < 0 {
+            return Err(invalid("expires_at_unix_ms must not be negative"));
+        }
+        let expires = request.expires_at_unix_ms;
+        let handle = self.handle(&id)?;
+        let started = std::time::Instant::now();
+        let record = tokio::spawn(async move { handle.resume(expires).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "resume task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "resume failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::ResumeSandboxResponse {
+            sandbox: to_pb_status(&record).into(),
+            resume_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn snapshot_sandbox_timed(
+        &self,
+        request: ServiceRequest<'_, pb::SnapshotSandboxRequest>,
+    ) -> ServiceResult<pb::SnapshotSandboxResponse> {
+        let id = parse_id(request.sandbox_id)?;
+        let template: TemplateName = request
+            .template
+            .parse()
+            .map_err(|e: hearth_types::IdError| invalid(e.to_string()))?;
+        let handle = self.handle(&id)?;
+        let req = SnapshotRequest {
+            template,
+            memory: request.memory,
+            hidden: false,
+            warm_of: None,
+        };
+        let started = std::time::Instant::now();
+        let snap = tokio::spawn(async move { handle.snapshot_to_template(req).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "snapshot task failed"))?
+            .map_err(|e| {
+                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "snapshot failed");
+                lifecycle_error(&e)
+            })?;
+        Response::ok(pb::SnapshotSandboxResponse {
+            template: self.template_info(&snap.entry).into(),
+            snapshot_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            frozen_ms: snap.frozen_ms,
+            ..Default::default()
+        })
+    }
+
+    async fn fork_sandbox_timed(
+        &self,
+        request: ServiceRequest<'_, pb::ForkSandboxRequest>,
+    ) -> ServiceResult<pb::ForkSandboxResponse> {
+        let req = request.to_owned_message();
+        let id = parse_id(&req.sandbox_id)?;
+        if req.copies.is_empty() || req.copies.len() > MAX_FORK_COPIES {
+            return Err(invalid(format!(
+                "a fork makes 1 to {MAX_FORK_COPIES} copies, not {}",
+                req.copies.len()
+            )));
+        }
+        let source = self.handle(&id)?;
+        let src = source.snapshot().spec;
+        let mut copies = Vec::with_capacity(req.copies.len());
+        for wire in &req.copies {
+            let c = self.validate(wire)?;
+            if (c.template.clone(), c.vcpus, c.memory_mb, c.disk_size_mb)
+                != (
+                    src.template.clone(),
+                    src.vcpus,
+                    src.memory_mb,
+                    src.disk_size_mb,
+                )
+            {
+                return Err(invalid(format!(
+                    "copy {} must have its source's template and shape",
+                    c.sandbox_id
+                )));
+            }
+            if c.sandbox_id == id
+                || copies
+                    .iter()
+                    .any(|o: &SandboxSpec| o.sandbox_id == c.sandbox_id)
+            {
+                return Err(invalid(format!("copy ID {} is not unique", c.sandbox_id)));
+            }
+            copies.push(c);
+        }
+        let ctx = self.ctx.clone();
+        let started = std::time::Instant::now();
+        // The fork itself runs outside the request future: a cancelled RPC must
+        // not leave half the copies.
+        let outcome = tokio::spawn(async move { fork(ctx, source, copies).await })
+            .await
+            .map_err(|_| ConnectError::new(ErrorCode::Internal, "fork task failed"))??;
+        info!(sandbox_id = %id, copies = outcome.len(), ms = started.elapsed().as_millis() as u64, "forked");
+        Response::ok(pb::ForkSandboxResponse {
+            copies: outcome.iter().map(to_pb_status).collect(),
+            fork_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
 }
 
 #[allow(refining_impl_trait)]
@@ -311,6 +568,19 @@ impl pb::HostAgent for AgentService {
                 .saturating_sub(used.disk_pending_mb),
             max_sandboxes: u32::try_from(ctx.capacity.max_sandboxes).unwrap_or(u32::MAX),
             memory_overcommit: ctx.capacity.overcommit,
+            vm_sandboxes: u32::try_from(used.sandboxes).unwrap_or(u32::MAX),
+            pooled_sandboxes: u32::try_from(used.pooled_sandboxes).unwrap_or(u32::MAX),
+            pooled_memory_mb: used.pooled_memory_mb,
+            pooled_vcpus: used.pooled_vcpus,
+            warm: self.warm_templates(),
+            vm_sandbox_ids: ctx
+                .registry
+                .all()
+                .iter()
+                .map(|h| h.record.borrow().clone())
+                .filter(|r| r.state.holds_vm() && !r.pooled)
+                .map(|r| r.spec.sandbox_id.to_string())
+                .collect(),
             ..Default::default()
         })
     }
@@ -320,59 +590,10 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::CreateSandboxRequest>,
     ) -> ServiceResult<pb::CreateSandboxResponse> {
-        let req = request.to_owned_message();
-        let wire = req
-            .spec
-            .as_option()
-            .ok_or_else(|| invalid("spec is required"))?;
-        let spec = self.validate(wire)?;
-        let id = spec.sandbox_id.clone();
-        info!(sandbox_id = %id, template = %spec.template, "create requested");
-        // A pooled VM of this template and shape, when there is one.
-        let ctx = self.ctx.clone();
-        let s = spec.clone();
-        let pooled = tokio::spawn(async move { crate::pool::take(&ctx, &s).await })
-            .await
-            .ok()
-            .flatten();
-        match pooled {
-            Some(Ok(record)) => {
-                return Response::ok(pb::CreateSandboxResponse {
-                    sandbox: to_pb_status(&record).into(),
-                    ..Default::default()
-                })
-            }
-            Some(Err(e)) => crate::pool::log_miss(&id, &e),
-            None => {}
-        }
-        let started = match start_create(&self.ctx, spec.clone()) {
-            // Pooled VMs give their place to real sandboxes.
-            Err(StartError::Registry(InsertError::Refused(_))) => {
-                for h in self.ctx.registry.evict_pooled(1, |_| true) {
-                    h.destroy("capacity for a create").await;
-                }
-                start_create(&self.ctx, spec)
-            }
-            other => other,
-        };
-        let reply = started.map_err(|e| {
-            warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create refused");
-            start_error(&e)
-        })?;
-        match reply.await {
-            Ok(Ok(record)) => Response::ok(pb::CreateSandboxResponse {
-                sandbox: to_pb_status(&record).into(),
-                ..Default::default()
-            }),
-            Ok(Err(e)) => {
-                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "create failed");
-                Err(ConnectError::new(create_error_code(&e), e.public_message()))
-            }
-            Err(_) => Err(ConnectError::new(
-                ErrorCode::Internal,
-                "the sandbox actor stopped before answering",
-            )),
-        }
+        let started = Instant::now();
+        let r = self.create_sandbox_timed(request).await;
+        self.ctx.metrics.observe(Op::Create, started, &r);
+        r
     }
 
     async fn destroy_sandbox(
@@ -439,22 +660,10 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::PauseSandboxRequest>,
     ) -> ServiceResult<pb::PauseSandboxResponse> {
-        let id = parse_id(request.sandbox_id)?;
-        let handle = self.handle(&id)?;
-        let started = std::time::Instant::now();
-        // Outside the request future: a cancelled RPC must not stop it halfway.
-        let record = tokio::spawn(async move { handle.pause().await })
-            .await
-            .map_err(|_| ConnectError::new(ErrorCode::Internal, "pause task failed"))?
-            .map_err(|e| {
-                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "pause failed");
-                lifecycle_error(&e)
-            })?;
-        Response::ok(pb::PauseSandboxResponse {
-            sandbox: to_pb_status(&record).into(),
-            pause_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            ..Default::default()
-        })
+        let started = Instant::now();
+        let r = self.pause_sandbox_timed(request).await;
+        self.ctx.metrics.observe(Op::Pause, started, &r);
+        r
     }
 
     async fn resume_sandbox(
@@ -462,25 +671,10 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::ResumeSandboxRequest>,
     ) -> ServiceResult<pb::ResumeSandboxResponse> {
-        let id = parse_id(request.sandbox_id)?;
-        if request.expires_at_unix_ms < 0 {
-            return Err(invalid("expires_at_unix_ms must not be negative"));
-        }
-        let expires = request.expires_at_unix_ms;
-        let handle = self.handle(&id)?;
-        let started = std::time::Instant::now();
-        let record = tokio::spawn(async move { handle.resume(expires).await })
-            .await
-            .map_err(|_| ConnectError::new(ErrorCode::Internal, "resume task failed"))?
-            .map_err(|e| {
-                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "resume failed");
-                lifecycle_error(&e)
-            })?;
-        Response::ok(pb::ResumeSandboxResponse {
-            sandbox: to_pb_status(&record).into(),
-            resume_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            ..Default::default()
-        })
+        let started = Instant::now();
+        let r = self.resume_sandbox_timed(request).await;
+        self.ctx.metrics.observe(Op::Resume, started, &r);
+        r
     }
 
     async fn snapshot_sandbox(
@@ -488,32 +682,10 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::SnapshotSandboxRequest>,
     ) -> ServiceResult<pb::SnapshotSandboxResponse> {
-        let id = parse_id(request.sandbox_id)?;
-        let template: TemplateName = request
-            .template
-            .parse()
-            .map_err(|e: hearth_types::IdError| invalid(e.to_string()))?;
-        let handle = self.handle(&id)?;
-        let req = SnapshotRequest {
-            template,
-            memory: request.memory,
-            hidden: false,
-            warm_of: None,
-        };
-        let started = std::time::Instant::now();
-        let snap = tokio::spawn(async move { handle.snapshot_to_template(req).await })
-            .await
-            .map_err(|_| ConnectError::new(ErrorCode::Internal, "snapshot task failed"))?
-            .map_err(|e| {
-                warn!(sandbox_id = %id, error = %crate::error_chain(&e), "snapshot failed");
-                lifecycle_error(&e)
-            })?;
-        Response::ok(pb::SnapshotSandboxResponse {
-            template: self.template_info(&snap.entry).into(),
-            snapshot_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            frozen_ms: snap.frozen_ms,
-            ..Default::default()
-        })
+        let started = Instant::now();
+        let r = self.snapshot_sandbox_timed(request).await;
+        self.ctx.metrics.observe(Op::Snapshot, started, &r);
+        r
     }
 
     async fn fork_sandbox(
@@ -521,54 +693,10 @@ impl pb::HostAgent for AgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::ForkSandboxRequest>,
     ) -> ServiceResult<pb::ForkSandboxResponse> {
-        let req = request.to_owned_message();
-        let id = parse_id(&req.sandbox_id)?;
-        if req.copies.is_empty() || req.copies.len() > MAX_FORK_COPIES {
-            return Err(invalid(format!(
-                "a fork makes 1 to {MAX_FORK_COPIES} copies, not {}",
-                req.copies.len()
-            )));
-        }
-        let source = self.handle(&id)?;
-        let src = source.snapshot().spec;
-        let mut copies = Vec::with_capacity(req.copies.len());
-        for wire in &req.copies {
-            let c = self.validate(wire)?;
-            if (c.template.clone(), c.vcpus, c.memory_mb, c.disk_size_mb)
-                != (
-                    src.template.clone(),
-                    src.vcpus,
-                    src.memory_mb,
-                    src.disk_size_mb,
-                )
-            {
-                return Err(invalid(format!(
-                    "copy {} must have its source's template and shape",
-                    c.sandbox_id
-                )));
-            }
-            if c.sandbox_id == id
-                || copies
-                    .iter()
-                    .any(|o: &SandboxSpec| o.sandbox_id == c.sandbox_id)
-            {
-                return Err(invalid(format!("copy ID {} is not unique", c.sandbox_id)));
-            }
-            copies.push(c);
-        }
-        let ctx = self.ctx.clone();
-        let started = std::time::Instant::now();
-        // The fork itself runs outside the request future: a cancelled RPC must
-        // not leave half the copies.
-        let outcome = tokio::spawn(async move { fork(ctx, source, copies).await })
-            .await
-            .map_err(|_| ConnectError::new(ErrorCode::Internal, "fork task failed"))??;
-        info!(sandbox_id = %id, copies = outcome.len(), ms = started.elapsed().as_millis() as u64, "forked");
-        Response::ok(pb::ForkSandboxResponse {
-            copies: outcome.iter().map(to_pb_status).collect(),
-            fork_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            ..Default::default()
-        })
+        let started = Instant::now();
+        let r = self.fork_sandbox_timed(request).await;
+        self.ctx.metrics.observe(Op::Fork, started, &r);
+        r
     }
 
     async fn list_templates(

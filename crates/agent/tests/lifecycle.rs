@@ -670,6 +670,42 @@ async fn a_warm_pool_turns_a_create_into_one_init() {
     let agent = start(store.path(), run.path(), pooled).await;
     let (c, a) = (client(&agent), agent.local_addr());
     assert_eq!(registered(&c).await, 1);
+    // Schedulers are told: the default shape restores here and one VM of it is
+    // ready; what the pooled VM holds is free capacity to them.
+    let info = c
+        .info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_owned();
+    let (vcpus, memory_mb, disk_size_mb) = (
+        hearth_types::SandboxShape::DEFAULT_VCPUS,
+        hearth_types::SandboxShape::DEFAULT_MEMORY_MB,
+        hearth_types::SandboxShape::DEFAULT_DISK_MB,
+    );
+    let warm: Vec<_> = info
+        .warm
+        .iter()
+        .map(|w| {
+            (
+                w.template.as_str(),
+                w.vcpus,
+                w.memory_mb,
+                w.disk_size_mb,
+                w.pooled,
+            )
+        })
+        .collect();
+    assert_eq!(warm, [("minimal", vcpus, memory_mb, disk_size_mb, 1)]);
+    assert_eq!(
+        (
+            info.vm_sandboxes,
+            info.pooled_sandboxes,
+            info.pooled_memory_mb,
+            info.pooled_vcpus
+        ),
+        (1, 1, u64::from(memory_mb), u64::from(vcpus))
+    );
+    assert_eq!(info.memory_used_mb, u64::from(memory_mb));
     let id = SandboxId::generate();
     let st = create_default(&c, &id).await;
     println!("pooled create boot_ms={}", st.boot_ms);

@@ -116,7 +116,7 @@ pub fn hint(e: &ApiError) -> Option<&'static str> {
             Some("the sandbox is still paused with its state: run `hearth sandbox resume ID` again")
         }
         "capacity_exceeded" => Some(
-            "the host cannot hold this sandbox now: ask for a smaller one \
+            "no host can hold this sandbox now: ask for a smaller one \
              (--vcpus, --memory-mb, --disk-size-mb) or retry once other sandboxes end",
         ),
         _ => None,

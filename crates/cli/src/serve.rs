@@ -55,6 +55,11 @@ pub struct AgentOpts {
     /// capacity and give way to creates when it is short. 0 turns the pool off.
     #[arg(long, env = "HEARTH_WARM_POOL", default_value_t = 2)]
     pub warm_pool: usize,
+    /// Also serve the host agent's Prometheus metrics (`GET /metrics` only, plain HTTP,
+    /// no token) on this address, e.g. 10.0.0.5:9421; bind it where only Prometheus
+    /// reaches. The agent's main port serves them too, behind its token.
+    #[arg(long, env = "HEARTH_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Clone)]
@@ -313,6 +318,7 @@ fn agent_config(
     );
     cfg.accel = accel;
     cfg.token = token;
+    cfg.metrics_listen = o.metrics_listen;
     if !(o.memory_overcommit.is_finite() && o.memory_overcommit > 0.0) {
         anyhow::bail!(
             "--memory-overcommit must be a positive number, got {}",

@@ -134,8 +134,11 @@ fn over_capacity_creates_are_refused_with_the_limit_and_leave_nothing() {
     assert_eq!(s, 409, "{v}");
     assert_eq!(v["error"]["code"], "capacity_exceeded", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
+    // The scheduler refuses before the host is asked, by the host's own numbers.
     assert!(
-        msg.starts_with("host vCPUs: this sandbox needs 3, 2 of 2 left"),
+        msg.starts_with("no host can take 3 vCPUs, 256 MiB of memory and 1024 MiB of disk: the most free is host-")
+            && msg.contains(" with 2 vCPUs, ")
+            && msg.ends_with("(short of vCPUs)"),
         "{msg}"
     );
 
@@ -146,7 +149,8 @@ fn over_capacity_creates_are_refused_with_the_limit_and_leave_nothing() {
     assert_eq!(s, 409, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(
-        msg.starts_with("host memory: this sandbox needs 256 MiB"),
+        msg.starts_with("no host can take 1 vCPU, 256 MiB of memory")
+            && msg.ends_with("(short of memory)"),
         "{msg}"
     );
     assert_eq!(all_rows(&stack).len(), 1, "refused creates left rows");
@@ -161,7 +165,9 @@ fn over_capacity_creates_are_refused_with_the_limit_and_leave_nothing() {
     assert_eq!(s, 409, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(
-        msg.starts_with("host disk: this sandbox needs 1024 MiB"),
+        msg.starts_with("no host can take 1 vCPU, 256 MiB of memory and 1024 MiB of disk")
+            && msg.contains(", 0 MiB of disk and ")
+            && msg.ends_with("(short of disk)"),
         "{msg}"
     );
     assert!(all_rows(&stack).is_empty());

@@ -273,6 +273,21 @@ impl Db {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Record the host a `starting` sandbox was placed on: its row is admitted by the
+    /// team's quota first, without a host, and placed after. False when the row is no
+    /// longer `starting` (a delete came first) or has a host already.
+    pub async fn set_sandbox_host(&self, id: &SandboxId, host: &HostId) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET host_id = $1 WHERE id = $2 AND state = 'starting' \
+             AND host_id IS NULL",
+        )
+        .bind(host.as_str())
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Delete the row of sandbox `id` (any team) if it is still `starting`: a create
     /// that was refused after its row was reserved leaves nothing behind (a row that a
     /// delete has meanwhile marked `stopped` stays).
@@ -323,13 +338,35 @@ impl Db {
 
     /// Active sandboxes (pending, starting, running, paused) per host: the scheduler's load.
     pub async fn count_active_by_host(&self) -> Result<HashMap<HostId, u64>> {
-        let rows = sqlx::query(
-            "SELECT host_id, COUNT(*) AS n FROM sandboxes \
-             WHERE host_id IS NOT NULL AND state IN ('pending', 'starting', 'running', 'paused') \
-             GROUP BY host_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        self.active_by_host(None).await
+    }
+
+    /// `team`'s active sandboxes per host: the scheduler spreads a team over hosts.
+    pub async fn count_team_active_by_host(&self, team: TeamId) -> Result<HashMap<HostId, u64>> {
+        self.active_by_host(Some(team)).await
+    }
+
+    async fn active_by_host(&self, team: Option<TeamId>) -> Result<HashMap<HostId, u64>> {
+        const ACTIVE: &str = "host_id IS NOT NULL \
+             AND state IN ('pending', 'starting', 'running', 'paused')";
+        let rows = match team {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT host_id, COUNT(*) AS n FROM sandboxes WHERE {ACTIVE} GROUP BY host_id"
+                ))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(team) => {
+                sqlx::query(&format!(
+                    "SELECT host_id, COUNT(*) AS n FROM sandboxes \
+                     WHERE team_id = $1 AND {ACTIVE} GROUP BY host_id"
+                ))
+                .bind(team.to_string())
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         let mut out = HashMap::new();
         for r in &rows {
             let host: HostId = r

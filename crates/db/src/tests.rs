@@ -274,6 +274,16 @@ async fn state_updates_honour_the_from_guard_on(db: Db) {
         db.count_active_by_host().await.unwrap().get(&host),
         Some(&1)
     );
+    assert_eq!(
+        db.count_team_active_by_host(team).await.unwrap().get(&host),
+        Some(&1)
+    );
+    let other = db.create_team("b").await.unwrap().id;
+    assert!(db
+        .count_team_active_by_host(other)
+        .await
+        .unwrap()
+        .is_empty());
 
     assert!(db.mark_sandbox_stopped(&s.id).await.unwrap());
     assert!(!db.mark_sandbox_stopped(&s.id).await.unwrap(), "idempotent");

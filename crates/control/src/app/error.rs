@@ -51,6 +51,26 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// The variant's name, for metrics and logs (a bounded set; never a message).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AppError::InvalidArgument(_) => "invalid_argument",
+            AppError::Unauthenticated => "unauthenticated",
+            AppError::BadCredentials => "bad_credentials",
+            AppError::RateLimited(_) => "rate_limited",
+            AppError::Forbidden(_) => "forbidden",
+            AppError::NotFound(_) => "not_found",
+            AppError::Conflict(_) => "conflict",
+            AppError::PayloadTooLarge(_) => "payload_too_large",
+            AppError::Unavailable(_) => "unavailable",
+            AppError::QuotaExceeded(_) => "quota_exceeded",
+            AppError::CapacityExceeded(_) => "capacity_exceeded",
+            AppError::Host { .. } => "host",
+            AppError::Db(_) => "database",
+            AppError::Internal(_) => "internal",
+        }
+    }
+
     pub fn host(context: impl Into<String>) -> impl FnOnce(HostError) -> AppError {
         let context = context.into();
         move |source| AppError::Host { context, source }

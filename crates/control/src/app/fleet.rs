@@ -356,14 +356,15 @@ impl App {
             .into_iter()
             .filter_map(|e| e.enrolled.clone().map(|n| (n, e.client)))
             .map(|(n, client)| async move {
+                let asked = std::time::Instant::now();
                 let r = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.info()).await;
-                (n, client, r)
+                (n, client, r, asked)
             });
         let mut answered = Vec::new();
         let stale_before = Utc::now()
             - chrono::Duration::from_std(self.policy.host_unreachable_after)
                 .unwrap_or(chrono::Duration::seconds(10));
-        for (n, client, r) in futures::future::join_all(polls).await {
+        for (n, client, r, asked) in futures::future::join_all(polls).await {
             let why = match r {
                 Ok(Ok(info)) if info.host_id == n.id => {
                     let load = HostLoad {
@@ -383,7 +384,7 @@ impl App {
                             self.hosts.set_status(&n.id, h.status);
                         }
                     }
-                    self.hosts.set_info(&client, info);
+                    self.hosts.set_info(&client, info, asked);
                     answered.push(n.id);
                     continue;
                 }

@@ -35,6 +35,18 @@ impl App {
         team: TeamId,
         id: &SandboxId,
     ) -> AppResult<SandboxRow> {
+        let started = std::time::Instant::now();
+        let r = self.pause_sandbox_timed(team, id).await;
+        self.metrics
+            .observe_op(super::metrics::Op::Pause, started, &r);
+        r
+    }
+
+    async fn pause_sandbox_timed(
+        self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+    ) -> AppResult<SandboxRow> {
         let row = self.get_sandbox(team, id).await?;
         match row.state {
             SandboxState::Paused => return Ok(row),
@@ -106,6 +118,19 @@ impl App {
     /// Resume a paused sandbox with a new deadline from now (`timeout_s`, else its
     /// own lifetime).
     pub async fn resume_sandbox(
+        self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+        timeout_s: Option<i64>,
+    ) -> AppResult<SandboxRow> {
+        let started = std::time::Instant::now();
+        let r = self.resume_sandbox_timed(team, id, timeout_s).await;
+        self.metrics
+            .observe_op(super::metrics::Op::Resume, started, &r);
+        r
+    }
+
+    async fn resume_sandbox_timed(
         self: &Arc<Self>,
         team: TeamId,
         id: &SandboxId,
@@ -224,6 +249,19 @@ impl App {
 
     /// Make `count` running copies of a running sandbox on its host.
     pub async fn fork_sandbox(
+        self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+        count: Option<i64>,
+    ) -> AppResult<Vec<SandboxRow>> {
+        let started = std::time::Instant::now();
+        let r = self.fork_sandbox_timed(team, id, count).await;
+        self.metrics
+            .observe_op(super::metrics::Op::Fork, started, &r);
+        r
+    }
+
+    async fn fork_sandbox_timed(
         self: &Arc<Self>,
         team: TeamId,
         id: &SandboxId,

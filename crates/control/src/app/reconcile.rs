@@ -92,6 +92,7 @@ impl App {
                 continue;
             }
             let url = entry.client.url().to_owned();
+            let asked = std::time::Instant::now();
             let info = match entry.client.info().await {
                 Ok(info) => info,
                 Err(e) => {
@@ -128,7 +129,7 @@ impl App {
                     .await;
             }
             let host_id = info.host_id.clone();
-            self.hosts.set_info(&entry.client, info);
+            self.hosts.set_info(&entry.client, info, asked);
             report.hosts_seen += 1;
             if !lead {
                 continue;

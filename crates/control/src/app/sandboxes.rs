@@ -1,7 +1,9 @@
 //! Sandbox lifecycle: create, read, list, destroy.
 //!
-//! Create: validate -> pick a host -> check the team's quota and insert the row
-//! `starting` in one atomic step (`hearth_db`) -> host CreateSandbox -> `running`, with
+//! Create: validate -> check the team's quota and insert the row `starting`, without a
+//! host, in one atomic step (`hearth_db`) -> pick a host and reserve its capacity
+//! (`hosts::placement`; a refusal deletes the row) -> record the host -> host
+//! CreateSandbox -> `running`, with
 //! the lifetime (`timeout_s`) counted from then. A create that is refused (validation,
 //! quota, unknown template, no host, host out of capacity) leaves no row; a host that
 //! fails otherwise leaves an `error` row (pruned after the retention period) and is
@@ -24,13 +26,18 @@ use std::sync::Arc;
 use base64::Engine;
 use chrono::{Duration, Utc};
 use connectrpc::ErrorCode;
-use hearth_db::{Admission, NewSandbox, OnTimeout, PageCursor, SandboxRow, SandboxState};
+use hearth_db::{
+    Admission, NewSandbox, OnTimeout, PageCursor, SandboxRow, SandboxState, TemplateLocation,
+};
 use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
 use super::audit::{self, action};
-use super::hosts::{CreateSpec, HostClient, HostError, SandboxMetrics};
+use super::hosts::placement::{Need, NoPlacement};
+use super::hosts::{
+    CreateSpec, HostClient, HostError, Loads, Placement, PlacementRequest, SandboxMetrics,
+};
 use super::{validate, App, AppError, AppResult};
 use serde_json::Value;
 
@@ -135,6 +142,18 @@ impl App {
         team: TeamId,
         p: CreateParams,
     ) -> AppResult<SandboxRow> {
+        let started = std::time::Instant::now();
+        let r = self.create_sandbox_timed(team, p).await;
+        self.metrics
+            .observe_op(super::metrics::Op::Create, started, &r);
+        r
+    }
+
+    async fn create_sandbox_timed(
+        self: &Arc<Self>,
+        team: TeamId,
+        p: CreateParams,
+    ) -> AppResult<SandboxRow> {
         let template: TemplateName = p
             .template
             .parse()
@@ -190,27 +209,11 @@ impl App {
             p.timeout_s,
         )
         .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
-        // A team's snapshot lives on one host under its host-level name.
-        let (host_id, host_template) = match &tpl.location {
-            Some(loc) => (loc.host_id.clone(), loc.host_name.clone()),
-            None => {
-                let load = self.db.count_active_by_host().await?;
-                let host = self.hosts.pick(&template, &load).ok_or_else(|| {
-                    AppError::Unavailable(format!(
-                        "no host agent that has template '{template}' is reachable"
-                    ))
-                })?;
-                (host, template.clone())
-            }
-        };
-        let client = self.hosts.get(&host_id).ok_or_else(|| {
-            AppError::Unavailable(format!(
-                "host {host_id} (which holds template '{template}') is not reachable"
-            ))
-        })?;
-
         let now = Utc::now();
         let lifetime = Duration::seconds(i64::from(shape.timeout_s));
+        // The team's quota first, then a host: a create the quota refuses never
+        // holds host capacity, not even for a moment (a burst over quota would
+        // otherwise crowd out creates within it). The row waits without a host.
         let row = NewSandbox {
             id: SandboxId::generate(),
             team_id: team,
@@ -223,7 +226,7 @@ impl App {
             on_timeout,
             env: p.env.clone(),
             metadata: p.metadata,
-            host_id: Some(host_id.clone()),
+            host_id: None,
             created_at: now,
             // Provisional: reset to "running since + timeout_s" once it runs.
             expires_at: now + self.create_timeout() + lifetime,
@@ -238,26 +241,59 @@ impl App {
             Admission::Admitted => {}
             Admission::Refused(q) => return Err(AppError::QuotaExceeded(q.to_string())),
         }
-        let spec = CreateSpec {
-            sandbox_id: row.id.clone(),
-            team_id: team,
-            template: host_template,
-            vcpus: shape.vcpus,
-            memory_mb: shape.memory_mb,
-            disk_size_mb: shape.disk_size_mb,
-            // The control plane owns every deadline (see module docs).
-            expires_at_unix_ms: HOST_NO_DEADLINE,
-            env: p.env,
-        };
         let id = row.id.clone();
-        let spec_id = id.clone();
         let app = self.clone();
-        // Out of the request's cancellation scope: the row must follow the host's answer.
-        let detail = serde_json::json!({"template": template.as_str()});
+        let location = tpl.location.clone();
+        let env = p.env;
+        // Out of the request's cancellation scope: the row must follow the placement
+        // and the host's answer.
         let outcome = tokio::spawn(audit::keep_caller(async move {
+            let need = Need {
+                vcpus: shape.vcpus,
+                memory_mb: shape.memory_mb,
+                disk_size_mb: shape.disk_size_mb,
+            };
+            let placed = app
+                .place(&row.id, team, &template, location.as_ref(), need)
+                .await;
+            let (placement, host_template) = match placed {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing was asked of any host: leave no row behind.
+                    app.db.delete_starting_sandbox(&row.id).await?;
+                    return Err(e);
+                }
+            };
+            let host_id = placement.host_id().clone();
+            let Some(client) = app.hosts.get(&host_id) else {
+                app.db.delete_starting_sandbox(&row.id).await?;
+                return Err(AppError::Unavailable(format!(
+                    "host {host_id} (which holds template '{template}') is not reachable"
+                )));
+            };
+            if !app.db.set_sandbox_host(&row.id, &host_id).await? {
+                return Err(AppError::Conflict(format!(
+                    "sandbox {} was deleted while it was being placed",
+                    row.id
+                )));
+            }
+            let spec = CreateSpec {
+                sandbox_id: row.id.clone(),
+                team_id: team,
+                template: host_template,
+                vcpus: shape.vcpus,
+                memory_mb: shape.memory_mb,
+                disk_size_mb: shape.disk_size_mb,
+                // The control plane owns every deadline (see module docs).
+                expires_at_unix_ms: HOST_NO_DEADLINE,
+                env,
+            };
             let r = app.finish_create(&client, spec, lifetime).await;
             if r.is_ok() {
-                app.audit(team, action::SANDBOX_CREATE, spec_id.as_str(), detail)
+                // Held until the host's next report counts the sandbox itself.
+                placement.landed();
+                let detail = serde_json::json!({"template": template.as_str()});
+                app.audit(team, action::SANDBOX_CREATE, row.id.as_str(), detail)
                     .await;
             }
             r
@@ -269,6 +305,45 @@ impl App {
             .get_sandbox(team, &id)
             .await?
             .ok_or_else(|| not_found(&id))
+    }
+
+    /// The host for a new sandbox of `template` (see [`super::hosts::placement`]), its
+    /// capacity reserved, and the template's name there. A team's snapshot lives on one
+    /// host under its host-level name: only that host may take it.
+    async fn place(
+        &self,
+        sandbox: &SandboxId,
+        team: TeamId,
+        template: &TemplateName,
+        location: Option<&TemplateLocation>,
+        need: Need,
+    ) -> AppResult<(Placement, TemplateName)> {
+        let loads = Loads {
+            all: self.db.count_active_by_host().await?,
+            team: self.db.count_team_active_by_host(team).await?,
+        };
+        let (only, host_template) = match location {
+            Some(loc) => (Some(&loc.host_id), loc.host_name.clone()),
+            None => (None, template.clone()),
+        };
+        let req = PlacementRequest {
+            sandbox,
+            team,
+            template: &host_template,
+            need,
+            only,
+        };
+        match self.hosts.pick(&req, &loads) {
+            Ok(p) => Ok((p, host_template)),
+            Err(e @ NoPlacement::NoCapacity { .. }) => {
+                Err(AppError::CapacityExceeded(e.to_string()))
+            }
+            // Never the snapshot's host-level name: teams do not see it.
+            Err(_) if location.is_some() => Err(AppError::Unavailable(format!(
+                "the host that holds template '{template}' is not reachable"
+            ))),
+            Err(e) => Err(AppError::Unavailable(e.to_string())),
+        }
     }
 
     pub(crate) fn create_timeout(&self) -> Duration {

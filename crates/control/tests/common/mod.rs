@@ -12,8 +12,8 @@ use bytes::Bytes;
 use connectrpc::ErrorCode;
 use futures::StreamExt;
 use hearth_control::app::hosts::{
-    ByteStream, CreateSpec, HostClient, HostError, HostInfo, HostPhase, HostSandbox, HostTemplate,
-    ProcEvent, ProcEvents, ProcInfo, ProcSpec, SandboxMetrics, Signal,
+    ByteStream, CreateSpec, HostCapacity, HostClient, HostError, HostInfo, HostPhase, HostSandbox,
+    HostTemplate, ProcEvent, ProcEvents, ProcInfo, ProcSpec, SandboxMetrics, Signal, WarmShape,
 };
 use hearth_control::app::Policy;
 use hearth_control::{router, App, AppState};
@@ -35,7 +35,9 @@ use tower::ServiceExt;
 /// ForkSandbox makes every copy or none; DeleteTemplate is refused
 /// (FailedPrecondition) while a sandbox of this host was made from it, and always for
 /// the built-in `minimal` (PermissionDenied, as the agent refuses templates of its
-/// images). It does not boot anything.
+/// images). Admission as the agent's: a create that does not fit beside the sandboxes
+/// holding a VM (paused ones hold none) within `limits` is refused (ResourceExhausted)
+/// and Info reports capacity and use the same way. It does not boot anything.
 #[derive(Default)]
 pub struct FakeHost {
     pub host_id: Option<HostId>,
@@ -45,6 +47,16 @@ pub struct FakeHost {
 #[derive(Default)]
 pub struct FakeState {
     pub sandboxes: HashSet<SandboxId>,
+    /// Capacity as the agent reports it (`memory_used_mb`, `vcpus_used` and
+    /// `vm_sandboxes` are computed from the sandboxes held); `disk_free_mb` is free
+    /// disk before this host's sandboxes.
+    pub limits: HostCapacity,
+    /// Reported as the agent's `warm` list.
+    pub warm: Vec<WarmShape>,
+    /// (vCPUs, memory MiB, disk MiB) of each sandbox held.
+    pub shapes: HashMap<SandboxId, (u32, u32, u32)>,
+    /// Info answers an error (the host is away).
+    pub fail_info: bool,
     /// Sandboxes the host holds in error, with its message.
     pub failed: HashMap<SandboxId, String>,
     pub creates: usize,
@@ -81,11 +93,39 @@ pub struct FakeState {
 }
 
 impl FakeHost {
+    /// A host with room for 64 sandboxes, 64 vCPUs, 64 GiB and 1 TiB.
     pub fn new() -> Arc<Self> {
-        Arc::new(FakeHost {
+        Self::with_capacity(64, 65536, 1 << 20)
+    }
+
+    /// A host with `vcpus`, `memory_mb` and `disk_mb` of free capacity, 64 slots.
+    pub fn with_capacity(vcpus: u64, memory_mb: u64, disk_mb: u64) -> Arc<Self> {
+        let host = FakeHost {
             host_id: Some(HostId::generate()),
             ..Default::default()
-        })
+        };
+        host.st().limits = HostCapacity {
+            memory_capacity_mb: memory_mb,
+            vcpus_capacity: vcpus,
+            disk_free_mb: disk_mb,
+            max_sandboxes: 64,
+            ..Default::default()
+        };
+        Arc::new(host)
+    }
+
+    /// Capacity and use as the agent would report them now.
+    fn capacity(&self, st: &FakeState) -> HostCapacity {
+        let mut c = st.limits;
+        for (id, (vcpus, memory_mb, disk_mb)) in &st.shapes {
+            c.disk_free_mb = c.disk_free_mb.saturating_sub(u64::from(*disk_mb));
+            if !st.paused.contains(id) {
+                c.vcpus_used += u64::from(*vcpus);
+                c.memory_used_mb += u64::from(*memory_mb);
+                c.vm_sandboxes += 1;
+            }
+        }
+        c
     }
     pub fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state.lock().unwrap()
@@ -99,6 +139,9 @@ impl HostClient for FakeHost {
     }
     async fn info(&self) -> Result<HostInfo, HostError> {
         let st = self.st();
+        if st.fail_info {
+            return Err(HostError::Transport("connection refused".into()));
+        }
         Ok(HostInfo {
             host_id: self.host_id.clone().unwrap(),
             vmm: "qemu".into(),
@@ -107,7 +150,14 @@ impl HostClient for FakeHost {
                 .chain(st.templates.keys().cloned())
                 .collect(),
             running: st.sandboxes.len() as u32,
-            capacity: Default::default(),
+            capacity: self.capacity(&st),
+            warm: st.warm.clone(),
+            vm_sandboxes: st
+                .shapes
+                .keys()
+                .filter(|id| !st.paused.contains(*id))
+                .cloned()
+                .collect(),
         })
     }
     async fn create_sandbox(&self, spec: CreateSpec) -> Result<(), HostError> {
@@ -127,6 +177,21 @@ impl HostClient for FakeHost {
                 message: format!("template {} not on this host", spec.template),
             });
         }
+        let c = self.capacity(&st);
+        let fits = c.vm_sandboxes < c.max_sandboxes
+            && c.memory_used_mb + u64::from(spec.memory_mb) <= c.memory_capacity_mb
+            && c.vcpus_used + u64::from(spec.vcpus) <= c.vcpus_capacity
+            && u64::from(spec.disk_size_mb) <= c.disk_free_mb;
+        if !fits {
+            return Err(HostError::Rpc {
+                code: ErrorCode::ResourceExhausted,
+                message: "host capacity: the fake host is full".into(),
+            });
+        }
+        st.shapes.insert(
+            spec.sandbox_id.clone(),
+            (spec.vcpus, spec.memory_mb, spec.disk_size_mb),
+        );
         st.made_from.insert(spec.sandbox_id.clone(), spec.template);
         st.sandboxes.insert(spec.sandbox_id);
         Ok(())
@@ -137,6 +202,7 @@ impl HostClient for FakeHost {
         st.failed.remove(id);
         st.paused.remove(id);
         st.made_from.remove(id);
+        st.shapes.remove(id);
         Ok(st.sandboxes.remove(id))
     }
     async fn list_sandboxes(&self) -> Result<Vec<HostSandbox>, HostError> {
@@ -233,6 +299,8 @@ impl HostClient for FakeHost {
         }
         for c in copies {
             st.deadlines.push(c.expires_at_unix_ms);
+            st.shapes
+                .insert(c.sandbox_id.clone(), (c.vcpus, c.memory_mb, c.disk_size_mb));
             st.made_from.insert(c.sandbox_id.clone(), c.template);
             st.sandboxes.insert(c.sandbox_id);
         }
@@ -485,7 +553,9 @@ pub fn tokio_stream_from(
 pub struct Env {
     pub router: axum::Router,
     pub state: AppState,
+    /// The first of `hosts`.
     pub host: Arc<FakeHost>,
+    pub hosts: Vec<Arc<FakeHost>>,
     pub key_a: String,
     pub key_b: String,
     /// An admin key of team a.
@@ -499,6 +569,11 @@ pub async fn env() -> Env {
 }
 
 pub async fn env_with(policy: Policy) -> Env {
+    env_hosts(policy, vec![FakeHost::new()]).await
+}
+
+/// The real router over `hosts` (at least one), registered as at start.
+pub async fn env_hosts(policy: Policy, hosts: Vec<Arc<FakeHost>>) -> Env {
     // SQLite in memory, or PostgreSQL with HEARTH_TEST_DATABASE=postgres (scripts/test.sh
     // runs this suite on both).
     let db = hearth_db::testing::test_db().await;
@@ -508,10 +583,13 @@ pub async fn env_with(policy: Policy) -> Env {
     let (_, key_a) = db.create_api_key(&key(team_a, false)).await.unwrap();
     let (_, key_b) = db.create_api_key(&key(team_b, false)).await.unwrap();
     let (_, key_admin) = db.create_api_key(&key(team_a, true)).await.unwrap();
-    let host = FakeHost::new();
+    let host = hosts[0].clone();
     let app = App::new(
         db,
-        vec![host.clone() as Arc<dyn HostClient>],
+        hosts
+            .iter()
+            .map(|h| h.clone() as Arc<dyn HostClient>)
+            .collect(),
         SandboxLimits::default(),
         1024,
     )
@@ -523,6 +601,7 @@ pub async fn env_with(policy: Policy) -> Env {
         router: router(state.clone()),
         state,
         host,
+        hosts,
         key_a,
         key_b,
         key_admin,

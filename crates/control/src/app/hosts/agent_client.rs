@@ -354,7 +354,30 @@ impl HostClient for AgentHostClient {
                 vcpus_capacity: r.vcpus_capacity,
                 vcpus_used: r.vcpus_used,
                 disk_free_mb: r.disk_free_mb,
+                max_sandboxes: r.max_sandboxes,
+                vm_sandboxes: r.vm_sandboxes,
+                pooled_sandboxes: r.pooled_sandboxes,
+                pooled_memory_mb: r.pooled_memory_mb,
+                pooled_vcpus: r.pooled_vcpus,
             },
+            warm: r
+                .warm
+                .iter()
+                .filter_map(|w| {
+                    Some(WarmShape {
+                        template: w.template.parse().ok()?,
+                        vcpus: w.vcpus,
+                        memory_mb: w.memory_mb,
+                        disk_size_mb: w.disk_size_mb,
+                        pooled: w.pooled,
+                    })
+                })
+                .collect(),
+            vm_sandboxes: r
+                .vm_sandbox_ids
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .collect(),
         })
     }
 

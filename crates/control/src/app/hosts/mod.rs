@@ -1,7 +1,8 @@
 //! Host agents as the control plane sees them: the domain types and the narrow
 //! [`HostClient`] trait (here), its one real implementation ([`AgentHostClient`], Connect
 //! RPC + the agent's envd proxy, in `agent_client`), and the [`Hosts`] registry with the
-//! scheduler (in `registry`).
+//! scheduler (in `registry`, which keeps placements in flight; the choice itself is the
+//! pure function of `placement`).
 //!
 //! Everything the control plane asks of a host goes through [`HostClient`], so the
 //! scheduler can pick among many hosts and the logic above can be unit-tested with a
@@ -16,11 +17,12 @@
 //! cut by [`sanitize`].
 
 mod agent_client;
+pub mod placement;
 mod registry;
 
 pub(crate) use agent_client::connector;
 pub use agent_client::{basic_user, AgentHostClient, TlsMode};
-pub use registry::{Enrolled, HostEntry, Hosts};
+pub use registry::{Enrolled, HostEntry, Hosts, Loads, Placement, PlacementRequest};
 
 use std::time::Duration;
 
@@ -104,18 +106,45 @@ pub struct HostInfo {
     pub accel: String,
     pub templates: Vec<TemplateName>,
     pub running: u32,
-    /// Admission capacity and use the host reported (stored by the heartbeat).
+    /// Admission capacity and use, as the agent's admission counts them.
     pub capacity: HostCapacity,
+    /// Templates whose create of one shape restores instead of booting.
+    pub warm: Vec<WarmShape>,
+    /// The sandboxes counted in `capacity`'s use (holding a VM, pooled VMs left out).
+    pub vm_sandboxes: std::collections::BTreeSet<SandboxId>,
 }
 
-/// A host's admission capacity and what is in use (its Info).
+/// A host's admission capacity and use (the agent's `Info`; the rules are
+/// `hearth_agent::admission`'s). All zero for a host that reports none: it takes
+/// nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostCapacity {
+    /// Guest memory the host may promise (host memory less its reserve, times the
+    /// overcommit ratio).
     pub memory_capacity_mb: u64,
     pub memory_used_mb: u64,
     pub vcpus_capacity: u64,
     pub vcpus_used: u64,
+    /// Free disk beyond the reserve, less disks still being made.
     pub disk_free_mb: u64,
+    pub max_sandboxes: u32,
+    /// Sandboxes holding a VM (what `max_sandboxes` limits), pooled VMs included.
+    pub vm_sandboxes: u32,
+    /// The part of the use held by pooled VMs, which give their place to creates.
+    pub pooled_sandboxes: u32,
+    pub pooled_memory_mb: u64,
+    pub pooled_vcpus: u64,
+}
+
+/// A template whose create of exactly this shape restores a saved VM on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmShape {
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    /// Pooled VMs of it ready now.
+    pub pooled: u32,
 }
 
 /// What the control plane asks a host to boot.
