@@ -132,6 +132,10 @@ async fn a_teams_acts_are_recorded_with_their_key_newest_first_and_only_for_that
     let before = first["next_before"].as_i64().expect("more pages");
     let second = audit(&e, &e.key_a, &format!("?limit=4&before={before}")).await;
     assert_eq!(actions(&second), want[4..8]);
+    // A page that ends exactly at the oldest entry says there is no other.
+    let exact = audit(&e, &e.key_a, &format!("?limit={}", want.len())).await;
+    assert_eq!(actions(&exact), want);
+    assert_eq!(exact["next_before"], Value::Null, "{exact}");
 
     // Team b sees nothing of team a's.
     let other = audit(&e, &e.key_b, "").await;

@@ -194,7 +194,7 @@ pub fn not_served(path: &str) -> Response {
 
 /// `X-API-KEY: <key>` (or `Authorization: Bearer <key>`) -> [`Principal`]; else 401 in
 /// E2B's shape.
-async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let key = headers
         .get("x-api-key")
@@ -205,26 +205,15 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
         })
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 256);
-    let unauthorized = || {
-        E2bError::new(
+        .map(str::to_owned);
+    match super::run_authenticated(&state.app, key.as_deref(), req, next).await {
+        Ok(resp) => resp,
+        Err(AppError::Unauthenticated) => E2bError::new(
             StatusCode::UNAUTHORIZED,
             "Invalid API key: send a hearth API key in X-API-KEY (`hearth e2b env` prints it)",
         )
-        .into_response()
-    };
-    let Some(key) = key else {
-        return unauthorized();
-    };
-    match state.app.db.authenticate(key).await {
-        Ok(Some(principal)) => {
-            let key = principal.key_id.clone();
-            req.extensions_mut().insert(principal);
-            crate::app::audit::as_caller(key, next.run(req)).await
-        }
-        Ok(None) => unauthorized(),
-        Err(e) => E2bError::from(AppError::Db(e)).into_response(),
+        .into_response(),
+        Err(e) => E2bError::from(e).into_response(),
     }
 }
 
