@@ -113,7 +113,16 @@ async fn another_teams_key_is_not_found_and_keeps_working() {
         assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     }
     assert!(works(&e, &secret_a).await);
-    // Keys made by team b's key are team b's, whatever the body says.
+    // A body cannot name another team: a field the request does not have is refused,
+    // and the key is made in no team.
+    let keys_a = e
+        .state
+        .app()
+        .db
+        .list_api_keys(e.team_a)
+        .await
+        .unwrap()
+        .len();
     let (s, v) = e
         .call(
             "POST",
@@ -122,6 +131,22 @@ async fn another_teams_key_is_not_found_and_keeps_working() {
             Some(json!({"team_id": e.team_a.to_string()})),
         )
         .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("team_id"),
+        "{v}"
+    );
+    assert_eq!(
+        e.state
+            .app()
+            .db
+            .list_api_keys(e.team_a)
+            .await
+            .unwrap()
+            .len(),
+        keys_a
+    );
+    let (s, v) = e.call("POST", "/v1/keys", Some(&e.key_b), None).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["key"]["team_id"], json!(e.team_b.to_string()));
 }

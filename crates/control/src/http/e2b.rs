@@ -110,8 +110,15 @@ where
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| E2bError::bad_request(format!("cannot read the body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Body(T::default()));
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Ok(Body(T::default())),
+            // serde would read an array as a struct's fields in order (`[]`: defaults).
+            Some(b) if *b != b'{' => {
+                return Err(E2bError::bad_request(
+                    "invalid JSON body: expected an object",
+                ))
+            }
+            Some(_) => {}
         }
         serde_json::from_slice(&bytes)
             .map(Body)

@@ -163,14 +163,29 @@ where
                 "request body must be JSON: send content-type: application/json".into(),
             ));
         }
-        match Json::<T>::from_bytes(&bytes) {
-            Ok(Json(v)) => Ok(ApiJsonOrEmpty(v)),
-            Err(rej) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                rej.body_text(),
-            )),
-        }
+        parse_object(&bytes).map(ApiJsonOrEmpty)
+    }
+}
+
+/// A request body: a JSON object of `T`'s fields. Anything else is a 400, also what
+/// serde would take for a struct otherwise (an array of its fields in order: `[]`
+/// would be every default).
+fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "request body must be a JSON object".into(),
+        ));
+    }
+    match Json::<T>::from_bytes(bytes) {
+        Ok(Json(v)) => Ok(v),
+        Err(rej) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            rej.body_text(),
+        )),
     }
 }
 
@@ -217,13 +232,6 @@ where
             }
         }
         let bytes = read_body(req, state).await?;
-        match Json::<T>::from_bytes(&bytes) {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                rej.body_text(),
-            )),
-        }
+        parse_object(&bytes).map(ApiJson)
     }
 }
