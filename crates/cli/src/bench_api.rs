@@ -94,6 +94,10 @@ pub async fn run(g: &Global, b: ApiBench) -> Result<()> {
     if b.connections > 512 {
         bail!("--connections must be at most 512 (the server serves 1024 at once)");
     }
+    // A shared machine's other work shows in the numbers: say how busy it was.
+    let load_at_start = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
     let scratch = tempfile::Builder::new()
         .prefix("hearth-bench-api-")
         .tempdir()?;
@@ -114,7 +118,7 @@ pub async fn run(g: &Global, b: ApiBench) -> Result<()> {
     let result = bench(&b, &control, addr).await;
     control.shutdown().await;
     let (list, get) = result?;
-    report(g, &b, &backend, &list, &get)
+    report(g, &b, &backend, &list, &get, load_at_start)
 }
 
 async fn bench(
@@ -350,7 +354,14 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn report(g: &Global, b: &ApiBench, backend: &str, list: &Phase, get: &Phase) -> Result<()> {
+fn report(
+    g: &Global,
+    b: &ApiBench,
+    backend: &str,
+    list: &Phase,
+    get: &Phase,
+    load_at_start: Option<f64>,
+) -> Result<()> {
     let mut out = serde_json::Map::new();
     out.insert("benchmark".into(), json!("api"));
     out.insert("at".into(), json!(Utc::now().to_rfc3339()));
@@ -364,6 +375,7 @@ fn report(g: &Global, b: &ApiBench, backend: &str, list: &Phase, get: &Phase) ->
         "cpus".into(),
         json!(std::thread::available_parallelism().map_or(0, |n| n.get())),
     );
+    out.insert("loadavg_1m_at_start".into(), json!(load_at_start));
     phase_json(&mut out, "list", "/v1/sandboxes", list);
     phase_json(&mut out, "get", "/v1/sandboxes/{id}", get);
     out.insert("goal_min_rps".into(), json!(GOAL_RPS));
