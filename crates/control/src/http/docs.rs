@@ -213,7 +213,7 @@ fn content(c: &Value) -> String {
         .join("<br>")
 }
 
-fn operation(out: &mut String, method: &str, path: &str, op: &Value) {
+fn operation(out: &mut String, doc: &Value, method: &str, path: &str, op: &Value) {
     let anchor = op_anchor(method, path, op);
     let _ = write!(
         out,
@@ -265,6 +265,15 @@ fn operation(out: &mut String, method: &str, path: &str, op: &Value) {
         );
         if let Some(d) = body["description"].as_str() {
             out.push_str(&prose(d));
+        }
+        // The fields of a JSON body, here, so that a reader need not follow the link.
+        let schema = body
+            .pointer("/content/application~1json/schema/$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+            .and_then(|r| doc.pointer(r));
+        if let Some(schema) = schema {
+            properties_table(out, schema);
         }
     }
     if let Some(resp) = op["responses"].as_object() {
@@ -411,7 +420,7 @@ pub fn render(doc: &Value) -> String {
             out.push_str(&prose(description));
         }
         for (_, method, path, op) in ops.iter().filter(|o| o.0 == *tag) {
-            operation(&mut out, method, path, op);
+            operation(&mut out, doc, method, path, op);
         }
     }
 
