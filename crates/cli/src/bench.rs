@@ -10,7 +10,8 @@
 //! console on a socket), without the agent, the network namespace and the API.
 //!
 //! `lifecycle` ([`lifecycle_bench`]) and `density` ([`density_bench`]) start a host
-//! agent of their own in this process and need no control plane.
+//! agent of their own in this process and need no control plane; `api`
+//! ([`api_bench`]) starts a control plane of its own and needs no host agent.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +28,8 @@ use tokio::io::AsyncReadExt;
 use crate::output::print_json;
 use crate::{client, Global};
 
+#[path = "bench_api.rs"]
+mod api_bench;
 #[path = "bench_density.rs"]
 mod density_bench;
 #[path = "bench_e2b.rs"]
@@ -47,6 +50,10 @@ pub enum BenchCmd {
     /// E2B's Python SDK (create + commands.run("true") + kill) beside the same through
     /// hearth's own API, p50/p95 and their ratio (against the configured server).
     E2b(e2b_bench::E2bBench),
+    /// Requests per second and p50/p99 latency of GET /v1/sandboxes and
+    /// GET /v1/sandboxes/{id} with 1,000 sandboxes in the database (own control
+    /// plane, no host agent).
+    Api(api_bench::ApiBench),
 }
 
 #[derive(Args)]
@@ -87,6 +94,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<()> {
         BenchCmd::Lifecycle(b) => lifecycle_bench::run(g, b).await,
         BenchCmd::Density(b) => density_bench::run(g, b).await,
         BenchCmd::E2b(b) => e2b_bench::run(g, b).await,
+        BenchCmd::Api(b) => api_bench::run(g, b).await,
     }
 }
 

@@ -18,6 +18,12 @@ use std::collections::BTreeMap;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the API server allocates per row and per
+/// response, and glibc's allocator (its arena locks and `malloc_consolidate`) was a
+/// fifth of the CPU of `hearth bench api` (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hearth",

@@ -1,5 +1,5 @@
-//! `hearth bench lifecycle|density|e2b --help` explain themselves (the benchmarks
-//! themselves boot many VMs and are not run in the test suite).
+//! `hearth bench lifecycle|density|e2b|api --help` explain themselves (the benchmarks
+//! themselves boot many VMs or run for long and are not run in the test suite).
 
 use std::process::Command;
 
@@ -43,6 +43,22 @@ fn e2b_help_names_its_options() {
 }
 
 #[test]
+fn api_help_names_its_options() {
+    let h = help("api");
+    for want in [
+        "--sandboxes",
+        "--connections",
+        "--requests",
+        "--warmup",
+        "--database-url",
+        "--limit",
+        "--out-dir",
+    ] {
+        assert!(h.contains(want), "no {want} in:\n{h}");
+    }
+}
+
+#[test]
 fn bench_help_lists_both() {
     let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["bench", "--help"])
@@ -50,7 +66,7 @@ fn bench_help_lists_both() {
         .expect("running hearth");
     let h = String::from_utf8_lossy(&out.stdout);
     assert!(
-        h.contains("lifecycle") && h.contains("density") && h.contains("e2b"),
+        h.contains("lifecycle") && h.contains("density") && h.contains("e2b") && h.contains("api"),
         "{h}"
     );
 }

@@ -6,11 +6,18 @@
 //! -> `hearth_db` (store) and `app::hosts::HostClient` (host agents). All durable
 //! state is in the database; this process can restart at any time.
 //!
-//! Entry points: [`start`] runs everything from a [`ControlConfig`]; [`router`] builds
-//! the HTTP API over an [`AppState`] for in-process tests.
+//! Entry points: [`start`] runs everything from a [`ControlConfig`]; [`start_with`]
+//! adds a deployment's routes and workers ([`Extensions`], see [`extend`]); [`router`]
+//! builds the HTTP API over an [`AppState`] for in-process tests.
 
 pub mod app;
+pub mod extend;
 pub mod http;
+
+/// docs/extending.md, whose example is compiled and run as a doc-test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/extending.md")]
+pub struct ExtendingGuide;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,8 +31,9 @@ use tokio::task::JoinHandle;
 pub use app::bootstrap;
 pub use app::hosts::{AgentHostClient, HostClient};
 pub use app::App;
+pub use extend::{Extensions, WorkerContext};
 pub use http::server::ServerLimits;
-pub use http::{router, AppState};
+pub use http::{router, router_with, AppState};
 
 /// Default largest file upload: 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 * 1024 * 1024;
@@ -83,6 +91,8 @@ pub enum ControlError {
     Bootstrap(#[source] app::AppError),
     #[error("invalid host agent URL")]
     AgentUrl(#[source] app::hosts::HostError),
+    #[error("an extension route overlaps a route of the API: {0}")]
+    Extension(String),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -100,6 +110,7 @@ pub struct RunningControl {
     server: JoinHandle<()>,
     reconciler: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
+    workers: Vec<(String, JoinHandle<()>)>,
 }
 
 impl RunningControl {
@@ -118,12 +129,14 @@ impl RunningControl {
         &self.state
     }
 
-    /// Stop accepting requests, let in-flight ones finish, stop the reconciler.
+    /// Stop accepting requests, let in-flight ones finish, stop the reconciler and the
+    /// extension workers (each within [`extend::WORKER_STOP_GRACE`]).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
         let _ = self.reconciler.await;
         let _ = self.heartbeat.await;
+        extend::join_workers(self.workers).await;
         self.state.app().db.close().await;
     }
 }
@@ -158,6 +171,14 @@ async fn keep_leading(
 /// Open the database (migrating it), bootstrap on first start, register the host
 /// agents, and serve the API; the reconciler runs every `reconcile_interval`.
 pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
+    start_with(config, Extensions::new()).await
+}
+
+/// [`start`], with a deployment's extra routes and background workers.
+pub async fn start_with(
+    config: ControlConfig,
+    mut ext: Extensions,
+) -> Result<RunningControl, ControlError> {
     let db = Db::connect(&config.database_url).await?;
     let bootstrap_key = bootstrap(&db).await.map_err(ControlError::Bootstrap)?;
     let mut hosts: Vec<Arc<dyn HostClient>> = Vec::new();
@@ -195,10 +216,21 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     if let Err(e) = state.app().reconcile_pass(false).await {
         tracing::warn!(error = %e, "initial reconcile failed");
     }
+    // axum panics on overlapping routes; say so as an error before anything runs.
+    let app = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        router_with(state.clone(), &ext)
+    }))
+    .map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        ControlError::Extension(msg)
+    })?;
     let (stop, stop_rx) = watch::channel(false);
 
     let mut rx = stop_rx.clone();
-    let app = router(state.clone());
     let limits = config.server_limits.clone();
     let server = tokio::spawn(async move {
         let shutdown = async move {
@@ -207,6 +239,7 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         http::server::serve(listener, app, limits, shutdown).await;
     });
 
+    let workers = ext.spawn_workers(state.app(), &stop_rx);
     let mut rx = stop_rx.clone();
     let app = state.app().clone();
     let period = app.policy.host_heartbeat.max(Duration::from_millis(100));
@@ -295,5 +328,6 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         server,
         reconciler,
         heartbeat,
+        workers,
     })
 }

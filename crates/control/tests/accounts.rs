@@ -4,14 +4,13 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::{env, Env};
+use common::{env, expect, Env};
 use hearth_control::app::hosts::HostTemplate;
 use hearth_db::NewApiKey;
 use serde_json::{json, Value};
 
 async fn make_key(e: &Env, by: &str, body: Value) -> (String, String) {
-    let (s, v) = e.call("POST", "/v1/keys", Some(by), Some(body)).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(StatusCode::CREATED, e.post(by, "/v1/keys", body).await);
     (
         v["key"]["id"].as_str().unwrap().to_owned(),
         v["secret"].as_str().unwrap().to_owned(),
@@ -19,7 +18,7 @@ async fn make_key(e: &Env, by: &str, body: Value) -> (String, String) {
 }
 
 async fn works(e: &Env, key: &str) -> bool {
-    let (s, v) = e.call("GET", "/v1/sandboxes", Some(key), None).await;
+    let (s, v) = e.get(key, "/v1/sandboxes").await;
     assert!(
         s == StatusCode::OK || s == StatusCode::UNAUTHORIZED,
         "{s} {v}"
@@ -34,15 +33,15 @@ async fn team_count(e: &Env) -> usize {
 #[tokio::test]
 async fn a_team_makes_lists_and_revokes_its_own_keys_and_revocation_is_immediate() {
     let e = env().await;
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_a,
             "/v1/keys",
-            Some(&e.key_a),
-            Some(json!({"name": "CI runner", "expires_in_s": 3600})),
+            json!({"name": "CI runner", "expires_in_s": 3600}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     let secret = v["secret"].as_str().unwrap().to_owned();
     let id = v["key"]["id"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("hk_") && secret.len() == 35, "{secret}");
@@ -55,7 +54,7 @@ async fn a_team_makes_lists_and_revokes_its_own_keys_and_revocation_is_immediate
     assert!(works(&e, &secret).await);
 
     // Listed without any secret or hash, with its last use.
-    let (s, list) = e.call("GET", "/v1/keys", Some(&e.key_a), None).await;
+    let (s, list) = e.get(&e.key_a, "/v1/keys").await;
     assert_eq!(s, StatusCode::OK);
     let text = list.to_string();
     assert!(!text.contains(&secret[3..]), "secret listed: {text}");
@@ -72,32 +71,30 @@ async fn a_team_makes_lists_and_revokes_its_own_keys_and_revocation_is_immediate
         .clone();
     assert!(mine["last_used_at"].is_string(), "{mine}");
     // Team b lists only its own.
-    let (_, other) = e.call("GET", "/v1/keys", Some(&e.key_b), None).await;
+    let (_, other) = e.get(&e.key_b, "/v1/keys").await;
     assert!(!other.to_string().contains(&id), "{other}");
 
     // Revoked: the very next request with it fails.
-    let (s, v) = e
-        .call("DELETE", &format!("/v1/keys/{id}"), Some(&e.key_a), None)
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.delete(&e.key_a, &format!("/v1/keys/{id}")).await,
+    );
     assert_eq!(v["active"], false);
     assert!(v["revoked_at"].is_string());
     assert!(!works(&e, &secret).await);
-    let (s, v) = e.call("GET", "/v1/sandboxes", Some(&secret), None).await;
+    let (s, v) = e.get(&secret, "/v1/sandboxes").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(v["error"]["message"].as_str().unwrap().contains("revoked"));
     // Again: still revoked, not an error; and a revoked key cannot revoke anything.
-    let (s, _) = e
-        .call("DELETE", &format!("/v1/keys/{id}"), Some(&e.key_a), None)
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/keys/{id}")).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = e
-        .call("POST", "/v1/keys", Some(&secret), Some(json!({})))
-        .await;
+    let (s, _) = e.post(&secret, "/v1/keys", json!({})).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // A key with no body at all gets the default name.
-    let (s, v) = e.call("POST", "/v1/keys", Some(&e.key_a), None).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post_empty(&e.key_a, "/v1/keys").await,
+    );
     assert_eq!(v["key"]["name"], "key");
     assert_eq!(v["key"]["expires_at"], Value::Null);
 }
@@ -107,22 +104,49 @@ async fn another_teams_key_is_not_found_and_keeps_working() {
     let e = env().await;
     let (id_a, secret_a) = make_key(&e, &e.key_a, json!({"name": "a's"})).await;
     for key in [&e.key_b] {
-        let (s, v) = e
-            .call("DELETE", &format!("/v1/keys/{id_a}"), Some(key), None)
-            .await;
-        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        expect(
+            StatusCode::NOT_FOUND,
+            e.delete(key, &format!("/v1/keys/{id_a}")).await,
+        );
     }
     assert!(works(&e, &secret_a).await);
-    // Keys made by team b's key are team b's, whatever the body says.
-    let (s, v) = e
-        .call(
-            "POST",
+    // A body cannot name another team: a field the request does not have is refused,
+    // and the key is made in no team.
+    let keys_a = e
+        .state
+        .app()
+        .db
+        .list_api_keys(e.team_a)
+        .await
+        .unwrap()
+        .len();
+    let v = expect(
+        StatusCode::BAD_REQUEST,
+        e.post(
+            &e.key_b,
             "/v1/keys",
-            Some(&e.key_b),
-            Some(json!({"team_id": e.team_a.to_string()})),
+            json!({"team_id": e.team_a.to_string()}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("team_id"),
+        "{v}"
+    );
+    assert_eq!(
+        e.state
+            .app()
+            .db
+            .list_api_keys(e.team_a)
+            .await
+            .unwrap()
+            .len(),
+        keys_a
+    );
+    let v = expect(
+        StatusCode::CREATED,
+        e.post_empty(&e.key_b, "/v1/keys").await,
+    );
     assert_eq!(v["key"]["team_id"], json!(e.team_b.to_string()));
 }
 
@@ -135,8 +159,10 @@ async fn expired_keys_fail_and_bad_key_requests_are_400_and_make_nothing() {
     let mut old = NewApiKey::new(e.team_a, "old", false);
     old.expires_at = Some(chrono::Utc::now() - chrono::Duration::milliseconds(1));
     let (_, expired) = e.state.app().db.create_api_key(&old).await.unwrap();
-    let (s, v) = e.call("GET", "/v1/sandboxes", Some(&expired), None).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    let v = expect(
+        StatusCode::UNAUTHORIZED,
+        e.get(&expired, "/v1/sandboxes").await,
+    );
     assert!(v["error"]["message"].as_str().unwrap().contains("expired"));
     let before = e
         .state
@@ -161,16 +187,12 @@ async fn expired_keys_fail_and_bad_key_requests_are_400_and_make_nothing() {
         json!("key"),
     ];
     for body in cases {
-        let (s, v) = e
-            .call("POST", "/v1/keys", Some(&e.key_a), Some(body.clone()))
-            .await;
+        let (s, v) = e.post(&e.key_a, "/v1/keys", body.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["error"]["code"], "invalid_argument", "{body}: {v}");
     }
     for bad in ["nope", "key-", "key-UPPERCASE123", "..%2f..%2fetc"] {
-        let (s, v) = e
-            .call("DELETE", &format!("/v1/keys/{bad}"), Some(&e.key_a), None)
-            .await;
+        let (s, v) = e.delete(&e.key_a, &format!("/v1/keys/{bad}")).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
     }
     let after = e
@@ -218,15 +240,11 @@ async fn a_non_admin_gets_403_on_every_admin_endpoint_and_changes_nothing() {
         assert_eq!(v["error"]["code"], "forbidden", "{method} {uri}: {v}");
     }
     // Nor may a non-admin make itself an admin key.
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/keys",
-            Some(&e.key_a),
-            Some(json!({"is_admin": true})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    expect(
+        StatusCode::FORBIDDEN,
+        e.post(&e.key_a, "/v1/keys", json!({"is_admin": true}))
+            .await,
+    );
     assert_eq!(team_count(&e).await, teams);
     assert_eq!(
         e.state
@@ -244,25 +262,17 @@ async fn a_non_admin_gets_403_on_every_admin_endpoint_and_changes_nothing() {
 #[tokio::test]
 async fn an_admin_makes_teams_and_their_keys_and_revokes_any_key_but_the_last_admin_one() {
     let e = env().await;
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/admin/teams",
-            Some(&e.key_admin),
-            Some(json!({"name": "acme"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(&e.key_admin, "/v1/admin/teams", json!({"name": "acme"}))
+            .await,
+    );
     let acme = v["id"].as_str().unwrap().to_owned();
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/admin/teams",
-            Some(&e.key_admin),
-            Some(json!({"name": "acme"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    expect(
+        StatusCode::CONFLICT,
+        e.post(&e.key_admin, "/v1/admin/teams", json!({"name": "acme"}))
+            .await,
+    );
     let teams = team_count(&e).await;
     for bad in [
         json!({"name": ""}),
@@ -275,20 +285,11 @@ async fn an_admin_makes_teams_and_their_keys_and_revokes_any_key_but_the_last_ad
         json!({"name": 7}),
         json!({}),
     ] {
-        let (s, v) = e
-            .call(
-                "POST",
-                "/v1/admin/teams",
-                Some(&e.key_admin),
-                Some(bad.clone()),
-            )
-            .await;
+        let (s, v) = e.post(&e.key_admin, "/v1/admin/teams", bad.clone()).await;
         assert!(s.is_client_error(), "{bad}: {s} {v}");
     }
     assert_eq!(team_count(&e).await, teams, "a refused team was made");
-    let (s, v) = e
-        .call("GET", "/v1/admin/teams", Some(&e.key_admin), None)
-        .await;
+    let (s, v) = e.get(&e.key_admin, "/v1/admin/teams").await;
     assert_eq!(s, StatusCode::OK);
     let mut names: Vec<_> = v["teams"]
         .as_array()
@@ -301,26 +302,21 @@ async fn an_admin_makes_teams_and_their_keys_and_revokes_any_key_but_the_last_ad
 
     // A key for acme sees acme's (empty) world, not team a's.
     e.create().await;
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_admin,
             &format!("/v1/admin/teams/{acme}/keys"),
-            Some(&e.key_admin),
-            Some(json!({"name": "acme-ci"})),
+            json!({"name": "acme-ci"}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     let acme_key = v["secret"].as_str().unwrap().to_owned();
     let acme_key_id = v["key"]["id"].as_str().unwrap().to_owned();
-    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&acme_key), None).await;
+    let (_, list) = e.get(&acme_key, "/v1/sandboxes").await;
     assert_eq!(list["sandboxes"], json!([]));
     let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/admin/teams/{acme}/keys"),
-            Some(&e.key_admin),
-            None,
-        )
+        .get(&e.key_admin, &format!("/v1/admin/teams/{acme}/keys"))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["keys"].as_array().unwrap().len(), 1);
@@ -330,25 +326,16 @@ async fn an_admin_makes_teams_and_their_keys_and_revokes_any_key_but_the_last_ad
         "6c1f7a52-0000-4000-8000-000000000000",
     ] {
         let (s, v) = e
-            .call(
-                "POST",
-                &format!("/v1/admin/teams/{team}/keys"),
-                Some(&e.key_admin),
-                None,
-            )
+            .post_empty(&e.key_admin, &format!("/v1/admin/teams/{team}/keys"))
             .await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{team}: {v}");
     }
     // Any key can be revoked by an admin, and stops at once.
-    let (s, v) = e
-        .call(
-            "DELETE",
-            &format!("/v1/admin/keys/{acme_key_id}"),
-            Some(&e.key_admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    expect(
+        StatusCode::OK,
+        e.delete(&e.key_admin, &format!("/v1/admin/keys/{acme_key_id}"))
+            .await,
+    );
     assert!(!works(&e, &acme_key).await);
 
     // The only working admin key cannot be revoked, through either route.
@@ -366,21 +353,16 @@ async fn an_admin_makes_teams_and_their_keys_and_revokes_any_key_but_the_last_ad
         format!("/v1/admin/keys/{admin_id}"),
         format!("/v1/keys/{admin_id}"),
     ] {
-        let (s, v) = e.call("DELETE", &uri, Some(&e.key_admin), None).await;
+        let (s, v) = e.delete(&e.key_admin, &uri).await;
         assert_eq!(s, StatusCode::CONFLICT, "{uri}: {v}");
     }
     assert!(works(&e, &e.key_admin).await);
     // With a second admin key, it can.
     let (_, second) = make_key(&e, &e.key_admin, json!({"is_admin": true})).await;
-    let (s, v) = e
-        .call(
-            "DELETE",
-            &format!("/v1/keys/{admin_id}"),
-            Some(&second),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    expect(
+        StatusCode::OK,
+        e.delete(&second, &format!("/v1/keys/{admin_id}")).await,
+    );
     assert!(!works(&e, &e.key_admin).await);
     assert!(works(&e, &second).await);
 }
@@ -400,8 +382,7 @@ fn platform_template(name: &str) -> HostTemplate {
 }
 
 async fn template_names(e: &Env, key: &str, uri: &str) -> Vec<String> {
-    let (s, v) = e.call("GET", uri, Some(key), None).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(StatusCode::OK, e.get(key, uri).await);
     v["templates"]
         .as_array()
         .unwrap()
@@ -423,14 +404,7 @@ async fn only_admins_delete_platform_templates_and_a_refusal_touches_no_host() {
         .contains(&"extra".to_owned()));
 
     for name in ["minimal", "extra"] {
-        let (s, v) = e
-            .call(
-                "DELETE",
-                &format!("/v1/templates/{name}"),
-                Some(&e.key_a),
-                None,
-            )
-            .await;
+        let (s, v) = e.delete(&e.key_a, &format!("/v1/templates/{name}")).await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{name}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("admin"));
     }
@@ -442,44 +416,31 @@ async fn only_admins_delete_platform_templates_and_a_refusal_touches_no_host() {
         .contains_key(&"extra".parse().unwrap()));
 
     // In use by a sandbox of any team: refused before the host is asked.
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "extra"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(&e.key_b, "/v1/sandboxes", json!({"template": "extra"}))
+            .await,
+    );
     let sb = v["id"].as_str().unwrap().to_owned();
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/extra", Some(&e.key_admin), None)
-        .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    expect(
+        StatusCode::CONFLICT,
+        e.delete(&e.key_admin, "/v1/templates/extra").await,
+    );
     assert!(e.host.st().template_deletes.is_empty());
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{sb}"),
-            Some(&e.key_b),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_b, &format!("/v1/sandboxes/{sb}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
     // An admin's delete reaches the host; one built into the host's images stays.
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/extra", Some(&e.key_admin), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    expect(
+        StatusCode::NO_CONTENT,
+        e.delete(&e.key_admin, "/v1/templates/extra").await,
+    );
     assert!(!e
         .host
         .st()
         .templates
         .contains_key(&"extra".parse().unwrap()));
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/minimal", Some(&e.key_admin), None)
-        .await;
+    let (s, v) = e.delete(&e.key_admin, "/v1/templates/minimal").await;
     assert!(s.is_client_error(), "{s} {v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("built in"),
@@ -494,34 +455,28 @@ async fn only_admins_delete_platform_templates_and_a_refusal_touches_no_host() {
 #[tokio::test]
 async fn admins_list_every_teams_templates_and_teams_only_their_own() {
     let e = env().await;
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "minimal"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(&e.key_b, "/v1/sandboxes", json!({"template": "minimal"}))
+            .await,
+    );
     let sb = v["id"].as_str().unwrap().to_owned();
-    let (s, v) = e
-        .call(
-            "POST",
+    expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_b,
             &format!("/v1/sandboxes/{sb}/snapshots"),
-            Some(&e.key_b),
-            Some(json!({"name": "b-secret"})),
+            json!({"name": "b-secret"}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     assert!(!template_names(&e, &e.key_a, "/v1/templates")
         .await
         .contains(&"b-secret".to_owned()));
     let all = template_names(&e, &e.key_admin, "/v1/admin/templates").await;
     assert!(all.contains(&"b-secret".to_owned()) && all.contains(&"minimal".to_owned()));
     // Team a (even its admin) cannot delete team b's template through the team API.
-    let (s, _) = e
-        .call("DELETE", "/v1/templates/b-secret", Some(&e.key_admin), None)
-        .await;
+    let (s, _) = e.delete(&e.key_admin, "/v1/templates/b-secret").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -530,23 +485,16 @@ async fn sandbox_metrics_are_the_teams_own_and_need_a_running_sandbox() {
     let e = env().await;
     let id = e.create().await;
     let uri = format!("/v1/sandboxes/{id}/metrics");
-    let (s, v) = e.call("GET", &uri, Some(&e.key_a), None).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(StatusCode::OK, e.get(&e.key_a, &uri).await);
     assert_eq!(v["cpu_count"], 1);
     assert_eq!(v["mem_total_bytes"], 256 << 20);
     assert_eq!(v["disk_used_bytes"], 100 << 20);
     assert_eq!(v["timestamp"], "2023-11-14T22:13:20+00:00");
-    let (s, _) = e.call("GET", &uri, Some(&e.key_b), None).await;
+    let (s, _) = e.get(&e.key_b, &uri).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
         .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = e.call("GET", &uri, Some(&e.key_a), None).await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    expect(StatusCode::CONFLICT, e.get(&e.key_a, &uri).await);
 }

@@ -46,8 +46,7 @@ async fn health_needs_no_key_and_everything_else_does() {
         "unauthenticated",
         "API key",
     );
-    let (s, v) = e.send(req(&e.key_a)).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    expect(StatusCode::OK, e.send(req(&e.key_a)).await);
     let req = Request::get("/v1/sandboxes")
         .header("authorization", format!("Basic {}", e.key_a))
         .body(Body::empty())
@@ -149,9 +148,7 @@ async fn bad_create_requests_are_rejected_and_create_nothing() {
         ),
     ];
     for (body, want, needle) in cases {
-        let (s, v) = e
-            .call("POST", "/v1/sandboxes", Some(&e.key_a), Some(body.clone()))
-            .await;
+        let (s, v) = e.post(&e.key_a, "/v1/sandboxes", body.clone()).await;
         assert_eq!(s, want, "{body}: {v}");
         assert!(
             v["error"]["message"].as_str().unwrap().contains(needle),
@@ -188,11 +185,15 @@ async fn bad_create_requests_are_rejected_and_create_nothing() {
 #[tokio::test]
 async fn create_get_list_and_team_isolation() {
     let e = env().await;
-    let (s, v) = e
-        .call("POST", "/v1/sandboxes", Some(&e.key_a),
-            Some(json!({"template": "minimal", "vcpus": 2, "timeout_s": 600, "metadata": {"k": "v"}})))
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_a,
+            "/v1/sandboxes",
+            json!({"template": "minimal", "vcpus": 2, "timeout_s": 600, "metadata": {"k": "v"}}),
+        )
+        .await,
+    );
     assert_eq!(v["state"], "running");
     assert_eq!(v["vcpus"], 2);
     assert_eq!(v["memory_mb"], 256);
@@ -202,12 +203,10 @@ async fn create_get_list_and_team_isolation() {
     assert!(id.starts_with("sb-"));
     assert!(e.host.st().sandboxes.contains(&id.parse().unwrap()));
 
-    let (s, got) = e
-        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
-        .await;
+    let (s, got) = e.get(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(got["id"], id);
-    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    let (_, list) = e.get(&e.key_a, "/v1/sandboxes").await;
     assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1);
 
     // Team B sees nothing of team A's sandbox.
@@ -225,7 +224,7 @@ async fn create_get_list_and_team_isolation() {
         let (s, v) = e.call(m, &p, Some(&e.key_b), b).await;
         assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
     }
-    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_b), None).await;
+    let (_, list) = e.get(&e.key_b, "/v1/sandboxes").await;
     assert_eq!(list["sandboxes"], json!([]));
     assert!(
         e.host.st().sandboxes.contains(&id.parse().unwrap()),
@@ -234,9 +233,7 @@ async fn create_get_list_and_team_isolation() {
 
     // Malformed and unknown IDs.
     for bad in ["not-an-id", "sb-short", "sb-ABCDEFGHIJKLMNOP"] {
-        let (s, v) = e
-            .call("GET", &format!("/v1/sandboxes/{bad}"), Some(&e.key_a), None)
-            .await;
+        let (s, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{bad}")).await;
         assert_error(
             s,
             &v,
@@ -246,17 +243,10 @@ async fn create_get_list_and_team_isolation() {
         );
     }
     let unknown = SandboxId::generate();
-    let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{unknown}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{unknown}")).await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
 
-    let (s, v) = e.call("GET", "/v1/templates", Some(&e.key_b), None).await;
+    let (s, v) = e.get(&e.key_b, "/v1/templates").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["templates"][0]["name"], "minimal");
     assert_eq!(v["templates"][0]["team_id"], TeamId::PLATFORM.to_string());
@@ -270,12 +260,7 @@ async fn host_out_of_capacity_is_409_and_leaves_no_row() {
         message: "host capacity: at most 4096 MiB of guest memory (3900 in use)".into(),
     });
     let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal"})),
-        )
+        .post(&e.key_a, "/v1/sandboxes", json!({"template": "minimal"}))
         .await;
     assert_error(
         s,
@@ -295,12 +280,7 @@ async fn failed_host_create_marks_the_row_error_and_frees_the_host() {
         message: "the VM did not boot".into(),
     });
     let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal"})),
-        )
+        .post(&e.key_a, "/v1/sandboxes", json!({"template": "minimal"}))
         .await;
     assert_error(
         s,
@@ -320,24 +300,15 @@ async fn failed_host_create_marks_the_row_error_and_frees_the_host() {
     // What the host may hold of it is released at once, and again on delete.
     assert_eq!(e.host.st().destroys, 1);
     // Not in the default listing; in ?all=true and ?state=error.
-    let (_, list) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    let (_, list) = e.get(&e.key_a, "/v1/sandboxes").await;
     assert_eq!(list["sandboxes"], json!([]));
     for q in ["all=true", "state=error", "state=stopped,error"] {
-        let (s, list) = e
-            .call("GET", &format!("/v1/sandboxes?{q}"), Some(&e.key_a), None)
-            .await;
+        let (s, list) = e.get(&e.key_a, &format!("/v1/sandboxes?{q}")).await;
         assert_eq!(s, StatusCode::OK, "{list}");
         assert_eq!(list["sandboxes"][0]["state"], "error", "{q}: {list}");
     }
     let id = rows[0].id.to_string();
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(e.host.st().destroys, 2);
 }
@@ -353,14 +324,7 @@ async fn twenty_concurrent_creates_against_a_quota_of_five_give_five() {
     })
     .await;
     e.host.st().create_delay = Some(std::time::Duration::from_millis(50));
-    let calls = (0..20).map(|_| {
-        e.call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal"})),
-        )
-    });
+    let calls = (0..20).map(|_| e.post(&e.key_a, "/v1/sandboxes", json!({"template": "minimal"})));
     let results = futures::future::join_all(calls).await;
     let mut created = 0;
     for (s, v) in results {
@@ -380,15 +344,11 @@ async fn twenty_concurrent_creates_against_a_quota_of_five_give_five() {
     assert_eq!(e.row_count().await, 5, "a refused create left a row");
     assert_eq!(e.host.st().creates, 5);
     // Another team has its own quota.
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "minimal"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    expect(
+        StatusCode::CREATED,
+        e.post(&e.key_b, "/v1/sandboxes", json!({"template": "minimal"}))
+            .await,
+    );
     // Resources count too (here from the team's own quota row), and the message says
     // which and how much.
     let team_b = e
@@ -410,21 +370,20 @@ async fn twenty_concurrent_creates_against_a_quota_of_five_give_five() {
         .set_team_quota(team_b, Some(&own))
         .await
         .unwrap();
-    let (s, v) = e
-        .call(
-            "POST",
+    expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_b,
             "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "minimal", "vcpus": 8})),
+            json!({"template": "minimal", "vcpus": 8}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_b,
             "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "minimal", "vcpus": 8})),
+            json!({"template": "minimal", "vcpus": 8}),
         )
         .await;
     assert_error(
@@ -441,15 +400,15 @@ async fn a_short_lifetime_starts_when_the_sandbox_runs() {
     let e = env().await;
     // A boot longer than the lifetime asked for.
     e.host.st().create_delay = Some(std::time::Duration::from_millis(1500));
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal", "timeout_s": 1})),
+            json!({"template": "minimal", "timeout_s": 1}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     assert_eq!(v["state"], "running");
     let created = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
     let expires = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
@@ -467,30 +426,20 @@ async fn listing_pages_and_filters() {
         ids.push(e.create().await);
     }
     for id in &ids[..2] {
-        let (s, _) = e
-            .call(
-                "DELETE",
-                &format!("/v1/sandboxes/{id}"),
-                Some(&e.key_a),
-                None,
-            )
-            .await;
+        let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
         assert_eq!(s, StatusCode::NO_CONTENT);
     }
-    let (_, v) = e.call("GET", "/v1/sandboxes", Some(&e.key_a), None).await;
+    let (_, v) = e.get(&e.key_a, "/v1/sandboxes").await;
     assert_eq!(v["sandboxes"].as_array().unwrap().len(), 3, "{v}");
     assert!(v["next_token"].is_null());
-    let (_, v) = e
-        .call("GET", "/v1/sandboxes?state=stopped", Some(&e.key_a), None)
-        .await;
+    let (_, v) = e.get(&e.key_a, "/v1/sandboxes?state=stopped").await;
     assert_eq!(v["sandboxes"].as_array().unwrap().len(), 2, "{v}");
 
     // Pages of 2 over all 5, each once.
     let mut seen = Vec::new();
     let mut uri = "/v1/sandboxes?all=true&limit=2".to_string();
     loop {
-        let (s, v) = e.call("GET", &uri, Some(&e.key_a), None).await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        let v = expect(StatusCode::OK, e.get(&e.key_a, &uri).await);
         let page = v["sandboxes"].as_array().unwrap();
         assert!(page.len() <= 2);
         seen.extend(page.iter().map(|s| s["id"].as_str().unwrap().to_owned()));
@@ -510,9 +459,7 @@ async fn listing_pages_and_filters() {
         ("state=bogus", "state must be"),
         ("next_token=garbage", "next_token"),
     ] {
-        let (s, v) = e
-            .call("GET", &format!("/v1/sandboxes?{q}"), Some(&e.key_a), None)
-            .await;
+        let (s, v) = e.get(&e.key_a, &format!("/v1/sandboxes?{q}")).await;
         assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
     }
 }
@@ -551,11 +498,10 @@ async fn a_team_has_a_cap_on_concurrent_exec_streams_and_transfers() {
     // A third stream, streaming or one-shot, is refused before any host call.
     let processes = e.host.st().killers.len();
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["true"]})),
+            json!({"cmd": ["true"]}),
         )
         .await;
     assert_error(
@@ -568,22 +514,20 @@ async fn a_team_has_a_cap_on_concurrent_exec_streams_and_transfers() {
     assert_eq!(e.host.st().killers.len(), processes);
     // A stream that ends gives its slot back.
     drop(first);
-    let (s, v) = e
-        .call(
-            "POST",
+    expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["true"]})),
+            json!({"cmd": ["true"]}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     // Transfers have their own cap (here none at all).
     let (s, v) = e
-        .call(
-            "GET",
+        .get(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"),
-            Some(&e.key_a),
-            None,
         )
         .await;
     assert_error(
@@ -638,14 +582,7 @@ async fn deleting_a_sandbox_ends_its_exec_streams_at_once() {
     while e.host.st().killers.len() < 2 {
         tokio::task::yield_now().await;
     }
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, v) = tokio::time::timeout(std::time::Duration::from_secs(5), exec)
         .await
@@ -672,15 +609,15 @@ async fn deleting_a_sandbox_ends_its_exec_streams_at_once() {
 async fn exec_gathers_output_and_encodes_non_utf8() {
     let e = env().await;
     let id = e.create().await;
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["sh", "-c", "x"]})),
+            json!({"cmd": ["sh", "-c", "x"]}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     assert_eq!(v["exit_code"], 3);
     assert_eq!(v["stdout"], "hi\n");
     assert_eq!(v["stdout_encoding"], "utf8");
@@ -688,15 +625,15 @@ async fn exec_gathers_output_and_encodes_non_utf8() {
     assert_eq!(v["stderr_encoding"], "base64");
     assert_eq!(v["timed_out"], false);
 
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["cat"], "stdin": "abc"})),
+            json!({"cmd": ["cat"], "stdin": "abc"}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     assert_eq!(v["stdout"], "abc");
     assert_eq!(v["exit_code"], 0);
 }
@@ -705,15 +642,15 @@ async fn exec_gathers_output_and_encodes_non_utf8() {
 async fn exec_timeout_kills_the_process() {
     let e = env().await;
     let id = e.create().await;
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["sleep", "30"], "timeout_s": 1})),
+            json!({"cmd": ["sleep", "30"], "timeout_s": 1}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     assert_eq!(v["timed_out"], true);
     assert_eq!(v["exit_code"], 137);
     assert_eq!(e.host.st().signals, vec![(42, Signal::Kill)]);
@@ -743,7 +680,7 @@ async fn bad_exec_requests_are_rejected() {
         (json!({"cmd": ["ls"], "env": {"A=B": "x"}}), "env key"),
     ];
     for (body, needle) in cases {
-        let (s, v) = e.call("POST", &p, Some(&e.key_a), Some(body.clone())).await;
+        let (s, v) = e.post(&e.key_a, &p, body.clone()).await;
         assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
     }
     assert!(e.host.st().signals.is_empty());
@@ -753,27 +690,17 @@ async fn bad_exec_requests_are_rejected() {
 async fn delete_stops_the_sandbox_and_exec_then_conflicts() {
     let e = env().await;
     let id = e.create().await;
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(e.host.st().sandboxes.is_empty());
-    let (s, v) = e
-        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
-        .await;
+    let (s, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["state"], "stopped");
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["true"]})),
+            json!({"cmd": ["true"]}),
         )
         .await;
     assert_error(
@@ -784,14 +711,7 @@ async fn delete_stops_the_sandbox_and_exec_then_conflicts() {
         "sandbox is stopped",
     );
     // Deleting again is fine.
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 }
 
@@ -806,8 +726,10 @@ async fn files_round_trip_and_limits() {
             .body(Body::from(body))
             .unwrap()
     };
-    let (s, v) = e.send(put("/tmp/a.bin", vec![7; 1000])).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.send(put("/tmp/a.bin", vec![7; 1000])).await,
+    );
     assert_eq!(v, json!({"path": "/tmp/a.bin", "size": 1000}));
 
     let resp = e
@@ -834,12 +756,7 @@ async fn files_round_trip_and_limits() {
     );
 
     let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{id}/files?path=/no/such"),
-            Some(&e.key_a),
-            None,
-        )
+        .get(&e.key_a, &format!("/v1/sandboxes/{id}/files?path=/no/such"))
         .await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "no such file");
 
@@ -903,23 +820,9 @@ async fn reconciler_marks_lost_sandboxes_stopped_and_destroys_expired_ones() {
     let report = e.state.app().reconcile_once().await.unwrap();
     assert_eq!(report.lost, vec![lost.parse::<SandboxId>().unwrap()]);
     assert!(report.expired.is_empty());
-    let (_, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{lost}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (_, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{lost}")).await;
     assert_eq!(v["state"], "stopped");
-    let (_, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{kept}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (_, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{kept}")).await;
     assert_eq!(v["state"], "running");
     // A second pass changes nothing.
     let report = e.state.app().reconcile_once().await.unwrap();
@@ -938,30 +841,20 @@ async fn reconciler_marks_sandboxes_failed_on_their_host_error() {
         .insert(sid.clone(), "the VM shut down or rebooted itself".into());
     let report = e.state.app().reconcile_once().await.unwrap();
     assert_eq!(report.failed, vec![sid]);
-    let (_, v) = e
-        .call("GET", &format!("/v1/sandboxes/{id}"), Some(&e.key_a), None)
-        .await;
+    let (_, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(v["state"], "error", "{v}");
     assert_eq!(v["error"], "the VM shut down or rebooted itself", "{v}");
     // No exec on it; delete still asks the host to free what it holds.
     let (status, _) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(serde_json::json!({"cmd": ["true"]})),
+            serde_json::json!({"cmd": ["true"]}),
         )
         .await;
     assert_eq!(status, 409);
     let destroys = e.host.st().destroys;
-    let (status, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (status, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     assert_eq!(status, 204);
     assert_eq!(e.host.st().destroys, destroys + 1);
     assert!(!e.state.app().reconcile_once().await.unwrap().changed());
@@ -1011,14 +904,7 @@ async fn reconciler_gives_up_on_stuck_starts() {
         .unwrap();
     assert_eq!(row.state, SandboxState::Error);
     assert!(row.error.unwrap().contains("did not finish starting"));
-    let (_, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{fresh}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (_, v) = e.get(&e.key_a, &format!("/v1/sandboxes/{fresh}")).await;
     assert_eq!(v["state"], "running");
     // Nothing more to do on the next pass.
     assert!(!e.state.app().reconcile_once().await.unwrap().changed());
@@ -1033,20 +919,11 @@ async fn reconciler_prunes_finished_rows_after_the_retention() {
     .await;
     let gone = e.create().await;
     let kept = e.create().await;
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{gone}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{gone}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let report = e.state.app().reconcile_once().await.unwrap();
     assert_eq!(report.pruned, 1, "{report:?}");
-    let (_, v) = e
-        .call("GET", "/v1/sandboxes?all=true", Some(&e.key_a), None)
-        .await;
+    let (_, v) = e.get(&e.key_a, "/v1/sandboxes?all=true").await;
     let ids: Vec<&str> = v["sandboxes"]
         .as_array()
         .unwrap()

@@ -4,14 +4,14 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::{env, Env};
+use common::{env, expect, Env};
 use serde_json::{json, Value};
 
 async fn audit(e: &Env, key: &str, query: &str) -> Value {
-    let (s, v) = e
-        .call("GET", &format!("/v1/audit{query}"), Some(key), None)
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.get(key, &format!("/v1/audit{query}")).await,
+    );
     v
 }
 
@@ -52,38 +52,17 @@ async fn a_teams_acts_are_recorded_with_their_key_newest_first_and_only_for_that
     let copy = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
     let key = post("/v1/keys".into(), Some(json!({"name": "ci"}))).await;
     let key_id = key["key"]["id"].as_str().unwrap().to_owned();
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/keys/{key_id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/keys/{key_id}")).await;
     assert_eq!(s, StatusCode::OK);
     for sb in [&copy, &id] {
-        let (s, _) = e
-            .call(
-                "DELETE",
-                &format!("/v1/sandboxes/{sb}"),
-                Some(&e.key_a),
-                None,
-            )
-            .await;
+        let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{sb}")).await;
         assert_eq!(s, StatusCode::NO_CONTENT);
     }
-    let (s, _) = e
-        .call("DELETE", "/v1/templates/prepared", Some(&e.key_a), None)
-        .await;
+    let (s, _) = e.delete(&e.key_a, "/v1/templates/prepared").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     // Refused acts are not recorded.
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
 
@@ -132,6 +111,10 @@ async fn a_teams_acts_are_recorded_with_their_key_newest_first_and_only_for_that
     let before = first["next_before"].as_i64().expect("more pages");
     let second = audit(&e, &e.key_a, &format!("?limit=4&before={before}")).await;
     assert_eq!(actions(&second), want[4..8]);
+    // A page that ends exactly at the oldest entry says there is no other.
+    let exact = audit(&e, &e.key_a, &format!("?limit={}", want.len())).await;
+    assert_eq!(actions(&exact), want);
+    assert_eq!(exact["next_before"], Value::Null, "{exact}");
 
     // Team b sees nothing of team a's.
     let other = audit(&e, &e.key_b, "").await;
@@ -145,9 +128,7 @@ async fn a_teams_acts_are_recorded_with_their_key_newest_first_and_only_for_that
         "?before=x",
         "?limit=1.5",
     ] {
-        let (s, v) = e
-            .call("GET", &format!("/v1/audit{bad}"), Some(&e.key_a), None)
-            .await;
+        let (s, v) = e.get(&e.key_a, &format!("/v1/audit{bad}")).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
     }
 }
@@ -155,15 +136,15 @@ async fn a_teams_acts_are_recorded_with_their_key_newest_first_and_only_for_that
 #[tokio::test]
 async fn hearths_own_acts_are_recorded_without_a_key() {
     let e = env().await;
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal", "timeout_s": 1})),
+            json!({"template": "minimal", "timeout_s": 1}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     let id = v["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let report = e.state.app().reconcile_once().await.unwrap();
@@ -193,15 +174,11 @@ async fn hearths_own_acts_are_recorded_without_a_key() {
 async fn an_admins_acts_on_another_team_are_in_that_teams_log() {
     let e = env().await;
     let team_b = e.team_b.to_string();
-    let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/admin/teams/{team_b}/keys"),
-            Some(&e.key_admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post_empty(&e.key_admin, &format!("/v1/admin/teams/{team_b}/keys"))
+            .await,
+    );
     let made = v["key"]["id"].as_str().unwrap().to_owned();
     let page = audit(&e, &e.key_b, "").await;
     assert_eq!(actions(&page), [("key.create".to_owned(), made)]);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{env, env_with, Env};
+use common::{env, env_with, expect, Env};
 use hearth_control::app::concurrency::StreamCaps;
 use hearth_control::app::Policy;
 use http_body_util::BodyExt;
@@ -73,24 +73,15 @@ async fn a_team_gets_its_own_events_live_and_resumes_without_a_gap() {
         .unwrap()
         .starts_with("text/event-stream"));
     let mut body = resp.into_body();
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "minimal"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(&e.key_b, "/v1/sandboxes", json!({"template": "minimal"}))
+            .await,
+    );
     let b_id = v["id"].as_str().unwrap().to_owned();
     let a_id = e.create().await;
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{a_id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{a_id}/pause"))
         .await;
     assert_eq!(s, StatusCode::OK);
     let got = read(&mut body, 2).await;
@@ -103,14 +94,7 @@ async fn a_team_gets_its_own_events_live_and_resumes_without_a_gap() {
     drop(body);
 
     // Reconnect after the first: the pause again, then what came after.
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{a_id}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{a_id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let resp = open(&e, &e.key_a, Some(&got[0].0.to_string())).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -148,9 +132,7 @@ async fn event_streams_are_capped_per_team_and_bad_ids_are_400() {
         let r = open(&e, &e.key_b, Some(bad)).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad:?}");
     }
-    let (s, _) = e
-        .call("GET", "/v1/events?after=-3", Some(&e.key_b), None)
-        .await;
+    let (s, _) = e.get(&e.key_b, "/v1/events?after=-3").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = e.call("GET", "/v1/events", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);

@@ -38,49 +38,39 @@ async fn state_of(e: &Env, id: &str) -> SandboxState {
 async fn pause_and_resume_round_trip_with_a_new_deadline() {
     let e = env().await;
     let id = e.create().await;
-    let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
+            .await,
+    );
     assert_eq!(v["state"], "paused");
     assert!(e.host.st().paused.contains(&id.parse().unwrap()));
     // Idempotent, and the host is not asked again.
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
         .await;
     assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("paused")));
     assert_eq!(e.host.st().pauses, 1);
     // Exec and files on a paused sandbox say to resume it.
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/exec"),
-            Some(&e.key_a),
-            Some(json!({"cmd": ["true"]})),
+            json!({"cmd": ["true"]}),
         )
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "resume it first");
 
     let before = chrono::Utc::now();
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/resume"),
-            Some(&e.key_a),
-            Some(json!({"timeout_s": 7200})),
+            json!({"timeout_s": 7200}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     assert_eq!(
         (v["state"].as_str(), v["timeout_s"].as_u64()),
         (Some("running"), Some(7200))
@@ -96,20 +86,10 @@ async fn pause_and_resume_round_trip_with_a_new_deadline() {
     assert!(e.host.st().deadlines.iter().all(|d| *d == 0));
 
     // Resume without a body keeps the lifetime.
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/pause"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
+        .await;
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/resume"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/resume"))
         .await;
     assert_eq!(
         (s, v["timeout_s"].as_u64()),
@@ -124,7 +104,7 @@ async fn lifecycle_calls_in_the_wrong_state_or_with_bad_input_are_refused() {
     let id = e.create().await;
     let p = |op: &str| format!("/v1/sandboxes/{id}/{op}");
     // Resume a running one; set a bad timeout; fork bad counts; snapshot bad names.
-    let (s, v) = e.call("POST", &p("resume"), Some(&e.key_a), None).await;
+    let (s, v) = e.post_empty(&e.key_a, &p("resume")).await;
     assert_error(
         s,
         &v,
@@ -153,24 +133,22 @@ async fn lifecycle_calls_in_the_wrong_state_or_with_bad_input_are_refused() {
         ("snapshots", json!({"name": "snap-mine"}), "reserved"),
         ("snapshots", json!({}), "name"),
     ] {
-        let (s, v) = e
-            .call("POST", &p(op), Some(&e.key_a), Some(body.clone()))
-            .await;
+        let (s, v) = e.post(&e.key_a, &p(op), body.clone()).await;
         assert_error(s, &v, StatusCode::BAD_REQUEST, "invalid_argument", needle);
     }
     // Snapshot names the platform or the team already has.
     let (s, v) = e
-        .call(
-            "POST",
-            &p("snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "minimal"})),
-        )
+        .post(&e.key_a, &p("snapshots"), json!({"name": "minimal"}))
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "platform template");
     // Bad and unknown IDs, another team's sandbox.
     for op in ["pause", "resume", "timeout", "fork", "snapshots"] {
-        let body = Some(json!({"timeout_s": 10, "name": "x"}));
+        // Each its own valid body (bodies take no field they do not define).
+        let body = Some(match op {
+            "resume" | "timeout" => json!({"timeout_s": 10}),
+            "snapshots" => json!({"name": "x"}),
+            _ => json!({}),
+        });
         let (s, v) = e
             .call(
                 "POST",
@@ -201,8 +179,8 @@ async fn lifecycle_calls_in_the_wrong_state_or_with_bad_input_are_refused() {
     }
     assert_eq!(state_of(&e, &id).await, SandboxState::Running);
     // Paused: no fork, no new timeout (it says where the timeout goes).
-    e.call("POST", &p("pause"), Some(&e.key_a), None).await;
-    let (s, v) = e.call("POST", &p("fork"), Some(&e.key_a), None).await;
+    e.post_empty(&e.key_a, &p("pause")).await;
+    let (s, v) = e.post_empty(&e.key_a, &p("fork")).await;
     assert_error(
         s,
         &v,
@@ -211,24 +189,13 @@ async fn lifecycle_calls_in_the_wrong_state_or_with_bad_input_are_refused() {
         "only a running sandbox can be forked",
     );
     let (s, v) = e
-        .call(
-            "POST",
-            &p("timeout"),
-            Some(&e.key_a),
-            Some(json!({"timeout_s": 60})),
-        )
+        .post(&e.key_a, &p("timeout"), json!({"timeout_s": 60}))
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "resume");
     // Stopped: nothing.
-    e.call(
-        "DELETE",
-        &format!("/v1/sandboxes/{id}"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.delete(&e.key_a, &format!("/v1/sandboxes/{id}")).await;
     for op in ["pause", "resume", "fork"] {
-        let (s, v) = e.call("POST", &p(op), Some(&e.key_a), None).await;
+        let (s, v) = e.post_empty(&e.key_a, &p(op)).await;
         assert_error(
             s,
             &v,
@@ -238,12 +205,7 @@ async fn lifecycle_calls_in_the_wrong_state_or_with_bad_input_are_refused() {
         );
     }
     let (s, v) = e
-        .call(
-            "POST",
-            &p("snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "late"})),
-        )
+        .post(&e.key_a, &p("snapshots"), json!({"name": "late"}))
         .await;
     assert_error(
         s,
@@ -262,12 +224,7 @@ async fn failed_pause_leaves_it_running_and_failed_resume_leaves_it_paused() {
     let id = e.create().await;
     e.host.st().fail_pause = Some(host_failure());
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
         .await;
     assert_error(
         s,
@@ -279,12 +236,7 @@ async fn failed_pause_leaves_it_running_and_failed_resume_leaves_it_paused() {
     assert_eq!(state_of(&e, &id).await, SandboxState::Running);
     e.host.st().fail_pause = None;
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
         .await;
     assert_eq!(s, StatusCode::OK);
 
@@ -293,12 +245,7 @@ async fn failed_pause_leaves_it_running_and_failed_resume_leaves_it_paused() {
         message: "restore failed".into(),
     });
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/resume"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/resume"))
         .await;
     assert_error(
         s,
@@ -313,12 +260,7 @@ async fn failed_pause_leaves_it_running_and_failed_resume_leaves_it_paused() {
     assert_eq!((usage.sandboxes, usage.vcpus), (1, 0));
     e.host.st().fail_resume = None;
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/resume"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/resume"))
         .await;
     assert_eq!(
         (s, v["state"].as_str()),
@@ -344,22 +286,12 @@ async fn resume_passes_the_vcpu_quota_like_a_create() {
         .await
         .unwrap();
     let first = e.create().await;
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{first}/pause"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{first}/pause"))
+        .await;
     // The paused one holds no vCPU: a second fits.
     let second = e.create().await;
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{first}/resume"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{first}/resume"))
         .await;
     assert_error(
         s,
@@ -370,20 +302,9 @@ async fn resume_passes_the_vcpu_quota_like_a_create() {
     );
     assert_eq!(state_of(&e, &first).await, SandboxState::Paused);
     assert_eq!(e.host.st().resumes, 0, "refused before the host was asked");
-    e.call(
-        "DELETE",
-        &format!("/v1/sandboxes/{second}"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.delete(&e.key_a, &format!("/v1/sandboxes/{second}")).await;
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{first}/resume"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{first}/resume"))
         .await;
     assert_eq!(s, StatusCode::OK);
 }
@@ -393,15 +314,15 @@ async fn set_timeout_moves_the_deadline_of_a_running_sandbox() {
     let e = env().await;
     let id = e.create().await;
     let before = chrono::Utc::now();
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::OK,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/timeout"),
-            Some(&e.key_a),
-            Some(json!({"timeout_s": 5})),
+            json!({"timeout_s": 5}),
         )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+        .await,
+    );
     assert_eq!(v["timeout_s"], 5);
     let exp = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
     assert!((4..=6).contains(&exp.signed_duration_since(before).num_seconds()));
@@ -410,21 +331,19 @@ async fn set_timeout_moves_the_deadline_of_a_running_sandbox() {
 #[tokio::test]
 async fn fork_makes_running_copies_counted_against_the_quota() {
     let e = env().await;
-    let (s, v) = e
-        .call("POST", "/v1/sandboxes", Some(&e.key_a),
-            Some(json!({"template": "minimal", "vcpus": 2, "env": {"A": "1"}, "metadata": {"k": "v"}, "on_timeout": "pause"})))
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(StatusCode::CREATED, e
+        .post(&e.key_a, "/v1/sandboxes", json!({"template": "minimal", "vcpus": 2, "env": {"A": "1"}, "metadata": {"k": "v"}, "on_timeout": "pause"}))
+        .await);
     let id = v["id"].as_str().unwrap().to_owned();
-    let (s, v) = e
-        .call(
-            "POST",
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/fork"),
-            Some(&e.key_a),
-            Some(json!({"count": 3})),
+            json!({"count": 3}),
         )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+        .await,
+    );
     let copies = v["sandboxes"].as_array().unwrap();
     assert_eq!(copies.len(), 3);
     let mut ids: Vec<&str> = copies.iter().map(|c| c["id"].as_str().unwrap()).collect();
@@ -449,12 +368,7 @@ async fn fork_makes_running_copies_counted_against_the_quota() {
     assert_eq!(state_of(&e, &id).await, SandboxState::Running);
     // No body: one copy.
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/fork"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/fork"))
         .await;
     assert_eq!(
         (s, v["sandboxes"].as_array().map(Vec::len)),
@@ -476,11 +390,10 @@ async fn fork_makes_running_copies_counted_against_the_quota() {
         .unwrap();
     let forks = e.host.st().forks;
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/fork"),
-            Some(&e.key_a),
-            Some(json!({"count": 2})),
+            json!({"count": 2}),
         )
         .await;
     assert_error(
@@ -500,11 +413,10 @@ async fn a_failed_fork_leaves_no_rows_and_gives_the_quota_back() {
     let id = e.create().await;
     e.host.st().fail_fork = Some(host_failure());
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/fork"),
-            Some(&e.key_a),
-            Some(json!({"count": 4})),
+            json!({"count": 4}),
         )
         .await;
     assert_error(
@@ -533,12 +445,7 @@ async fn a_failed_fork_leaves_no_rows_and_gives_the_quota_back() {
         message: "host memory: this sandbox needs 256 MiB".into(),
     });
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/fork"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/fork"))
         .await;
     assert_error(
         s,
@@ -555,11 +462,10 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
     let e = env().await;
     let id = e.create().await;
     let (s, t) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "prepared", "memory": true})),
+            json!({"name": "prepared", "memory": true}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{t}");
@@ -587,17 +493,16 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
     // The source keeps running; the name is taken now.
     assert_eq!(state_of(&e, &id).await, SandboxState::Running);
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "prepared"})),
+            json!({"name": "prepared"}),
         )
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "already exists");
 
     // Listed for team A beside the platform's, invisible to team B.
-    let (_, list) = e.call("GET", "/v1/templates", Some(&e.key_a), None).await;
+    let (_, list) = e.get(&e.key_a, "/v1/templates").await;
     let names: Vec<&str> = list["templates"]
         .as_array()
         .unwrap()
@@ -605,24 +510,20 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["minimal", "prepared"]);
-    let (_, list) = e.call("GET", "/v1/templates", Some(&e.key_b), None).await;
+    let (_, list) = e.get(&e.key_b, "/v1/templates").await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1);
     // The reconciler does not turn the host-level name into a platform template.
     e.state.app().reconcile_once().await.unwrap();
-    let (_, list) = e.call("GET", "/v1/templates", Some(&e.key_b), None).await;
+    let (_, list) = e.get(&e.key_b, "/v1/templates").await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1, "{list}");
 
     // A create from it: the host is asked for the host-level name; the disk defaults to
     // the template's and may not be smaller.
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "prepared"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = expect(
+        StatusCode::CREATED,
+        e.post(&e.key_a, "/v1/sandboxes", json!({"template": "prepared"}))
+            .await,
+    );
     assert_eq!(
         (v["template"].as_str(), v["disk_size_mb"].as_u64()),
         (Some("prepared"), Some(512))
@@ -630,11 +531,10 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
     let child: SandboxId = v["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(e.host.st().made_from[&child].as_str(), hn);
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "prepared", "disk_size_mb": 256})),
+            json!({"template": "prepared", "disk_size_mb": 256}),
         )
         .await;
     assert_error(
@@ -645,12 +545,7 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
         "at least 512",
     );
     let (s, v) = e
-        .call(
-            "POST",
-            "/v1/sandboxes",
-            Some(&e.key_b),
-            Some(json!({"template": "prepared"})),
-        )
+        .post(&e.key_b, "/v1/sandboxes", json!({"template": "prepared"}))
         .await;
     assert_error(
         s,
@@ -661,21 +556,13 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
     );
 
     // Delete: refused while in use, another team's is a 404, then gone everywhere.
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/prepared", Some(&e.key_a), None)
-        .await;
+    let (s, v) = e.delete(&e.key_a, "/v1/templates/prepared").await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "used by 1 active");
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/prepared", Some(&e.key_b), None)
-        .await;
+    let (s, v) = e.delete(&e.key_b, "/v1/templates/prepared").await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/minimal", Some(&e.key_a), None)
-        .await;
+    let (s, v) = e.delete(&e.key_a, "/v1/templates/minimal").await;
     assert_error(s, &v, StatusCode::FORBIDDEN, "forbidden", "only an admin");
-    let (s, v) = e
-        .call("DELETE", "/v1/templates/Bad.Name", Some(&e.key_a), None)
-        .await;
+    let (s, v) = e.delete(&e.key_a, "/v1/templates/Bad.Name").await;
     assert_error(
         s,
         &v,
@@ -683,19 +570,11 @@ async fn snapshots_become_team_templates_that_create_sandboxes_on_their_host() {
         "invalid_argument",
         "template name",
     );
-    e.call(
-        "DELETE",
-        &format!("/v1/sandboxes/{child}"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
-    let (s, _) = e
-        .call("DELETE", "/v1/templates/prepared", Some(&e.key_a), None)
-        .await;
+    e.delete(&e.key_a, &format!("/v1/sandboxes/{child}")).await;
+    let (s, _) = e.delete(&e.key_a, "/v1/templates/prepared").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(e.host.st().templates.is_empty());
-    let (_, list) = e.call("GET", "/v1/templates", Some(&e.key_a), None).await;
+    let (_, list) = e.get(&e.key_a, "/v1/templates").await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1);
 }
 
@@ -705,11 +584,10 @@ async fn a_failed_snapshot_records_nothing_and_a_paused_one_can_be_snapshotted()
     let id = e.create().await;
     e.host.st().fail_snapshot = Some(host_failure());
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "x1"})),
+            json!({"name": "x1"}),
         )
         .await;
     assert_error(
@@ -719,22 +597,16 @@ async fn a_failed_snapshot_records_nothing_and_a_paused_one_can_be_snapshotted()
         "internal",
         "snapshotting the sandbox failed",
     );
-    let (_, list) = e.call("GET", "/v1/templates", Some(&e.key_a), None).await;
+    let (_, list) = e.get(&e.key_a, "/v1/templates").await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1);
     e.host.st().fail_snapshot = None;
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/pause"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
+        .await;
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/snapshots"),
-            Some(&e.key_a),
-            Some(json!({"name": "x1"})),
+            json!({"name": "x1"}),
         )
         .await;
     assert_eq!(
@@ -754,11 +626,10 @@ async fn on_timeout_pause_pauses_at_expiry_and_paused_retention_destroys() {
     })
     .await;
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal", "timeout_s": 1, "on_timeout": "pause"})),
+            json!({"template": "minimal", "timeout_s": 1, "on_timeout": "pause"}),
         )
         .await;
     assert_eq!(
@@ -768,21 +639,19 @@ async fn on_timeout_pause_pauses_at_expiry_and_paused_retention_destroys() {
     );
     let pausing = v["id"].as_str().unwrap().to_owned();
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal", "timeout_s": 1})),
+            json!({"template": "minimal", "timeout_s": 1}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let destroying = v["id"].as_str().unwrap().to_owned();
     let (s, v) = e
-        .call(
-            "POST",
+        .post(
+            &e.key_a,
             "/v1/sandboxes",
-            Some(&e.key_a),
-            Some(json!({"template": "minimal", "on_timeout": "sleep"})),
+            json!({"template": "minimal", "on_timeout": "sleep"}),
         )
         .await;
     assert_error(
@@ -856,13 +725,8 @@ async fn the_reconciler_settles_pauses_cut_off_between_host_and_database() {
         .await
         .unwrap();
     // c: paused properly, then lost on its host.
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{c}/pause"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{c}/pause"))
+        .await;
     e.host.st().sandboxes.remove(&c.parse().unwrap());
     // Within the grace period nothing is touched.
     let r = e.state.app().reconcile_once().await.unwrap();
@@ -906,56 +770,30 @@ async fn processes_can_be_listed_and_reattached_after_a_resume() {
             cwd: Some("/".into()),
             tag: None,
         });
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/pause"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
+        .await;
     let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{id}/processes"),
-            Some(&e.key_a),
-            None,
-        )
+        .get(&e.key_a, &format!("/v1/sandboxes/{id}/processes"))
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "resume it first");
     let (s, v) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/processes/7/connect"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/processes/7/connect"))
         .await;
     assert_error(s, &v, StatusCode::CONFLICT, "conflict", "paused");
-    e.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/resume"),
-        Some(&e.key_a),
-        None,
-    )
-    .await;
-    let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{id}/processes"),
-            Some(&e.key_a),
-            None,
-        )
+    e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/resume"))
         .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.get(&e.key_a, &format!("/v1/sandboxes/{id}/processes"))
+            .await,
+    );
     assert_eq!(v["processes"][0]["pid"], 7);
     assert_eq!(v["processes"][0]["args"][0], "-c");
     // Connect: NDJSON events until the process ends.
     let (s, v) = e
-        .call(
-            "POST",
+        .post_empty(
+            &e.key_a,
             &format!("/v1/sandboxes/{id}/processes/7/connect?timeout_s=30"),
-            Some(&e.key_a),
-            None,
         )
         .await;
     assert_eq!(s, StatusCode::OK);
@@ -993,12 +831,7 @@ async fn processes_can_be_listed_and_reattached_after_a_resume() {
         ),
     ] {
         let (s, v) = e
-            .call(
-                "POST",
-                &format!("/v1/sandboxes/{id}/{path}"),
-                Some(&e.key_a),
-                None,
-            )
+            .post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/{path}"))
             .await;
         assert_eq!(s, want, "{path}: {v}");
         assert!(
@@ -1007,12 +840,7 @@ async fn processes_can_be_listed_and_reattached_after_a_resume() {
         );
     }
     let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{id}/processes"),
-            Some(&e.key_b),
-            None,
-        )
+        .get(&e.key_b, &format!("/v1/sandboxes/{id}/processes"))
         .await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
 }

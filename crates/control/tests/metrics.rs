@@ -37,19 +37,12 @@ async fn metrics_count_requests_by_route_and_sandboxes_by_state_and_name_no_tena
     let a = e.create().await;
     let b = e.create().await;
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{a}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{a}/pause"))
         .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = e.call("GET", "/v1/sandboxes", Some("hk_wrong"), None).await;
+    let (s, _) = e.get("hk_wrong", "/v1/sandboxes").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = e
-        .call("GET", "/v1/no/such/route", Some(&e.key_a), None)
-        .await;
+    let (s, _) = e.get(&e.key_a, "/v1/no/such/route").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     let text = scrape(&e).await;
@@ -90,14 +83,7 @@ async fn metrics_count_requests_by_route_and_sandboxes_by_state_and_name_no_tena
     }
 
     // Deleting moves the gauge at the next scrape.
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{b}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{b}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let text = scrape(&e).await;
     assert_eq!(

@@ -42,8 +42,10 @@ async fn the_guest_agent_port_needs_the_sandboxs_own_token() {
     let ta = token(&e, &a).await;
     let tb = token(&e, &b).await;
 
-    let (s, v) = e.send(to_sandbox(&a, "49983", Some(&ta))).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(
+        StatusCode::OK,
+        e.send(to_sandbox(&a, "49983", Some(&ta))).await,
+    );
     assert_eq!(v["port"], 49983);
     assert_eq!(v["path"], "/filesystem.Filesystem/Stat?x=1");
     assert_eq!(v["body"], r#"{"path":"/tmp"}"#);
@@ -83,8 +85,7 @@ async fn other_ports_by_host_name_are_public_and_get_no_token() {
         .header("x-access-token", token(&e, &a).await)
         .body(Body::empty())
         .unwrap();
-    let (s, v) = e.send(req).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = expect(StatusCode::OK, e.send(req).await);
     assert_eq!(v["port"], 8000);
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/index.html");
@@ -100,8 +101,10 @@ async fn other_ports_by_host_name_are_public_and_get_no_token() {
 async fn unknown_and_destroyed_sandboxes_are_not_found_in_e2b_words() {
     let e = env().await;
     let ghost = SandboxId::generate().to_string();
-    let (s, v) = e.send(to_sandbox(&ghost, "49983", Some("x"))).await;
-    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    let v = expect(
+        StatusCode::BAD_GATEWAY,
+        e.send(to_sandbox(&ghost, "49983", Some("x"))).await,
+    );
     assert!(
         v["message"].as_str().unwrap().contains("was not found"),
         "{v}"
@@ -110,17 +113,12 @@ async fn unknown_and_destroyed_sandboxes_are_not_found_in_e2b_words() {
 
     let a = e.create().await;
     let t = token(&e, &a).await;
-    let (s, _) = e
-        .call(
-            "DELETE",
-            &format!("/v1/sandboxes/{a}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (s, _) = e.delete(&e.key_a, &format!("/v1/sandboxes/{a}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, v) = e.send(to_sandbox(&a, "49983", Some(&t))).await;
-    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    let v = expect(
+        StatusCode::BAD_GATEWAY,
+        e.send(to_sandbox(&a, "49983", Some(&t))).await,
+    );
     assert!(
         v["message"].as_str().unwrap().contains("was not found"),
         "{v}"
@@ -130,11 +128,15 @@ async fn unknown_and_destroyed_sandboxes_are_not_found_in_e2b_words() {
 #[tokio::test]
 async fn malformed_addresses_are_400_and_api_requests_pass() {
     let e = env().await;
-    let (s, v) = e.send(to_sandbox("../../etc", "49983", None)).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    expect(
+        StatusCode::BAD_REQUEST,
+        e.send(to_sandbox("../../etc", "49983", None)).await,
+    );
     let a = e.create().await;
-    let (s, v) = e.send(to_sandbox(&a, "0", None)).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    expect(
+        StatusCode::BAD_REQUEST,
+        e.send(to_sandbox(&a, "0", None)).await,
+    );
     // The API still answers on its own host name.
     let req = Request::builder()
         .uri("/v1/sandboxes")
@@ -142,8 +144,7 @@ async fn malformed_addresses_are_400_and_api_requests_pass() {
         .header("authorization", format!("Bearer {}", e.key_a))
         .body(Body::empty())
         .unwrap();
-    let (s, v) = e.send(req).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    expect(StatusCode::OK, e.send(req).await);
 }
 
 #[tokio::test]
@@ -170,43 +171,31 @@ async fn a_paused_sandbox_is_resumed_by_traffic_only_with_auto_resume() {
     let plain = mk(false).await;
     let auto = mk(true).await;
     for id in [&plain, &auto] {
-        let (s, v) = e
-            .call(
-                "POST",
-                &format!("/v1/sandboxes/{id}/pause"),
-                Some(&e.key_a),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        expect(
+            StatusCode::OK,
+            e.post_empty(&e.key_a, &format!("/v1/sandboxes/{id}/pause"))
+                .await,
+        );
     }
     let t = token(&e, plain.as_str()).await;
-    let (s, v) = e.send(to_sandbox(plain.as_str(), "49983", Some(&t))).await;
-    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    let v = expect(
+        StatusCode::BAD_GATEWAY,
+        e.send(to_sandbox(plain.as_str(), "49983", Some(&t))).await,
+    );
     assert!(v["message"].as_str().unwrap().contains("paused"), "{v}");
     assert_eq!(e.host.st().resumes, 0);
 
     let t = token(&e, auto.as_str()).await;
-    let (s, v) = e.send(to_sandbox(auto.as_str(), "49983", Some(&t))).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    expect(
+        StatusCode::OK,
+        e.send(to_sandbox(auto.as_str(), "49983", Some(&t))).await,
+    );
     assert_eq!(e.host.st().resumes, 1);
-    let (_, row) = e
-        .call(
-            "GET",
-            &format!("/v1/sandboxes/{auto}"),
-            Some(&e.key_a),
-            None,
-        )
-        .await;
+    let (_, row) = e.get(&e.key_a, &format!("/v1/sandboxes/{auto}")).await;
     assert_eq!(row["state"], "running", "{row}");
     // A wrong token never resumes anything.
     let (s, _) = e
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{auto}/pause"),
-            Some(&e.key_a),
-            None,
-        )
+        .post_empty(&e.key_a, &format!("/v1/sandboxes/{auto}/pause"))
         .await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = e

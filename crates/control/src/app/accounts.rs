@@ -217,9 +217,29 @@ impl App {
         Ok(self.db.list_teams().await?)
     }
 
-    /// The keys of team `team` (admins).
-    pub async fn list_team_keys(&self, caller: &Principal, team: TeamId) -> AppResult<Vec<ApiKey>> {
+    /// Make a key of any team (`/v1/admin/...`: admins, even for their own team).
+    pub async fn admin_create_key(
+        &self,
+        caller: &Principal,
+        team: &str,
+        p: KeyParams,
+    ) -> AppResult<(ApiKey, String)> {
         require_admin(caller)?;
+        let team = parse_team_id(team)?;
+        self.create_key(caller, team, p).await
+    }
+
+    /// Revoke any team's key (`/v1/admin/...`: admins).
+    pub async fn admin_revoke_key(&self, caller: &Principal, id: &str) -> AppResult<ApiKey> {
+        require_admin(caller)?;
+        self.revoke_key(caller, id).await
+    }
+
+    /// The keys of team `team`, a team ID from the request (admins; a non-admin is
+    /// refused before the ID is read).
+    pub async fn list_team_keys(&self, caller: &Principal, team: &str) -> AppResult<Vec<ApiKey>> {
+        require_admin(caller)?;
+        let team = parse_team_id(team)?;
         if team.is_platform() || self.db.get_team(team).await?.is_none() {
             return Err(AppError::NotFound(format!("team '{team}' not found")));
         }

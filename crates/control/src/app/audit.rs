@@ -58,6 +58,15 @@ pub mod action {
 pub const MAX_AUDIT_PAGE: u32 = 500;
 pub const DEFAULT_AUDIT_PAGE: u32 = 100;
 
+/// One page of a team's audit log.
+#[derive(Debug, Clone)]
+pub struct AuditPageOf {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `before` for the next (older) page; `None` on the last page.
+    pub next_before: Option<i64>,
+}
+
 impl App {
     /// Record that `actor` did `action` to `target` of `team` (`detail` an object;
     /// null is recorded as `{}`).
@@ -89,13 +98,13 @@ impl App {
     }
 
     /// A page of `team`'s audit log, newest first: entries before `before` (an entry
-    /// ID from an earlier page).
+    /// ID from an earlier page), and where the next page starts.
     pub async fn list_audit(
         &self,
         team: TeamId,
         before: Option<i64>,
         limit: Option<i64>,
-    ) -> AppResult<Vec<AuditEntry>> {
+    ) -> AppResult<AuditPageOf> {
         let limit =
             hearth_types::check_range("limit", limit, DEFAULT_AUDIT_PAGE, 1, MAX_AUDIT_PAGE)
                 .map_err(|e| AppError::InvalidArgument(e.to_string()))?;
@@ -106,7 +115,21 @@ impl App {
                 )));
             }
         }
-        Ok(self.db.list_audit(team, before, limit).await?)
+        // One entry more than asked says whether an older page exists.
+        let mut entries = self
+            .db
+            .list_audit(team, before, limit.saturating_add(1))
+            .await?;
+        let next_before = if entries.len() > limit as usize {
+            entries.truncate(limit as usize);
+            entries.last().map(|e| e.id)
+        } else {
+            None
+        };
+        Ok(AuditPageOf {
+            entries,
+            next_before,
+        })
     }
 }
 

@@ -112,8 +112,15 @@ where
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| E2bError::bad_request(format!("cannot read the body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Body(T::default()));
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Ok(Body(T::default())),
+            // serde would read an array as a struct's fields in order (`[]`: defaults).
+            Some(b) if *b != b'{' => {
+                return Err(E2bError::bad_request(
+                    "invalid JSON body: expected an object",
+                ))
+            }
+            Some(_) => {}
         }
         serde_json::from_slice(&bytes)
             .map(Body)
@@ -196,7 +203,7 @@ pub fn not_served(path: &str) -> Response {
 
 /// `X-API-KEY: <key>` (or `Authorization: Bearer <key>`) -> [`Principal`]; else 401 in
 /// E2B's shape.
-async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let key = headers
         .get("x-api-key")
@@ -207,26 +214,15 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
         })
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 256);
-    let unauthorized = || {
-        E2bError::new(
+        .map(str::to_owned);
+    match super::run_authenticated(&state.app, key.as_deref(), req, next).await {
+        Ok(resp) => resp,
+        Err(AppError::Unauthenticated) => E2bError::new(
             StatusCode::UNAUTHORIZED,
             "Invalid API key: send a hearth API key in X-API-KEY (`hearth e2b env` prints it)",
         )
-        .into_response()
-    };
-    let Some(key) = key else {
-        return unauthorized();
-    };
-    match state.app.db.authenticate(key).await {
-        Ok(Some(principal)) => {
-            let key = principal.key_id.clone();
-            req.extensions_mut().insert(principal);
-            crate::app::audit::as_caller(key, next.run(req)).await
-        }
-        Ok(None) => unauthorized(),
-        Err(e) => E2bError::from(AppError::Db(e)).into_response(),
+        .into_response(),
+        Err(e) => E2bError::from(e).into_response(),
     }
 }
 

@@ -456,9 +456,7 @@ pub async fn admin_list_team_keys(
     caller: Caller,
     Path(team_id): Path<String>,
 ) -> ApiResult<Json<KeyList>> {
-    crate::app::accounts::require_admin(&caller)?;
-    let team = crate::app::accounts::parse_team_id(&team_id)?;
-    let keys = s.app.list_team_keys(&caller, team).await?;
+    let keys = s.app.list_team_keys(&caller, &team_id).await?;
     Ok(Json(KeyList {
         keys: keys.into_iter().map(Into::into).collect(),
     }))
@@ -475,9 +473,10 @@ pub async fn admin_create_team_key(
     Path(team_id): Path<String>,
     ApiJsonOrEmpty(req): ApiJsonOrEmpty<CreateKeyRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
-    crate::app::accounts::require_admin(&caller)?;
-    let team = crate::app::accounts::parse_team_id(&team_id)?;
-    let (key, secret) = s.app.create_key(&caller, team, req.into()).await?;
+    let (key, secret) = s
+        .app
+        .admin_create_key(&caller, &team_id, req.into())
+        .await?;
     Ok(created_key(key, secret))
 }
 
@@ -491,8 +490,7 @@ pub async fn admin_revoke_key(
     caller: Caller,
     Path(key_id): Path<String>,
 ) -> ApiResult<Json<ApiKeyInfo>> {
-    crate::app::accounts::require_admin(&caller)?;
-    Ok(Json(s.app.revoke_key(&caller, &key_id).await?.into()))
+    Ok(Json(s.app.admin_revoke_key(&caller, &key_id).await?.into()))
 }
 
 #[utoipa::path(get, path = "/v1/admin/templates",
@@ -516,18 +514,10 @@ pub async fn list_audit(
     caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<AuditPage>> {
-    let limit = q.limit;
-    let entries = s.app.list_audit(caller.team_id, q.before, limit).await?;
-    let full =
-        limit.unwrap_or(i64::from(crate::app::audit::DEFAULT_AUDIT_PAGE)) == entries.len() as i64;
-    let next_before = if full {
-        entries.last().map(|e| e.id)
-    } else {
-        None
-    };
+    let page = s.app.list_audit(caller.team_id, q.before, q.limit).await?;
     Ok(Json(AuditPage {
-        entries: entries.into_iter().map(Into::into).collect(),
-        next_before,
+        entries: page.entries.into_iter().map(Into::into).collect(),
+        next_before: page.next_before,
     }))
 }
 

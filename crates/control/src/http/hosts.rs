@@ -20,7 +20,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub struct CreateHostRequest {
     /// Unique; lowercase letters, digits and '-' (at most 63).
     pub name: String,
-    /// Where the control plane reaches the agent: `https://HOST:PORT`.
+    /// Where the control plane reaches the agent: an https URL of HOST:PORT.
     pub url: String,
 }
 

@@ -2,6 +2,7 @@
 //! mapping of errors to responses. Handlers parse and validate, call `app`, and turn
 //! the result into JSON; they hold no logic of their own.
 
+mod docs;
 pub mod e2b;
 pub mod error;
 mod handlers;
@@ -50,6 +51,14 @@ impl AppState {
 
 /// The public REST API under `/v1`.
 pub fn router(state: AppState) -> Router {
+    router_with(state, &crate::Extensions::new())
+}
+
+/// The public REST API with a deployment's extra routes (see [`crate::extend`]); its
+/// workers are started by [`crate::start_with`], not here. Panics when an extra route
+/// takes a method and path the API serves (axum refuses overlapping routes).
+pub fn router_with(state: AppState, ext: &crate::Extensions) -> Router {
+    let (ext_authed, ext_public) = ext.routes();
     let authed = Router::new()
         .route(
             "/v1/sandboxes",
@@ -159,6 +168,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/admin/users/{user_id}",
             axum::routing::delete(users::admin_disable_user),
         )
+        .merge(ext_authed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         // Outside auth: refused keys are counted too.
         .route_layer(middleware::from_fn_with_state(state.clone(), track));
@@ -173,7 +183,10 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(users::login)
                 .route_layer(middleware::from_fn_with_state(state.clone(), track)),
         )
+        .route("/openapi.json", get(openapi::serve))
+        .route("/docs", get(docs::serve))
         .merge(authed)
+        .merge(ext_public)
         .merge(e2b::router(state.clone()))
         .fallback(|uri: axum::http::Uri| async move {
             if e2b::is_e2b_path(uri.path()) {
@@ -195,7 +208,7 @@ pub fn router(state: AppState) -> Router {
 /// `hearth_session` cookie -> [`Principal`] in the request's extensions; anything else
 /// is 401. A request that names a key is judged by that key alone (a bad key is not
 /// rescued by a cookie).
-async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let key = headers
         .get(header::AUTHORIZATION)
@@ -210,19 +223,10 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
                 headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key");
             (!named).then(|| session_cookie(headers)).flatten()
         })
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 256);
-    let Some(key) = key else {
-        return ApiError(AppError::Unauthenticated).into_response();
-    };
-    match state.app.db.authenticate(key).await {
-        Ok(Some(principal)) => {
-            let key = principal.key_id.clone();
-            req.extensions_mut().insert(principal);
-            crate::app::audit::as_caller(key, next.run(req)).await
-        }
-        Ok(None) => ApiError(AppError::Unauthenticated).into_response(),
-        Err(e) => ApiError(AppError::Db(e)).into_response(),
+        .map(str::to_owned);
+    match run_authenticated(&state.app, key.as_deref(), req, next).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError(e).into_response(),
     }
 }
 
@@ -237,6 +241,31 @@ fn session_cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
             let (name, value) = pair.trim().split_once('=')?;
             (name == users::SESSION_COOKIE).then_some(value)
         })
+}
+
+/// Look the API key `key` up and, when it is valid, run the rest of the request with
+/// its [`Principal`] in the extensions and under [`crate::app::audit::as_caller`].
+/// Every edge's auth middleware (`/v1`, E2B's) ends here; each only finds the key in
+/// its own headers and shapes the refusal (`Unauthenticated` or `Db`) its own way.
+pub(crate) async fn run_authenticated(
+    app: &App,
+    key: Option<&str>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let key = key
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 256)
+        .ok_or(AppError::Unauthenticated)?;
+    let principal = app
+        .db
+        .authenticate(key)
+        .await
+        .map_err(AppError::Db)?
+        .ok_or(AppError::Unauthenticated)?;
+    let key_id = principal.key_id.clone();
+    req.extensions_mut().insert(principal);
+    Ok(crate::app::audit::as_caller(key_id, next.run(req)).await)
 }
 
 /// Count the request and its latency under its route template (matched routes only).
@@ -275,5 +304,6 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The caller, set by [`auth`].
-pub(crate) type Caller = axum::Extension<Principal>;
+/// The caller (team, key, admin or not), set by the auth middleware: an extractor for
+/// handlers behind it, the built-in ones and [`crate::Extensions::route`]'s.
+pub type Caller = axum::Extension<Principal>;

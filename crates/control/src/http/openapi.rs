@@ -156,15 +156,213 @@ fn set(doc: &mut Value, pointer: &str, values: Value) {
     }
 }
 
+/// The groups of operations, in the order `/docs` shows them.
+const TAGS: [(&str, &str); 9] = [
+    (
+        "sandboxes",
+        "Create, list, inspect, pause, resume, fork, snapshot and destroy sandboxes.",
+    ),
+    (
+        "exec and files",
+        "Run commands in a sandbox, re-attach to its processes, move files in and out.",
+    ),
+    (
+        "templates",
+        "What sandboxes are made from: the platform's templates and the team's snapshots.",
+    ),
+    ("keys", "The calling team's API keys."),
+    (
+        "admin",
+        "Operators (admin keys only): teams, any team's keys, users, hosts, every team's templates.",
+    ),
+    (
+        "audit and events",
+        "The team's audit log and its live event stream.",
+    ),
+    (
+        "users and sessions",
+        "Signing in with an email and password (a session cookie), and who a request speaks for.",
+    ),
+    ("webhooks", "The team's events POSTed to its own URLs, signed."),
+    ("service", "Health of the control plane, and host agents' enrollment."),
+];
+
+/// The group of the operation at `path`.
+fn tag_of(path: &str) -> &'static str {
+    let sandbox_io = ["/exec", "/exec/ws", "/files", "/processes", "/connect"];
+    if path.starts_with("/v1/admin/") {
+        "admin"
+    } else if path.starts_with("/v1/sandboxes") {
+        if sandbox_io.iter().any(|s| path.ends_with(s)) {
+            "exec and files"
+        } else {
+            "sandboxes"
+        }
+    } else if path.starts_with("/v1/templates") {
+        "templates"
+    } else if path.starts_with("/v1/keys") {
+        "keys"
+    } else if path.starts_with("/v1/audit") || path.starts_with("/v1/events") {
+        "audit and events"
+    } else if path.starts_with("/v1/auth/") || path == "/v1/me" {
+        "users and sessions"
+    } else if path.starts_with("/v1/webhooks") {
+        "webhooks"
+    } else {
+        "service"
+    }
+}
+
+/// One line about each operation (by operation ID), shown as its summary.
+const SUMMARIES: [(&str, &str); 45] = [
+    ("health", "Is the control plane up."),
+    (
+        "admin_list_hosts",
+        "Every host: status, last heartbeat, capacity and load.",
+    ),
+    (
+        "admin_create_host",
+        "Add a host; returns its one-time enrollment token.",
+    ),
+    (
+        "admin_revoke_host",
+        "Revoke a host: its credential is refused from the next call on.",
+    ),
+    ("admin_get_host", "One host."),
+    ("admin_drain_host", "Send no new sandboxes to a host."),
+    (
+        "admin_undrain_host",
+        "Let a drained host take new sandboxes again.",
+    ),
+    ("admin_list_users", "Every user, or one team's."),
+    (
+        "admin_create_user",
+        "Make a user who signs in with an email and password.",
+    ),
+    (
+        "admin_disable_user",
+        "Disable a user: its sessions end and it can no longer sign in.",
+    ),
+    (
+        "login",
+        "Sign in; the session comes back as an HttpOnly cookie.",
+    ),
+    ("logout", "End the session the request came with."),
+    (
+        "enroll_host",
+        "A host agent trades its enrollment token and CSR for its certificate.",
+    ),
+    ("me", "The team, key and user the request speaks for."),
+    (
+        "list_webhooks",
+        "The team's webhooks and how far delivery has got.",
+    ),
+    (
+        "create_webhook",
+        "Have the team's events POSTed to a URL; returns the signing secret once.",
+    ),
+    ("delete_webhook", "Remove a webhook."),
+    (
+        "create_sandbox",
+        "Create a sandbox from a template; answers once its guest agent answers.",
+    ),
+    (
+        "list_sandboxes",
+        "The team's sandboxes, newest first, a page at a time.",
+    ),
+    ("get_sandbox", "One sandbox."),
+    (
+        "delete_sandbox",
+        "Destroy a sandbox (its VM, disk and network are released).",
+    ),
+    (
+        "exec",
+        "Run a command to its end and return its output and exit code.",
+    ),
+    (
+        "upload_file",
+        "Write a file into the sandbox (the body is its content).",
+    ),
+    ("download_file", "Read a file from the sandbox."),
+    (
+        "list_templates",
+        "Templates the team may create sandboxes from.",
+    ),
+    (
+        "pause_sandbox",
+        "Pause a running sandbox, keeping its memory and disk.",
+    ),
+    ("resume_sandbox", "Resume a paused sandbox where it was."),
+    ("set_timeout", "Set a sandbox's lifetime, from now."),
+    (
+        "snapshot_sandbox",
+        "Save a sandbox as a team template, with or without its memory.",
+    ),
+    ("fork_sandbox", "Make running copies of a running sandbox."),
+    (
+        "delete_template",
+        "Delete a template (platform templates: admins only).",
+    ),
+    (
+        "list_processes",
+        "Processes started through the API that still run.",
+    ),
+    (
+        "connect_process",
+        "Re-attach to a running process's output.",
+    ),
+    (
+        "sandbox_metrics",
+        "CPU, memory and disk use of a running sandbox.",
+    ),
+    (
+        "create_key",
+        "Make an API key of the caller's team (its secret is shown once).",
+    ),
+    ("list_keys", "The caller's team's API keys."),
+    (
+        "revoke_key",
+        "Revoke one of the team's keys; it stops working at once.",
+    ),
+    ("admin_list_teams", "Every team."),
+    ("admin_create_team", "Make a team."),
+    ("admin_list_team_keys", "A team's API keys."),
+    ("admin_create_team_key", "Make an API key of any team."),
+    ("admin_revoke_key", "Revoke any team's key."),
+    (
+        "admin_list_templates",
+        "Every team's templates and the platform's.",
+    ),
+    (
+        "list_audit",
+        "The team's audit log, newest first, a page at a time.",
+    ),
+    (
+        "events",
+        "The team's audit entries as they are written (server-sent events).",
+    ),
+];
+
 /// The document as served and checked in.
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    doc["tags"] = TAGS
+        .iter()
+        .map(|(name, description)| json!({"name": name, "description": description}))
+        .collect();
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
             let Some(ops) = item.as_object_mut() else {
                 continue;
             };
             for (method, op) in ops.iter_mut() {
+                op["tags"] = json!([tag_of(path)]);
+                let summary = op["operationId"]
+                    .as_str()
+                    .and_then(|id| SUMMARIES.iter().find(|(k, _)| *k == id));
+                if let Some((_, summary)) = summary {
+                    op["summary"] = json!(summary);
+                }
                 add(op, 414, "The request target is longer than 8 KiB.");
                 add(op, 431, "The request headers are larger than 32 KiB.");
                 if op.get("security").is_some() {
@@ -414,7 +612,7 @@ pub fn spec_json() -> String {
     serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// `GET /v1/openapi.json`.
+/// `GET /openapi.json` and `GET /v1/openapi.json`.
 pub async fn serve() -> Json<Value> {
     Json(document())
 }

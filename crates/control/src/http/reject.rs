@@ -163,15 +163,28 @@ where
                 "request body must be JSON: send content-type: application/json".into(),
             ));
         }
-        match Json::<T>::from_bytes(&bytes) {
-            Ok(Json(v)) => Ok(ApiJsonOrEmpty(v)),
-            Err(rej) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                rej.body_text(),
-            )),
-        }
+        parse_object(&bytes)
+            .map(ApiJsonOrEmpty)
+            .map_err(invalid_json)
     }
+}
+
+/// A request body: a JSON object of `T`'s fields. Anything else is a 400, also what
+/// serde would take for a struct otherwise (an array of its fields in order: `[]`
+/// would be every default).
+fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err("request body must be a JSON object".into());
+    }
+    Json::<T>::from_bytes(bytes)
+        .map(|Json(v)| v)
+        .map_err(|rej| rej.body_text())
+}
+
+/// The 400 of a body [`parse_object`] refused.
+fn invalid_json(message: String) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
 /// The whole request body, within [`MAX_JSON_BODY`].
@@ -217,13 +230,6 @@ where
             }
         }
         let bytes = read_body(req, state).await?;
-        match Json::<T>::from_bytes(&bytes) {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                rej.body_text(),
-            )),
-        }
+        parse_object(&bytes).map(ApiJson).map_err(invalid_json)
     }
 }

@@ -37,6 +37,7 @@ fn whole_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateSandboxRequest {
     /// Template name, e.g. "minimal".
     pub template: String,
@@ -156,12 +157,14 @@ impl From<ListQuery> for crate::app::sandboxes::ListParams {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PtySize {
     pub cols: u32,
     pub rows: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments, e.g. ["sh","-c","echo hi"].
     pub cmd: Vec<String>,
@@ -291,6 +294,7 @@ pub struct TemplateList {
 
 /// Body of `POST /v1/sandboxes/{id}/resume` (optional).
 #[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ResumeRequest {
     /// New lifetime in seconds, counted from the resume. Default: the sandbox's own.
     #[serde(default, deserialize_with = "whole_number")]
@@ -299,6 +303,7 @@ pub struct ResumeRequest {
 
 /// Body of `POST /v1/sandboxes/{id}/timeout`.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TimeoutRequest {
     /// Seconds from now after which the sandbox is destroyed (or paused).
     #[serde(default, deserialize_with = "whole_number")]
@@ -307,6 +312,7 @@ pub struct TimeoutRequest {
 
 /// Body of `POST /v1/sandboxes/{id}/snapshots`.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// The new template's name, unique in the team.
     pub name: String,
@@ -317,6 +323,7 @@ pub struct SnapshotRequest {
 
 /// Body of `POST /v1/sandboxes/{id}/fork` (optional).
 #[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ForkRequest {
     /// Copies to make, 1 to 16 (default 1).
     #[serde(default, deserialize_with = "whole_number")]
@@ -365,6 +372,7 @@ pub struct ConnectQuery {
 
 /// Body of `POST /v1/keys` and `POST /v1/admin/teams/{id}/keys` (all optional).
 #[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
     /// A label to tell keys apart (default "key").
     #[serde(default)]
@@ -444,6 +452,7 @@ pub struct KeyList {
 
 /// Body of `POST /v1/admin/teams`.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateTeamRequest {
     /// Unique; lowercase letters, digits, '-' and '_'.
     pub name: String,

@@ -14,7 +14,7 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookRequest {
-    /// http:// or https://, at most 2048 bytes; loopback, private and link-local
+    /// An http or https URL, at most 2048 bytes; loopback, private and link-local
     /// addresses are refused unless the operator allows them.
     pub url: String,
     /// Action patterns: `*` (default), `sandbox.*`, or an action such as `sandbox.create`.

@@ -632,6 +632,26 @@ impl Env {
         self.send(req).await
     }
 
+    /// `GET uri` with `key`.
+    pub async fn get(&self, key: &str, uri: &str) -> (StatusCode, Value) {
+        self.call("GET", uri, Some(key), None).await
+    }
+
+    /// `POST uri` with `key` and a JSON body.
+    pub async fn post(&self, key: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", uri, Some(key), Some(body)).await
+    }
+
+    /// `POST uri` with `key` and no body.
+    pub async fn post_empty(&self, key: &str, uri: &str) -> (StatusCode, Value) {
+        self.call("POST", uri, Some(key), None).await
+    }
+
+    /// `DELETE uri` with `key`.
+    pub async fn delete(&self, key: &str, uri: &str) -> (StatusCode, Value) {
+        self.call("DELETE", uri, Some(key), None).await
+    }
+
     pub async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
@@ -663,6 +683,12 @@ impl Env {
             .unwrap()
             .len()
     }
+}
+
+/// The body of a call that must answer `want` (the body is shown when it does not).
+pub fn expect(want: StatusCode, (status, v): (StatusCode, Value)) -> Value {
+    assert_eq!(status, want, "{v}");
+    v
 }
 
 pub fn assert_error(status: StatusCode, v: &Value, want: StatusCode, code: &str, needle: &str) {
