@@ -15,6 +15,7 @@ pub mod host_proxy;
 pub mod hosts;
 pub mod lifecycle;
 pub mod metrics;
+mod ops;
 pub mod reconcile;
 pub mod sandbox_proxy;
 pub mod sandboxes;
@@ -102,6 +103,8 @@ pub struct App {
     login_throttle: users::LoginThrottle,
     /// When failing webhooks may be tried again.
     webhook_backoff: webhooks::Backoff,
+    /// Sandboxes with a long operation in flight here (see `ops`).
+    in_flight: ops::InFlight,
 }
 
 impl App {
@@ -123,6 +126,7 @@ impl App {
             metrics: metrics::Metrics::new(),
             login_throttle: users::LoginThrottle::default(),
             webhook_backoff: webhooks::Backoff::default(),
+            in_flight: ops::InFlight::default(),
         }
     }
 

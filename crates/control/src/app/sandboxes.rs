@@ -7,9 +7,9 @@
 //! fails otherwise leaves an `error` row (pruned after the retention period) and is
 //! asked to destroy what it may hold. Delete: host DestroySandbox (also for `stopped`
 //! and `error` rows, so their slot and disk are freed) -> `stopped`, and the sandbox's
-//! exec streams end at once. Host calls run in a task of their own so that a client
-//! that disconnects mid-request cannot leave a row `starting` or a VM without its row
-//! updated.
+//! exec streams end at once. Both run whole in a task of their own (`ops`), so that
+//! a client that disconnects mid-request cannot leave a row `starting` or a VM
+//! without its row updated.
 //!
 //! Expiry: the control plane reaps at `expires_at`, set to "running since + timeout_s"
 //! when the boot finishes, so a short `timeout_s` never ends a sandbox while it boots.
@@ -29,7 +29,7 @@ use hearth_types::{check_range, SandboxId, SandboxShape, TeamId, TemplateName};
 
 use tracing::Instrument;
 
-use super::audit::{self, action};
+use super::audit::action;
 use super::hosts::{CreateSpec, HostClient, HostError, SandboxMetrics};
 use super::{validate, App, AppError, AppResult};
 use serde_json::Value;
@@ -130,11 +130,21 @@ pub(crate) fn not_found(id: &SandboxId) -> AppError {
 }
 
 impl App {
+    /// Create a sandbox (see the module docs); runs to its end even when the
+    /// client goes away.
     pub async fn create_sandbox(
         self: &Arc<Self>,
         team: TeamId,
         p: CreateParams,
     ) -> AppResult<SandboxRow> {
+        self.detached(
+            "create",
+            move |app| async move { app.create_op(team, p).await },
+        )
+        .await
+    }
+
+    async fn create_op(&self, team: TeamId, p: CreateParams) -> AppResult<SandboxRow> {
         let template: TemplateName = p
             .template
             .parse()
@@ -250,21 +260,10 @@ impl App {
             env: p.env,
         };
         let id = row.id.clone();
-        let spec_id = id.clone();
-        let app = self.clone();
-        // Out of the request's cancellation scope: the row must follow the host's answer.
+        self.finish_create(&client, spec, lifetime).await?;
         let detail = serde_json::json!({"template": template.as_str()});
-        let outcome = tokio::spawn(audit::keep_caller(async move {
-            let r = app.finish_create(&client, spec, lifetime).await;
-            if r.is_ok() {
-                app.audit(team, action::SANDBOX_CREATE, spec_id.as_str(), detail)
-                    .await;
-            }
-            r
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("create task failed: {e}")))?;
-        outcome?;
+        self.audit(team, action::SANDBOX_CREATE, id.as_str(), detail)
+            .await;
         self.db
             .get_sandbox(team, &id)
             .await?
@@ -399,9 +398,9 @@ impl App {
 
     /// Destroy the VM and mark the row `stopped`. Idempotent.
     pub async fn delete_sandbox(self: &Arc<Self>, team: TeamId, id: &SandboxId) -> AppResult<()> {
-        let row = self.get_sandbox(team, id).await?;
-        let app = self.clone();
-        tokio::spawn(audit::keep_caller(async move {
+        let id = id.clone();
+        self.detached("delete", move |app| async move {
+            let row = app.get_sandbox(team, &id).await?;
             app.destroy_row(&row).await?;
             // Deleting an ended sandbox again (idempotent) is not another act.
             if !matches!(row.state, SandboxState::Stopped | SandboxState::Error) {
@@ -409,15 +408,16 @@ impl App {
                     .await;
             }
             Ok(())
-        }))
+        })
         .await
-        .map_err(|e| AppError::Internal(format!("delete task failed: {e}")))?
     }
 
     /// Ask the row's host to destroy the sandbox (whatever its state: a `stopped` or
     /// `error` sandbox may still hold a slot or disk there; the call is idempotent), mark
     /// it stopped unless it is `error`, and end its exec streams.
     pub(crate) async fn destroy_row(&self, row: &SandboxRow) -> AppResult<()> {
+        // The reconciler must not take the sandbox its host no longer lists for lost.
+        let _op = self.begin_op(&row.id);
         if let Some(host_id) = &row.host_id {
             match self.hosts.get(host_id) {
                 Some(client) => match client.destroy_sandbox(&row.id).await {

@@ -49,9 +49,24 @@ impl App {
         Ok(self.db.list_templates(team).await?)
     }
 
-    /// Save sandbox `id` (running or paused) as the team's template `name`.
+    /// Save sandbox `id` (running or paused) as the team's template `name`; runs to
+    /// its end even when the client goes away.
     pub async fn snapshot_sandbox(
         self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+        name: &str,
+        memory: bool,
+    ) -> AppResult<Template> {
+        let (id, name) = (id.clone(), name.to_owned());
+        self.detached("snapshot", move |app| async move {
+            app.snapshot_op(team, &id, &name, memory).await
+        })
+        .await
+    }
+
+    async fn snapshot_op(
+        &self,
         team: TeamId,
         id: &SandboxId,
         name: &str,
@@ -83,61 +98,56 @@ impl App {
             .clone()
             .ok_or_else(|| AppError::Internal(format!("sandbox {id} has no host")))?;
         let host_name = host_level_name()?;
-        let app = self.clone();
-        let sid = id.clone();
-        tokio::spawn(super::audit::keep_caller(async move {
-            let made = client
-                .snapshot_sandbox(&sid, &host_name, memory)
-                .await
-                .map_err(AppError::host("snapshotting the sandbox failed"))?;
-            let new = NewTemplate {
-                name: name.clone(),
-                team_id: team,
-                location: TemplateLocation {
-                    host_id,
-                    host_name: host_name.clone(),
-                },
-                has_memory: made.has_memory,
-                allocated_bytes: made.allocated_bytes,
-                apparent_bytes: made.apparent_bytes,
-                source_sandbox_id: sid.clone(),
-                vcpus: row.vcpus,
-                memory_mb: row.memory_mb,
-                disk_size_mb: if made.disk_size_mb > 0 {
-                    made.disk_size_mb
-                } else {
-                    row.disk_size_mb
-                },
-            };
-            match app.db.insert_template(&new).await {
-                Ok(t) => {
-                    tracing::info!(sandbox_id = %sid, template = %name, host_template = %host_name,
-                        memory = made.has_memory, "snapshot saved as a template");
-                    app.audit(
-                        team,
-                        action::SANDBOX_SNAPSHOT,
-                        sid.as_str(),
-                        serde_json::json!({"template": name.as_str(), "memory": made.has_memory}),
-                    )
-                    .await;
-                    Ok(t)
-                }
-                Err(e) => {
-                    // Not in the catalogue: the host's copy must not stay behind.
-                    if let Err(d) = client.delete_template(&host_name).await {
-                        tracing::warn!(template = %host_name, error = %d, "removing an unrecorded snapshot failed");
-                    }
-                    Err(match e {
-                        DbError::AlreadyExists { .. } => AppError::Conflict(format!(
-                            "template '{name}' already exists: pick another name or delete it first"
-                        )),
-                        other => AppError::Db(other),
-                    })
-                }
+        let _op = self.begin_op(id);
+        let made = client
+            .snapshot_sandbox(id, &host_name, memory)
+            .await
+            .map_err(AppError::host("snapshotting the sandbox failed"))?;
+        let new = NewTemplate {
+            name: name.clone(),
+            team_id: team,
+            location: TemplateLocation {
+                host_id,
+                host_name: host_name.clone(),
+            },
+            has_memory: made.has_memory,
+            allocated_bytes: made.allocated_bytes,
+            apparent_bytes: made.apparent_bytes,
+            source_sandbox_id: id.clone(),
+            vcpus: row.vcpus,
+            memory_mb: row.memory_mb,
+            disk_size_mb: if made.disk_size_mb > 0 {
+                made.disk_size_mb
+            } else {
+                row.disk_size_mb
+            },
+        };
+        match self.db.insert_template(&new).await {
+            Ok(t) => {
+                tracing::info!(sandbox_id = %id, template = %name, host_template = %host_name,
+                    memory = made.has_memory, "snapshot saved as a template");
+                self.audit(
+                    team,
+                    action::SANDBOX_SNAPSHOT,
+                    id.as_str(),
+                    serde_json::json!({"template": name.as_str(), "memory": made.has_memory}),
+                )
+                .await;
+                Ok(t)
             }
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("snapshot task failed: {e}")))?
+            Err(e) => {
+                // Not in the catalogue: the host's copy must not stay behind.
+                if let Err(d) = client.delete_template(&host_name).await {
+                    tracing::warn!(template = %host_name, error = %d, "removing an unrecorded snapshot failed");
+                }
+                Err(match e {
+                    DbError::AlreadyExists { .. } => AppError::Conflict(format!(
+                        "template '{name}' already exists: pick another name or delete it first"
+                    )),
+                    other => AppError::Db(other),
+                })
+            }
+        }
     }
 
     /// Delete the template `name` as the caller sees it: the team's own (on its host
