@@ -30,6 +30,7 @@ mod models;
 mod quotas;
 mod sandboxes;
 mod secrets;
+mod templates;
 pub mod testing;
 mod users;
 mod webhooks;

@@ -2,7 +2,8 @@
 //! runs at start and then on a timer; logs every change it makes.
 //!
 //! Each pass, per configured host: Info (record the host and its templates as platform
-//! templates, except teams' snapshots, `snap-*`); then, for rows `running` or `paused`
+//! templates, except teams' snapshots, `snap-*`; when what it holds changed, which of
+//! the catalogue's templates it holds); then, for rows `running` or `paused`
 //! on that host:
 //! - `running` that the host no longer lists -> `stopped`; `paused` that it no longer
 //!   lists -> `error` ("lost");
@@ -122,6 +123,11 @@ impl App {
             if changed {
                 self.refresh_platform_templates(&entry.client, &platform)
                     .await;
+                // Which of the catalogue's templates this host holds (before its
+                // info is kept, so a failure here is retried at the next pass).
+                self.db
+                    .record_host_templates(&info.host_id, &info.templates)
+                    .await?;
             }
             let host_id = info.host_id.clone();
             self.hosts.set_info(index, info);

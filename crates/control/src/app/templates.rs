@@ -49,6 +49,16 @@ impl App {
         Ok(self.db.list_templates(team).await?)
     }
 
+    /// The template `name` as `team` sees it: its own, else the platform's; another
+    /// team's is not found.
+    pub async fn get_template(&self, team: TeamId, name: &str) -> AppResult<Template> {
+        let name = parse_name(name)?;
+        self.db
+            .get_template(team, &name)
+            .await?
+            .ok_or_else(|| template_not_found(name.as_str()))
+    }
+
     /// Save sandbox `id` (running or paused) as the team's template `name`; runs to
     /// its end even when the client goes away.
     pub async fn snapshot_sandbox(
@@ -177,16 +187,28 @@ impl App {
             )));
         }
         if let Some(loc) = &t.location {
-            let client = self.hosts.get(&loc.host_id).ok_or_else(|| {
-                AppError::Unavailable(format!(
-                    "host {} (which holds template '{name}') is not reachable",
-                    loc.host_id
-                ))
-            })?;
-            client
-                .delete_template(&loc.host_name)
-                .await
-                .map_err(AppError::host("deleting the template failed"))?;
+            // Every host that holds it (where it was made and its copies), all
+            // reachable before any is asked.
+            let mut holders = t.hosts.clone();
+            if !holders.contains(&loc.host_id) {
+                holders.push(loc.host_id.clone());
+            }
+            let clients = holders
+                .iter()
+                .map(|h| {
+                    self.hosts.get(h).ok_or_else(|| {
+                        AppError::Unavailable(format!(
+                            "host {h} (which holds template '{name}') is not reachable"
+                        ))
+                    })
+                })
+                .collect::<AppResult<Vec<_>>>()?;
+            for client in clients {
+                client
+                    .delete_template(&loc.host_name)
+                    .await
+                    .map_err(AppError::host("deleting the template failed"))?;
+            }
         }
         self.db.delete_team_template(team, &name).await?;
         tracing::info!(team_id = %team, template = %name, "template deleted");

@@ -122,7 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(handlers::events))
         .route(
             "/v1/templates/{name}",
-            axum::routing::delete(handlers::delete_template),
+            get(handlers::get_template).delete(handlers::delete_template),
         )
         .route(
             "/v1/webhooks",

@@ -58,6 +58,7 @@ impl Modify for Security {
         handlers::set_timeout,
         handlers::snapshot_sandbox,
         handlers::fork_sandbox,
+        handlers::get_template,
         handlers::delete_template,
         handlers::list_processes,
         handlers::connect_process,
