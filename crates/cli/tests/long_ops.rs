@@ -15,209 +15,19 @@
 //!   the server logs no failed write.
 
 mod common;
+#[path = "common/plane.rs"]
+mod plane;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hearth_control::app::Policy;
-use hearth_control::{AgentHostClient, ControlConfig, HostClient, RunningControl};
+use hearth_control::HostClient;
+use plane::{logs, Plane};
 use serde_json::{json, Value};
-
-/// The control plane's log lines, kept for the assertions.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// One subscriber per test process: every test's control plane logs here.
-fn logs() -> Logs {
-    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("info,hearth_serve=debug,hyper=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        logs
-    })
-    .clone()
-}
-
-/// An agent process and a control plane in this process.
-struct Plane {
-    rt: tokio::runtime::Runtime,
-    control: Option<RunningControl>,
-    host: AgentHostClient,
-    url: String,
-    key: String,
-    http: reqwest::blocking::Client,
-    // Dropped last: stops the agent (which destroys what is left).
-    stack: Stack,
-    _dir: tempfile::TempDir,
-}
-
-impl Plane {
-    fn start(agent_env: &[(&str, &str)]) -> Plane {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let images = private_images(dir.path());
-        let stack = Stack::agent_only(images, agent_env);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let agent_url = format!("http://127.0.0.1:{}", stack.agent_port);
-        let mut cfg = ControlConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            format!("sqlite://{}/hearth.db?mode=rwc", dir.path().display()),
-        );
-        cfg.agent_urls = vec![agent_url.clone()];
-        cfg.agent_token = Some(AGENT_TOKEN.to_owned());
-        cfg.reconcile_interval = Duration::from_millis(100);
-        // No grace at all: only the in-flight set and compare-and-set writes keep
-        // the reconciler off a sandbox that is changing.
-        cfg.policy = Policy {
-            transition_grace: Duration::ZERO,
-            ..Policy::default()
-        };
-        let _ = logs();
-        let control = rt.block_on(hearth_control::start(cfg)).expect("control");
-        let key = control.bootstrap_key().expect("bootstrap key").to_owned();
-        let url = format!("http://{}", control.local_addr());
-        Plane {
-            rt,
-            control: Some(control),
-            host: AgentHostClient::new(&agent_url, Some(AGENT_TOKEN)).expect("agent client"),
-            url,
-            key,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(300))
-                .build()
-                .unwrap(),
-            stack,
-            _dir: dir,
-        }
-    }
-
-    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.key);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let (s, v) = self.call(method.clone(), path, body);
-        assert!((200..300).contains(&s), "{method} {path}: {s} {v}");
-        v
-    }
-
-    fn post(&self, path: &str, body: Value) -> Value {
-        self.ok(reqwest::Method::POST, path, Some(body))
-    }
-
-    fn get(&self, path: &str) -> Value {
-        self.ok(reqwest::Method::GET, path, None)
-    }
-
-    fn state(&self, id: &str) -> String {
-        self.get(&format!("/v1/sandboxes/{id}"))["state"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    /// What the host agent says of `id`: "running", "paused", "changing" or absent.
-    fn host_phase(&self, id: &str) -> Option<String> {
-        let list = self.rt.block_on(self.host.list_sandboxes()).expect("list");
-        list.into_iter()
-            .find(|s| s.id.as_str() == id)
-            .map(|s| format!("{:?}", s.phase).to_lowercase())
-    }
-
-    /// Wait (bounded) until `f` holds.
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f() {
-            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether the host is building a template now.
-    fn building(&self) -> bool {
-        std::fs::read_dir(self.stack.images.join("templates"))
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-            })
-            .unwrap_or(false)
-    }
-
-    /// Names of the templates the team sees.
-    fn template_names(&self) -> Vec<String> {
-        self.get("/v1/templates")["templates"]
-            .as_array()
-            .expect("templates")
-            .iter()
-            .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// hearth's own changes of state (`sandbox.state` entries: lost, failed,
-    /// corrected), of any sandbox.
-    fn own_changes(&self) -> Vec<Value> {
-        let page = self.get("/v1/audit?limit=500");
-        page["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["action"] == "sandbox.state")
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        if let Some(c) = self.control.take() {
-            self.rt.block_on(c.shutdown());
-        }
-        if std::thread::panicking() {
-            eprintln!("--- control plane log ---\n{}", logs().text());
-        }
-    }
-}
 
 /// Samples a sandbox's state through the API until stopped; records every
 /// state it read, in order, without repeats.
@@ -376,7 +186,7 @@ fn the_reconciler_never_takes_a_sandbox_in_flight_for_lost() {
     }
     for sid in [&id, &copy] {
         assert_eq!(p.host_phase(sid), None);
-        let left = leftovers(sid, &p.stack.run_dir());
+        let left = leftovers(sid, &p.stacks[0].run_dir());
         assert!(left.is_empty(), "{sid} left {left:?}");
     }
 }
@@ -495,7 +305,9 @@ fn long_operations_finish_when_the_client_disconnects() {
         || p.template_names().iter().any(|t| t == "gone-client"),
     );
     assert!(!building(), "a half-built template is left");
-    let on_host = p.rt.block_on(p.host.list_templates()).expect("templates");
+    let on_host =
+        p.rt.block_on(p.hosts[0].list_templates())
+            .expect("templates");
     assert!(
         on_host
             .iter()
@@ -579,7 +391,7 @@ fn long_operations_finish_when_the_client_disconnects() {
             None,
         );
         assert_eq!(p.host_phase(sid), None);
-        let left = leftovers(sid, &p.stack.run_dir());
+        let left = leftovers(sid, &p.stacks[0].run_dir());
         assert!(left.is_empty(), "{sid} left {left:?}");
     }
     p.ok(reqwest::Method::DELETE, "/v1/templates/gone-client", None);

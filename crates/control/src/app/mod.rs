@@ -19,6 +19,7 @@ mod ops;
 pub mod reconcile;
 pub mod sandbox_proxy;
 pub mod sandboxes;
+pub mod template_copy;
 pub mod templates;
 pub mod users;
 pub mod validate;
