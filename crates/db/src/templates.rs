@@ -2,7 +2,10 @@
 //! host that lists them) and teams' snapshots (made on one host under a host-level
 //! name, perhaps copied to others under the same name), with which hosts hold
 //! each (`template_hosts`). The database is the source of truth; hosts' listings
-//! only add or remove `template_hosts` rows of templates the catalogue has.
+//! only add or remove `template_hosts` rows of templates the catalogue has. Writes
+//! that read first take the catalogue's lock from their first statement (on SQLite a
+//! deferred transaction that reads, then writes, fails with "database is locked"
+//! when another writer is about, whatever the busy timeout).
 
 use std::collections::HashMap;
 
@@ -127,7 +130,7 @@ impl Db {
     /// has a template of that name.
     pub async fn insert_template(&self, t: &NewTemplate) -> Result<Template> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_locked(crate::TEMPLATES_LOCK).await?;
         sqlx::query(
             "INSERT INTO templates (name, team_id, size_bytes, created_at, host_id, host_name, \
              has_memory, allocated_bytes, source_sandbox_id, vcpus, memory_mb, disk_size_mb) \
@@ -202,7 +205,7 @@ impl Db {
         listed: &[TemplateName],
     ) -> Result<()> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_locked(crate::TEMPLATES_LOCK).await?;
         for n in listed {
             // A platform template by its name, or a team's snapshot by its host-level name.
             sqlx::query(
@@ -241,7 +244,7 @@ impl Db {
         host: &HostId,
         host_name: &TemplateName,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_locked(crate::TEMPLATES_LOCK).await?;
         let exists = sqlx::query("SELECT 1 FROM templates WHERE team_id = $1 AND name = $2")
             .bind(team.to_string())
             .bind(name.as_str())
