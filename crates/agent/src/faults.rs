@@ -6,8 +6,10 @@
 //! [`Fault::Fail`] (the step returns an error, as if its tool had failed) or
 //! [`Fault::Hang`] (the step never returns: the test then drops the agent with
 //! `RunningAgent::abort`, which is what a `kill -9` of the agent does to its
-//! tasks while its VMs live on). `HEARTH_AGENT_FAULTS=step=fail,step=hang,step=kill`
-//! arms steps in a separate agent process; `kill` SIGKILLs the agent itself.
+//! tasks while its VMs live on), or [`Fault::Delay`] (the step waits, then goes on:
+//! an operation that is slow on its host, for tests of what happens meanwhile).
+//! `HEARTH_AGENT_FAULTS=step=fail,step=hang,step=kill,step=delay:MS` arms steps in a
+//! separate agent process; `kill` SIGKILLs the agent itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,12 @@ pub enum Fault {
     Hang,
     /// SIGKILL this process (for agents run as their own process).
     Kill,
+    /// Wait this long, then carry on.
+    Delay(std::time::Duration),
 }
+
+/// Longest delay a step may be given (a test's, never a hang in disguise).
+const MAX_DELAY_MS: u64 = 60_000;
 
 /// The steps armed in this agent (shared by clones of the config).
 #[derive(Debug, Clone, Default)]
@@ -31,18 +38,32 @@ pub struct Faults(Arc<Mutex<HashMap<String, Fault>>>);
 pub struct Injected(pub String);
 
 impl Faults {
-    /// Parse `step=fail|hang|kill` pairs separated by commas.
+    /// Parse `step=fail|hang|kill|delay:MS` pairs separated by commas.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let faults = Faults::default();
         for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (step, action) = pair
                 .split_once('=')
-                .ok_or_else(|| format!("fault {pair:?} is not step=fail|hang|kill"))?;
-            let action = match action {
-                "fail" => Fault::Fail,
-                "hang" => Fault::Hang,
-                "kill" => Fault::Kill,
-                other => return Err(format!("unknown fault action {other:?} (fail, hang, kill)")),
+                .ok_or_else(|| format!("fault {pair:?} is not step=fail|hang|kill|delay:MS"))?;
+            let action = match action.split_once(':') {
+                None if action == "fail" => Fault::Fail,
+                None if action == "hang" => Fault::Hang,
+                None if action == "kill" => Fault::Kill,
+                Some(("delay", ms)) => match ms.parse::<u64>() {
+                    Ok(ms) if ms <= MAX_DELAY_MS => {
+                        Fault::Delay(std::time::Duration::from_millis(ms))
+                    }
+                    _ => {
+                        return Err(format!(
+                        "fault delay {ms:?} is not a number of milliseconds up to {MAX_DELAY_MS}"
+                    ))
+                    }
+                },
+                _ => {
+                    return Err(format!(
+                        "unknown fault action {action:?} (fail, hang, kill, delay:MS)"
+                    ))
+                }
             };
             faults.arm(step, action);
         }
@@ -76,6 +97,11 @@ impl Faults {
                 tracing::warn!(step, "injected hang");
                 std::future::pending().await
             }
+            Some(Fault::Delay(d)) => {
+                tracing::warn!(step, ms = d.as_millis() as u64, "injected delay");
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
             Some(Fault::Kill) => {
                 tracing::warn!(step, "injected kill -9 of the agent");
                 // SAFETY: kill(2) on our own pid; no memory is involved.
@@ -107,6 +133,12 @@ mod tests {
         assert!(hang.await.is_err(), "a hang must not return");
         f.clear();
         assert!(f.check("pause:saved").await.is_ok());
+        let f = Faults::parse("snapshot:start=delay:30").unwrap();
+        let t = std::time::Instant::now();
+        assert!(f.check("snapshot:start").await.is_ok());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+        assert!(Faults::parse("x=delay:soon").is_err());
+        assert!(Faults::parse("x=delay:600000").is_err());
         assert!(Faults::parse("x").is_err());
         assert!(Faults::parse("x=explode").is_err());
     }

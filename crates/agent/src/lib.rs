@@ -28,6 +28,7 @@ pub mod sandbox;
 pub mod service;
 pub mod snapshot;
 pub mod state;
+mod template_copy;
 pub mod templates;
 mod tools;
 pub mod vmm;
@@ -603,6 +604,14 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> axum::Router {
         .route(
             "/sandboxes/{id}/console",
             axum::routing::get(console_route::handle),
+        )
+        .route(
+            "/templates/{name}/export",
+            axum::routing::get(template_copy::handle_export),
+        )
+        .route(
+            "/templates/{name}/import",
+            axum::routing::put(template_copy::handle_import),
         )
         .route(
             "/sandboxes/{id}/port/{port}/{*rest}",

@@ -11,7 +11,7 @@ use connectrpc::ErrorCode;
 use hearth_control::app::hosts::HostError;
 use hearth_control::app::Policy;
 use hearth_db::SandboxState;
-use hearth_types::{SandboxId, TeamQuota};
+use hearth_types::{SandboxId, TeamId, TeamQuota};
 use serde_json::json;
 
 use common::*;
@@ -843,4 +843,74 @@ async fn processes_can_be_listed_and_reattached_after_a_resume() {
         .get(&e.key_b, &format!("/v1/sandboxes/{id}/processes"))
         .await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "not found");
+}
+
+#[tokio::test]
+async fn a_template_is_read_by_name_with_its_source_and_hosts_and_only_by_its_team() {
+    let e = env().await;
+    let host_id = e.host.host_id.clone().unwrap().to_string();
+    let id = e.create().await;
+    let (s, t) = e
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/snapshots"),
+            Some(&e.key_a),
+            Some(json!({"name": "prepared"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    assert_eq!(t["hosts"], json!([host_id]), "{t}");
+    let (s, t) = e
+        .call("GET", "/v1/templates/prepared", Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["name"].as_str(), t["source"].as_str()),
+        (Some("prepared"), Some("snapshot"))
+    );
+    assert_eq!(t["source_sandbox_id"], id.as_str());
+    assert_eq!(t["team_id"], e.team_a.to_string());
+    assert_eq!(t["hosts"], json!([host_id]));
+    // Another team: as if it did not exist.
+    let (s, v) = e
+        .call("GET", "/v1/templates/prepared", Some(&e.key_b), None)
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "prepared");
+    let (s, v) = e
+        .call("DELETE", "/v1/templates/prepared", Some(&e.key_b), None)
+        .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "not_found", "prepared");
+    // A platform template: every team reads it, built in, on the host that lists it.
+    for key in [&e.key_a, &e.key_b] {
+        let (s, t) = e
+            .call("GET", "/v1/templates/minimal", Some(key), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{t}");
+        assert_eq!(t["source"], "built-in");
+        assert_eq!(t["team_id"], TeamId::PLATFORM.to_string());
+        assert_eq!(t["hosts"], json!([host_id]), "{t}");
+    }
+    // Bad names are 400, unknown ones 404, no key 401.
+    for bad in ["..", "a%2Fb", "UPPER", &"x".repeat(200)] {
+        let (s, v) = e
+            .call("GET", &format!("/v1/templates/{bad}"), Some(&e.key_a), None)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+    let (s, _) = e
+        .call("GET", "/v1/templates/nothing-here", Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.call("GET", "/v1/templates/minimal", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Deleted by its team: gone from its host and from the catalogue.
+    let (s, v) = e
+        .call("DELETE", "/v1/templates/prepared", Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert!(e.host.st().templates.is_empty());
+    let (s, _) = e
+        .call("GET", "/v1/templates/prepared", Some(&e.key_a), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

@@ -30,6 +30,7 @@ mod models;
 mod quotas;
 mod sandboxes;
 mod secrets;
+mod templates;
 pub mod testing;
 mod users;
 mod webhooks;
@@ -93,9 +94,12 @@ pub struct Db {
 }
 
 /// Keys of the PostgreSQL advisory locks of [`Db::begin_locked`]: quota-checked writes
-/// (what `BEGIN IMMEDIATE` is on SQLite; the constant reads "hearth") and audit appends.
+/// (what `BEGIN IMMEDIATE` is on SQLite; the constant reads "hearth"), audit appends and
+/// writes of the templates catalogue.
 pub(crate) const SERIALIZE_LOCK: i64 = 0x6865_6172_7468;
 pub(crate) const AUDIT_LOCK: i64 = SERIALIZE_LOCK + 1;
+/// Writes of the templates catalogue (a template and which hosts hold it).
+pub(crate) const TEMPLATES_LOCK: i64 = SERIALIZE_LOCK + 2;
 
 impl Db {
     /// Connect to `url` (`sqlite://path?mode=rwc`, `sqlite::memory:`, or

@@ -214,6 +214,8 @@ pub struct Template {
     pub vcpus: u32,
     pub memory_mb: u32,
     pub disk_size_mb: u32,
+    /// The hosts that hold it now (`template_hosts`), by ID.
+    pub hosts: Vec<HostId>,
 }
 
 /// The host that holds a team's snapshot and its host-level template name.

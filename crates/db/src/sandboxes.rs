@@ -199,6 +199,37 @@ impl Db {
         self.update_sandbox_state(id, &[from], to, error).await
     }
 
+    /// [`Db::transition_sandbox`] only if the row has not changed since it was read
+    /// (`seen` is the `updated_at` the caller read): a background task that decided
+    /// from an older read must not undo a change made since (a pause and a resume
+    /// in between leave the same state, not the same row).
+    pub async fn transition_sandbox_unchanged(
+        &self,
+        id: &SandboxId,
+        from: SandboxState,
+        seen: DateTime<Utc>,
+        to: SandboxState,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        from.transition(to)?;
+        if !STORED.contains(&to) {
+            return Err(DbError::NotStored { state: to });
+        }
+        let r = sqlx::query(
+            "UPDATE sandboxes SET state = $1, error = $2, updated_at = $3 \
+             WHERE id = $4 AND state = $5 AND updated_at = $6",
+        )
+        .bind(to.as_str())
+        .bind(error)
+        .bind(now_ms())
+        .bind(id.as_str())
+        .bind(from.as_str())
+        .bind(seen.timestamp_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// New deadline (and lifetime) of a `running` sandbox of `team`. False when it is
     /// not (or no longer) running.
     pub async fn set_sandbox_deadline(

@@ -885,6 +885,135 @@ async fn the_catalogue_maps_team_names_to_host_templates_on(db: Db) {
 }
 
 #[tokio::test]
+async fn the_catalogue_records_which_hosts_hold_each_template() {
+    the_catalogue_records_which_hosts_hold_each_template_on(Db::connect_in_memory().await.unwrap())
+        .await;
+}
+
+async fn the_catalogue_records_which_hosts_hold_each_template_on(db: Db) {
+    let a = db.create_team("a").await.unwrap().id;
+    let b = db.create_team("b").await.unwrap().id;
+    let (h1, h2) = (HostId::generate(), HostId::generate());
+    for h in [&h1, &h2] {
+        db.upsert_host(h, "http://h", "qemu", "tcg").await.unwrap();
+    }
+    let minimal: TemplateName = "minimal".parse().unwrap();
+    let snap: TemplateName = "snap-0123456789abcdef".parse().unwrap();
+    let name: TemplateName = "mine".parse().unwrap();
+    db.upsert_template(TeamId::PLATFORM, &minimal, 1)
+        .await
+        .unwrap();
+    let made = db
+        .insert_template(&crate::NewTemplate {
+            name: name.clone(),
+            team_id: a,
+            location: crate::TemplateLocation {
+                host_id: h1.clone(),
+                host_name: snap.clone(),
+            },
+            has_memory: false,
+            allocated_bytes: 1,
+            apparent_bytes: 2,
+            source_sandbox_id: SandboxId::generate(),
+            vcpus: 1,
+            memory_mb: 256,
+            disk_size_mb: 64,
+        })
+        .await
+        .unwrap();
+    assert_eq!(made.hosts, vec![h1.clone()], "held where it was made");
+    // Hosts' listings: h1 has both, h2 only the platform's and a name nobody knows.
+    let stranger: TemplateName = "snap-zzzzzzzzzzzzzzzz".parse().unwrap();
+    db.record_host_templates(&h1, &[minimal.clone(), snap.clone()])
+        .await
+        .unwrap();
+    db.record_host_templates(&h2, &[minimal.clone(), stranger])
+        .await
+        .unwrap();
+    let hosts_of = |team, n: TemplateName| {
+        let db = db.clone();
+        async move {
+            let mut h = db.get_template(team, &n).await.unwrap().unwrap().hosts;
+            h.sort();
+            h
+        }
+    };
+    let mut both = vec![h1.clone(), h2.clone()];
+    both.sort();
+    assert_eq!(hosts_of(b, minimal.clone()).await, both);
+    assert_eq!(hosts_of(a, name.clone()).await, vec![h1.clone()]);
+    assert!(
+        db.get_template(b, &name).await.unwrap().is_none(),
+        "team-scoped"
+    );
+    // A copy to h2, then h1 loses its copy: the catalogue follows.
+    assert!(db.add_template_host(a, &name, &h2, &snap).await.unwrap());
+    db.record_host_templates(&h1, std::slice::from_ref(&minimal))
+        .await
+        .unwrap();
+    assert_eq!(hosts_of(a, name.clone()).await, vec![h2.clone()]);
+    let listed = db.list_templates(a).await.unwrap();
+    let mine = listed.iter().find(|t| t.name == name).unwrap();
+    assert_eq!(mine.hosts, vec![h2.clone()]);
+    // A copy of a template that is gone records nothing; deleting one drops its rows.
+    assert!(!db.add_template_host(b, &name, &h2, &snap).await.unwrap());
+    assert!(db.delete_team_template(a, &name).await.unwrap());
+    assert!(db
+        .add_template_host(a, &name, &h1, &snap)
+        .await
+        .is_ok_and(|added| !added));
+    // A host that lists nothing holds nothing.
+    db.record_host_templates(&h2, &[]).await.unwrap();
+    assert_eq!(hosts_of(b, minimal).await, vec![h1]);
+}
+
+#[tokio::test]
+async fn a_transition_from_an_old_read_is_refused() {
+    a_transition_from_an_old_read_is_refused_on(Db::connect_in_memory().await.unwrap()).await;
+}
+
+async fn a_transition_from_an_old_read_is_refused_on(db: Db) {
+    let team = db.create_team("t").await.unwrap().id;
+    let s = new_sandbox(team, None);
+    db.insert_sandbox(&s).await.unwrap();
+    db.mark_sandbox_running(&s.id, Utc::now()).await.unwrap();
+    let old = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    // A pause and a resume since: same state, newer row.
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    assert!(db
+        .transition_sandbox(&s.id, SandboxState::Running, SandboxState::Paused, None)
+        .await
+        .unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    assert!(db
+        .transition_sandbox(&s.id, SandboxState::Paused, SandboxState::Running, None)
+        .await
+        .unwrap());
+    assert!(!db
+        .transition_sandbox_unchanged(
+            &s.id,
+            SandboxState::Running,
+            old.updated_at,
+            SandboxState::Paused,
+            None
+        )
+        .await
+        .unwrap());
+    let now = db.get_sandbox(team, &s.id).await.unwrap().unwrap();
+    assert_eq!(now.state, SandboxState::Running);
+    assert!(db
+        .transition_sandbox_unchanged(
+            &s.id,
+            SandboxState::Running,
+            now.updated_at,
+            SandboxState::Paused,
+            None
+        )
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
 async fn a_secret_is_made_once_and_kept() {
     a_secret_is_made_once_and_kept_on(Db::connect_in_memory().await.unwrap()).await;
 }
@@ -1031,6 +1160,8 @@ mod on_postgres {
         paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota => super::paused_sandboxes_hold_no_vcpus_or_memory_and_resume_checks_the_quota_on,
         a_fork_is_admitted_whole_or_not_at_all => super::a_fork_is_admitted_whole_or_not_at_all_on,
         the_catalogue_maps_team_names_to_host_templates => super::the_catalogue_maps_team_names_to_host_templates_on,
+        the_catalogue_records_which_hosts_hold_each_template => super::the_catalogue_records_which_hosts_hold_each_template_on,
+        a_transition_from_an_old_read_is_refused => super::a_transition_from_an_old_read_is_refused_on,
         a_secret_is_made_once_and_kept => super::a_secret_is_made_once_and_kept_on,
         secure_and_auto_resume_round_trip => super::secure_and_auto_resume_round_trip_on,
         concurrent_admissions_never_pass_the_quota_together => super::concurrent_admissions_never_pass_the_quota_together_on,

@@ -74,6 +74,8 @@ pub struct Stack {
     pub images: PathBuf,
     /// Extra `hearth agent` flags (kept across agent restarts).
     pub agent_args: Vec<String>,
+    /// Extra `hearth agent` environment (e.g. `HEARTH_AGENT_FAULTS`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 fn wait_http(url: &str, timeout: Duration) {
@@ -124,9 +126,33 @@ impl Stack {
             api_key: String::new(),
             images,
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            agent_env: Vec::new(),
         };
         s.start_agent();
         s.start_server(server_env);
+        s
+    }
+
+    /// Only `hearth agent` (serving `images`, with extra environment): for tests that
+    /// run their own control plane in process (e.g. with a faster reconciler).
+    pub fn agent_only(images: PathBuf, agent_env: &[(&str, &str)]) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Stack {
+            dir,
+            agent: None,
+            server: None,
+            agent_port: free_port(),
+            api_port: 0,
+            url: String::new(),
+            api_key: String::new(),
+            images,
+            agent_args: Vec::new(),
+            agent_env: agent_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        s.start_agent();
         s
     }
 
@@ -145,6 +171,7 @@ impl Stack {
             api_key: String::new(),
             images: images_dir(),
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
         };
         s.start_server(&[]);
         s
@@ -214,6 +241,7 @@ impl Stack {
             .env("HEARTH_WARM_TEMPLATES", "none")
             .env("HEARTH_WARM_POOL", "0")
             .env("RUST_LOG", "info")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -370,6 +398,26 @@ impl Drop for Stack {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// An images directory of its own in `dir` (the kernel and the `minimal` template
+/// linked from the installed ones), so that a test's snapshots land there and
+/// nowhere shared. `dir` is made traversable for the VMs' unprivileged uid.
+pub fn private_images(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let real = images_dir();
+    let images = dir.join("images");
+    std::fs::create_dir_all(images.join("templates")).expect("images dir");
+    std::os::unix::fs::symlink(real.join("kernel"), images.join("kernel")).expect("kernel link");
+    std::os::unix::fs::symlink(
+        real.join("templates/minimal"),
+        images.join("templates/minimal"),
+    )
+    .expect("template link");
+    for d in [dir, images.as_path(), images.join("templates").as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    images
 }
 
 /// Host resources that a sandbox may hold, checked by name/path after destroy.

@@ -4,10 +4,11 @@
 //! (`running -> paused` before PauseSandbox, `paused -> running` before
 //! ResumeSandbox), so that the reconciler, which leaves rows alone for
 //! `Policy::transition_grace` after a change, never takes a sandbox in the middle of
-//! a pause or resume for a lost one. Every write is a compare-and-set through the
-//! state table (`hearth_db`); host calls run in a task of their own, out of the
-//! request's cancellation scope, so a client that disconnects cannot leave a row
-//! out of step with its host.
+//! a pause or resume for a lost one, and which skips sandboxes with an operation in
+//! flight on this control plane (`ops`). Every write is a compare-and-set through
+//! the state table (`hearth_db`); each operation runs whole in a task of its own,
+//! out of the request's cancellation scope, so a client that disconnects cannot
+//! leave a row out of step with its host.
 //!
 //! Quotas: a paused sandbox counts against the team's number of sandboxes and disk,
 //! not its vCPUs and memory; a resume takes them back in the same atomic step as its
@@ -20,7 +21,7 @@ use connectrpc::ErrorCode;
 use hearth_db::{Admission, NewSandbox, ResumeAdmission, SandboxRow, SandboxState};
 use hearth_types::{check_range, SandboxId, TeamId};
 
-use super::audit::{self, action};
+use super::audit::action;
 use super::hosts::{CreateSpec, HostClient, HostError};
 use super::sandboxes::{not_found, HOST_NO_DEADLINE};
 use super::{App, AppError, AppResult};
@@ -35,45 +36,42 @@ impl App {
         team: TeamId,
         id: &SandboxId,
     ) -> AppResult<SandboxRow> {
-        let started = std::time::Instant::now();
-        let r = self.pause_sandbox_timed(team, id).await;
-        self.metrics
-            .observe_op(super::metrics::Op::Pause, started, &r);
-        r
+        let id = id.clone();
+        self.detached("pause", move |app| async move {
+            let started = std::time::Instant::now();
+            let r = app.pause_op(team, &id).await;
+            app.metrics
+                .observe_op(super::metrics::Op::Pause, started, &r);
+            r
+        })
+        .await
     }
 
-    async fn pause_sandbox_timed(
-        self: &Arc<Self>,
-        team: TeamId,
-        id: &SandboxId,
-    ) -> AppResult<SandboxRow> {
-        let row = self.get_sandbox(team, id).await?;
-        match row.state {
-            SandboxState::Paused => return Ok(row),
-            SandboxState::Running => {}
-            other => {
-                return Err(AppError::Conflict(format!(
-                    "sandbox is {other}: only a running sandbox can be paused"
-                )))
+    async fn pause_op(self: &Arc<Self>, team: TeamId, id: &SandboxId) -> AppResult<SandboxRow> {
+        let app = self;
+        let id = id.clone();
+        {
+            let row = app.get_sandbox(team, &id).await?;
+            match row.state {
+                SandboxState::Paused => return Ok(row),
+                SandboxState::Running => {}
+                other => {
+                    return Err(AppError::Conflict(format!(
+                        "sandbox is {other}: only a running sandbox can be paused"
+                    )))
+                }
             }
-        }
-        let client = self.host_of(&row)?;
-        let app = self.clone();
-        let sid = id.clone();
-        tokio::spawn(audit::keep_caller(async move {
-            app.pause_row(&sid, &client).await?;
+            let client = app.host_of(&row)?;
+            app.pause_row(&id, &client).await?;
             app.audit(
                 team,
                 action::SANDBOX_PAUSE,
-                sid.as_str(),
+                id.as_str(),
                 serde_json::Value::Null,
             )
             .await;
-            Ok::<_, AppError>(())
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("pause task failed: {e}")))??;
-        self.get_sandbox(team, id).await
+            app.get_sandbox(team, &id).await
+        }
     }
 
     /// Mark `id` paused, ask its host to pause it, revert to running if the host
@@ -83,6 +81,7 @@ impl App {
         id: &SandboxId,
         client: &Arc<dyn HostClient>,
     ) -> AppResult<()> {
+        let _op = self.begin_op(id);
         if !self
             .db
             .transition_sandbox(id, SandboxState::Running, SandboxState::Paused, None)
@@ -123,15 +122,19 @@ impl App {
         id: &SandboxId,
         timeout_s: Option<i64>,
     ) -> AppResult<SandboxRow> {
-        let started = std::time::Instant::now();
-        let r = self.resume_sandbox_timed(team, id, timeout_s).await;
-        self.metrics
-            .observe_op(super::metrics::Op::Resume, started, &r);
-        r
+        let id = id.clone();
+        self.detached("resume", move |app| async move {
+            let started = std::time::Instant::now();
+            let r = app.resume_op(team, &id, timeout_s).await;
+            app.metrics
+                .observe_op(super::metrics::Op::Resume, started, &r);
+            r
+        })
+        .await
     }
 
-    async fn resume_sandbox_timed(
-        self: &Arc<Self>,
+    async fn resume_op(
+        &self,
         team: TeamId,
         id: &SandboxId,
         timeout_s: Option<i64>,
@@ -151,6 +154,7 @@ impl App {
         let lifetime = Duration::seconds(i64::from(timeout));
         // Provisional while the host restores it; set from "running since" after.
         let provisional = Utc::now() + self.create_timeout() + lifetime;
+        let _op = self.begin_op(id);
         match self
             .db
             .resume_within_quota(
@@ -172,42 +176,30 @@ impl App {
                 )));
             }
         }
-        let app = self.clone();
-        let sid = id.clone();
-        tokio::spawn(audit::keep_caller(async move {
-            match client.resume_sandbox(&sid, HOST_NO_DEADLINE).await {
-                Ok(()) => {
-                    app.db
-                        .set_sandbox_deadline(team, &sid, Utc::now() + lifetime, timeout)
-                        .await?;
-                    tracing::info!(sandbox_id = %sid, "sandbox resumed");
-                    app.audit(
-                        team,
-                        action::SANDBOX_RESUME,
-                        sid.as_str(),
-                        serde_json::json!({"timeout_s": timeout}),
-                    )
-                    .await;
-                    Ok(())
-                }
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %sid, error = %e, "host failed to resume the sandbox; it stays paused");
-                    app.db
-                        .transition_sandbox(
-                            &sid,
-                            SandboxState::Running,
-                            SandboxState::Paused,
-                            None,
-                        )
-                        .await?;
-                    Err(AppError::host(
-                        "resuming the sandbox failed; it is still paused with its state kept, retry the resume",
-                    )(e))
-                }
+        match client.resume_sandbox(id, HOST_NO_DEADLINE).await {
+            Ok(()) => {
+                self.db
+                    .set_sandbox_deadline(team, id, Utc::now() + lifetime, timeout)
+                    .await?;
+                tracing::info!(sandbox_id = %id, "sandbox resumed");
+                self.audit(
+                    team,
+                    action::SANDBOX_RESUME,
+                    id.as_str(),
+                    serde_json::json!({"timeout_s": timeout}),
+                )
+                .await;
             }
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("resume task failed: {e}")))??;
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "host failed to resume the sandbox; it stays paused");
+                self.db
+                    .transition_sandbox(id, SandboxState::Running, SandboxState::Paused, None)
+                    .await?;
+                return Err(AppError::host(
+                    "resuming the sandbox failed; it is still paused with its state kept, retry the resume",
+                )(e));
+            }
+        }
         self.get_sandbox(team, id).await
     }
 
@@ -254,15 +246,19 @@ impl App {
         id: &SandboxId,
         count: Option<i64>,
     ) -> AppResult<Vec<SandboxRow>> {
-        let started = std::time::Instant::now();
-        let r = self.fork_sandbox_timed(team, id, count).await;
-        self.metrics
-            .observe_op(super::metrics::Op::Fork, started, &r);
-        r
+        let id = id.clone();
+        self.detached("fork", move |app| async move {
+            let started = std::time::Instant::now();
+            let r = app.fork_op(team, &id, count).await;
+            app.metrics
+                .observe_op(super::metrics::Op::Fork, started, &r);
+            r
+        })
+        .await
     }
 
-    async fn fork_sandbox_timed(
-        self: &Arc<Self>,
+    async fn fork_op(
+        &self,
         team: TeamId,
         id: &SandboxId,
         count: Option<i64>,
@@ -277,6 +273,7 @@ impl App {
             )));
         }
         let client = self.host_of(&src)?;
+        let _op = self.begin_op(id);
         // The host-level template of the source (a team's snapshot has its own name there).
         let host_template = match self.db.get_template(team, &src.template).await? {
             Some(t) => t.location.map_or(src.template.clone(), |l| l.host_name),
@@ -326,24 +323,15 @@ impl App {
             })
             .collect();
         let ids: Vec<SandboxId> = rows.iter().map(|r| r.id.clone()).collect();
-        let app = self.clone();
-        let src_id = id.clone();
-        let task_ids = ids.clone();
-        tokio::spawn(audit::keep_caller(async move {
-            app.finish_fork(&client, &src_id, specs, &task_ids, lifetime)
-                .await?;
-            let copies: Vec<&str> = task_ids.iter().map(|c| c.as_str()).collect();
-            app.audit(
-                team,
-                action::SANDBOX_FORK,
-                src_id.as_str(),
-                serde_json::json!({"copies": copies}),
-            )
-            .await;
-            Ok::<_, AppError>(())
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("fork task failed: {e}")))??;
+        self.finish_fork(&client, id, specs, &ids, lifetime).await?;
+        let copies: Vec<&str> = ids.iter().map(|c| c.as_str()).collect();
+        self.audit(
+            team,
+            action::SANDBOX_FORK,
+            id.as_str(),
+            serde_json::json!({"copies": copies}),
+        )
+        .await;
         let mut out = Vec::with_capacity(ids.len());
         for cid in &ids {
             out.push(self.get_sandbox(team, cid).await?);

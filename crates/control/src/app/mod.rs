@@ -16,9 +16,11 @@ pub mod host_proxy;
 pub mod hosts;
 pub mod lifecycle;
 pub mod metrics;
+mod ops;
 pub mod reconcile;
 pub mod sandbox_proxy;
 pub mod sandboxes;
+pub mod template_copy;
 pub mod templates;
 pub mod users;
 pub mod validate;
@@ -119,6 +121,8 @@ pub struct App {
     webhook_backoff: webhooks::Backoff,
     /// The deployment CA (from the database), read once; `None` until first used.
     ca: tokio::sync::OnceCell<Arc<hearth_pki::Ca>>,
+    /// Sandboxes with a long operation in flight here (see `ops`).
+    in_flight: ops::InFlight,
 }
 
 impl App {
@@ -141,6 +145,7 @@ impl App {
             login_throttle: users::LoginThrottle::default(),
             webhook_backoff: webhooks::Backoff::default(),
             ca: tokio::sync::OnceCell::new(),
+            in_flight: ops::InFlight::default(),
         }
     }
 

@@ -2,7 +2,8 @@
 //! runs at start and then on a timer; logs every change it makes.
 //!
 //! Each pass, per configured host: Info (record the host and its templates as platform
-//! templates, except teams' snapshots, `snap-*`); then, for rows `running` or `paused`
+//! templates, except teams' snapshots, `snap-*`; when what it holds changed, which of
+//! the catalogue's templates it holds); then, for rows `running` or `paused`
 //! on that host:
 //! - `running` that the host no longer lists -> `stopped`; `paused` that it no longer
 //!   lists -> `error` ("lost");
@@ -15,6 +16,11 @@
 //!   resuming are left alone;
 //! - `running` past its deadline: destroyed and `stopped`, or paused
 //!   (`on_timeout: pause`); `paused` longer than `Policy::paused_retention`: destroyed.
+//!
+//! Rows with an operation in flight on this control plane (`ops`) are skipped; every
+//! write here is a compare-and-set on the row as read (state and `updated_at`), so
+//! a decision made from a read that a pause and resume have since overtaken is
+//! dropped, not applied to the newer row.
 //!
 //! A host that does not answer is left alone: its rows keep their state until it is
 //! back (a restarted agent re-adopts its VMs). An enrolled host marked `unreachable`
@@ -127,6 +133,11 @@ impl App {
             if changed {
                 self.refresh_platform_templates(&entry.client, &platform)
                     .await;
+                // Which of the catalogue's templates this host holds (before its
+                // info is kept, so a failure here is retried at the next pass).
+                self.db
+                    .record_host_templates(&info.host_id, &info.templates)
+                    .await?;
             }
             let host_id = info.host_id.clone();
             self.hosts.set_info(&entry.client, info, asked);
@@ -153,6 +164,11 @@ impl App {
                 }
             };
             for row in rows {
+                // Its pause, resume, snapshot, fork or delete runs here now: what the
+                // host says is on its way to the row.
+                if self.op_in_flight(&row.id) {
+                    continue;
+                }
                 let on_host = listed.get(&row.id);
                 self.reconcile_row(&entry.client, &url, row.clone(), on_host, &mut report)
                     .await?;
@@ -270,7 +286,13 @@ impl App {
             None if state == SandboxState::Running => {
                 let gone = self
                     .db
-                    .transition_sandbox(&row.id, state, SandboxState::Stopped, None)
+                    .transition_sandbox_unchanged(
+                        &row.id,
+                        state,
+                        row.updated_at,
+                        SandboxState::Stopped,
+                        None,
+                    )
                     .await?;
                 if gone {
                     tracing::info!(sandbox_id = %row.id, host = %url,
@@ -286,7 +308,13 @@ impl App {
                 let why = "lost: its host no longer holds the paused sandbox";
                 if self
                     .db
-                    .transition_sandbox(&row.id, state, SandboxState::Error, Some(why))
+                    .transition_sandbox_unchanged(
+                        &row.id,
+                        state,
+                        row.updated_at,
+                        SandboxState::Error,
+                        Some(why),
+                    )
                     .await?
                 {
                     tracing::warn!(sandbox_id = %row.id, host = %url, "paused sandbox lost on its host: marked error");
@@ -302,7 +330,13 @@ impl App {
                 // sees; the host keeps its resources until the row is deleted.
                 let failed = self
                     .db
-                    .transition_sandbox(&row.id, state, SandboxState::Error, Some(why))
+                    .transition_sandbox_unchanged(
+                        &row.id,
+                        state,
+                        row.updated_at,
+                        SandboxState::Error,
+                        Some(why),
+                    )
                     .await?;
                 if failed {
                     tracing::info!(sandbox_id = %row.id, host = %url, reason = %why,
@@ -363,7 +397,7 @@ impl App {
     ) -> AppResult<()> {
         if self
             .db
-            .transition_sandbox(&row.id, row.state, to, None)
+            .transition_sandbox_unchanged(&row.id, row.state, row.updated_at, to, None)
             .await?
         {
             tracing::warn!(sandbox_id = %row.id, from = %row.state, to = %to,

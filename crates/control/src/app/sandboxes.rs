@@ -9,9 +9,9 @@
 //! fails otherwise leaves an `error` row (pruned after the retention period) and is
 //! asked to destroy what it may hold. Delete: host DestroySandbox (also for `stopped`
 //! and `error` rows, so their slot and disk are freed) -> `stopped`, and the sandbox's
-//! exec streams end at once. Host calls run in a task of their own so that a client
-//! that disconnects mid-request cannot leave a row `starting` or a VM without its row
-//! updated.
+//! exec streams end at once. Both run whole in a task of their own (`ops`), so that
+//! a client that disconnects mid-request cannot leave a row `starting` or a VM
+//! without its row updated.
 //!
 //! Expiry: the control plane reaps at `expires_at`, set to "running since + timeout_s"
 //! when the boot finishes, so a short `timeout_s` never ends a sandbox while it boots.
@@ -137,23 +137,24 @@ pub(crate) fn not_found(id: &SandboxId) -> AppError {
 }
 
 impl App {
+    /// Create a sandbox (see the module docs); runs to its end even when the
+    /// client goes away.
     pub async fn create_sandbox(
         self: &Arc<Self>,
         team: TeamId,
         p: CreateParams,
     ) -> AppResult<SandboxRow> {
-        let started = std::time::Instant::now();
-        let r = self.create_sandbox_timed(team, p).await;
-        self.metrics
-            .observe_op(super::metrics::Op::Create, started, &r);
-        r
+        self.detached("create", move |app| async move {
+            let started = std::time::Instant::now();
+            let r = app.create_op(team, p).await;
+            app.metrics
+                .observe_op(super::metrics::Op::Create, started, &r);
+            r
+        })
+        .await
     }
 
-    async fn create_sandbox_timed(
-        self: &Arc<Self>,
-        team: TeamId,
-        p: CreateParams,
-    ) -> AppResult<SandboxRow> {
+    async fn create_op(self: &Arc<Self>, team: TeamId, p: CreateParams) -> AppResult<SandboxRow> {
         let template: TemplateName = p
             .template
             .parse()
@@ -474,9 +475,9 @@ impl App {
 
     /// Destroy the VM and mark the row `stopped`. Idempotent.
     pub async fn delete_sandbox(self: &Arc<Self>, team: TeamId, id: &SandboxId) -> AppResult<()> {
-        let row = self.get_sandbox(team, id).await?;
-        let app = self.clone();
-        tokio::spawn(audit::keep_caller(async move {
+        let id = id.clone();
+        self.detached("delete", move |app| async move {
+            let row = app.get_sandbox(team, &id).await?;
             app.destroy_row(&row).await?;
             // Deleting an ended sandbox again (idempotent) is not another act.
             if !matches!(row.state, SandboxState::Stopped | SandboxState::Error) {
@@ -484,15 +485,16 @@ impl App {
                     .await;
             }
             Ok(())
-        }))
+        })
         .await
-        .map_err(|e| AppError::Internal(format!("delete task failed: {e}")))?
     }
 
     /// Ask the row's host to destroy the sandbox (whatever its state: a `stopped` or
     /// `error` sandbox may still hold a slot or disk there; the call is idempotent), mark
     /// it stopped unless it is `error`, and end its exec streams.
     pub(crate) async fn destroy_row(&self, row: &SandboxRow) -> AppResult<()> {
+        // The reconciler must not take the sandbox its host no longer lists for lost.
+        let _op = self.begin_op(&row.id);
         if let Some(host_id) = &row.host_id {
             match self.hosts.get(host_id) {
                 Some(client) => match client.destroy_sandbox(&row.id).await {

@@ -49,9 +49,34 @@ impl App {
         Ok(self.db.list_templates(team).await?)
     }
 
-    /// Save sandbox `id` (running or paused) as the team's template `name`.
+    /// The template `name` as `team` sees it: its own, else the platform's; another
+    /// team's is not found.
+    pub async fn get_template(&self, team: TeamId, name: &str) -> AppResult<Template> {
+        let name = parse_name(name)?;
+        self.db
+            .get_template(team, &name)
+            .await?
+            .ok_or_else(|| template_not_found(name.as_str()))
+    }
+
+    /// Save sandbox `id` (running or paused) as the team's template `name`; runs to
+    /// its end even when the client goes away.
     pub async fn snapshot_sandbox(
         self: &Arc<Self>,
+        team: TeamId,
+        id: &SandboxId,
+        name: &str,
+        memory: bool,
+    ) -> AppResult<Template> {
+        let (id, name) = (id.clone(), name.to_owned());
+        self.detached("snapshot", move |app| async move {
+            app.snapshot_op(team, &id, &name, memory).await
+        })
+        .await
+    }
+
+    async fn snapshot_op(
+        &self,
         team: TeamId,
         id: &SandboxId,
         name: &str,
@@ -83,61 +108,56 @@ impl App {
             .clone()
             .ok_or_else(|| AppError::Internal(format!("sandbox {id} has no host")))?;
         let host_name = host_level_name()?;
-        let app = self.clone();
-        let sid = id.clone();
-        tokio::spawn(super::audit::keep_caller(async move {
-            let made = client
-                .snapshot_sandbox(&sid, &host_name, memory)
-                .await
-                .map_err(AppError::host("snapshotting the sandbox failed"))?;
-            let new = NewTemplate {
-                name: name.clone(),
-                team_id: team,
-                location: TemplateLocation {
-                    host_id,
-                    host_name: host_name.clone(),
-                },
-                has_memory: made.has_memory,
-                allocated_bytes: made.allocated_bytes,
-                apparent_bytes: made.apparent_bytes,
-                source_sandbox_id: sid.clone(),
-                vcpus: row.vcpus,
-                memory_mb: row.memory_mb,
-                disk_size_mb: if made.disk_size_mb > 0 {
-                    made.disk_size_mb
-                } else {
-                    row.disk_size_mb
-                },
-            };
-            match app.db.insert_template(&new).await {
-                Ok(t) => {
-                    tracing::info!(sandbox_id = %sid, template = %name, host_template = %host_name,
-                        memory = made.has_memory, "snapshot saved as a template");
-                    app.audit(
-                        team,
-                        action::SANDBOX_SNAPSHOT,
-                        sid.as_str(),
-                        serde_json::json!({"template": name.as_str(), "memory": made.has_memory}),
-                    )
-                    .await;
-                    Ok(t)
-                }
-                Err(e) => {
-                    // Not in the catalogue: the host's copy must not stay behind.
-                    if let Err(d) = client.delete_template(&host_name).await {
-                        tracing::warn!(template = %host_name, error = %d, "removing an unrecorded snapshot failed");
-                    }
-                    Err(match e {
-                        DbError::AlreadyExists { .. } => AppError::Conflict(format!(
-                            "template '{name}' already exists: pick another name or delete it first"
-                        )),
-                        other => AppError::Db(other),
-                    })
-                }
+        let _op = self.begin_op(id);
+        let made = client
+            .snapshot_sandbox(id, &host_name, memory)
+            .await
+            .map_err(AppError::host("snapshotting the sandbox failed"))?;
+        let new = NewTemplate {
+            name: name.clone(),
+            team_id: team,
+            location: TemplateLocation {
+                host_id,
+                host_name: host_name.clone(),
+            },
+            has_memory: made.has_memory,
+            allocated_bytes: made.allocated_bytes,
+            apparent_bytes: made.apparent_bytes,
+            source_sandbox_id: id.clone(),
+            vcpus: row.vcpus,
+            memory_mb: row.memory_mb,
+            disk_size_mb: if made.disk_size_mb > 0 {
+                made.disk_size_mb
+            } else {
+                row.disk_size_mb
+            },
+        };
+        match self.db.insert_template(&new).await {
+            Ok(t) => {
+                tracing::info!(sandbox_id = %id, template = %name, host_template = %host_name,
+                    memory = made.has_memory, "snapshot saved as a template");
+                self.audit(
+                    team,
+                    action::SANDBOX_SNAPSHOT,
+                    id.as_str(),
+                    serde_json::json!({"template": name.as_str(), "memory": made.has_memory}),
+                )
+                .await;
+                Ok(t)
             }
-        }))
-        .await
-        .map_err(|e| AppError::Internal(format!("snapshot task failed: {e}")))?
+            Err(e) => {
+                // Not in the catalogue: the host's copy must not stay behind.
+                if let Err(d) = client.delete_template(&host_name).await {
+                    tracing::warn!(template = %host_name, error = %d, "removing an unrecorded snapshot failed");
+                }
+                Err(match e {
+                    DbError::AlreadyExists { .. } => AppError::Conflict(format!(
+                        "template '{name}' already exists: pick another name or delete it first"
+                    )),
+                    other => AppError::Db(other),
+                })
+            }
+        }
     }
 
     /// Delete the template `name` as the caller sees it: the team's own (on its host
@@ -167,16 +187,28 @@ impl App {
             )));
         }
         if let Some(loc) = &t.location {
-            let client = self.hosts.get(&loc.host_id).ok_or_else(|| {
-                AppError::Unavailable(format!(
-                    "host {} (which holds template '{name}') is not reachable",
-                    loc.host_id
-                ))
-            })?;
-            client
-                .delete_template(&loc.host_name)
-                .await
-                .map_err(AppError::host("deleting the template failed"))?;
+            // Every host that holds it (where it was made and its copies), all
+            // reachable before any is asked.
+            let mut holders = t.hosts.clone();
+            if !holders.contains(&loc.host_id) {
+                holders.push(loc.host_id.clone());
+            }
+            let clients = holders
+                .iter()
+                .map(|h| {
+                    self.hosts.get(h).ok_or_else(|| {
+                        AppError::Unavailable(format!(
+                            "host {h} (which holds template '{name}') is not reachable"
+                        ))
+                    })
+                })
+                .collect::<AppResult<Vec<_>>>()?;
+            for client in clients {
+                client
+                    .delete_template(&loc.host_name)
+                    .await
+                    .map_err(AppError::host("deleting the template failed"))?;
+            }
         }
         self.db.delete_team_template(team, &name).await?;
         tracing::info!(team_id = %team, template = %name, "template deleted");

@@ -271,6 +271,20 @@ pub async fn fork_sandbox(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/templates/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = TemplateInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "No such template, or another team's.")),
+    security(("api_key" = [])))]
+pub async fn get_template(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TemplateInfo>> {
+    Ok(Json(
+        s.app.get_template(caller.team_id, &name).await?.into(),
+    ))
+}
+
 #[utoipa::path(delete, path = "/v1/templates/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody,
             description = "A platform template, and the key is not an admin's."),

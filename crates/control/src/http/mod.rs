@@ -148,7 +148,7 @@ pub fn router_with(state: AppState, ext: &crate::Extensions) -> Router {
         .route("/v1/events", get(handlers::events))
         .route(
             "/v1/templates/{name}",
-            axum::routing::delete(handlers::delete_template),
+            get(handlers::get_template).delete(handlers::delete_template),
         )
         .route(
             "/v1/webhooks",

@@ -59,6 +59,7 @@ impl Modify for Security {
         handlers::set_timeout,
         handlers::snapshot_sandbox,
         handlers::fork_sandbox,
+        handlers::get_template,
         handlers::delete_template,
         handlers::list_processes,
         handlers::connect_process,
@@ -214,8 +215,12 @@ fn tag_of(path: &str) -> &'static str {
 }
 
 /// One line about each operation (by operation ID), shown as its summary.
-const SUMMARIES: [(&str, &str); 45] = [
+const SUMMARIES: [(&str, &str); 46] = [
     ("health", "Is the control plane up."),
+    (
+        "get_template",
+        "One template: owner, size, memory or not, source, the hosts that hold it.",
+    ),
     (
         "admin_list_hosts",
         "Every host: status, last heartbeat, capacity and load.",

@@ -256,10 +256,15 @@ pub struct TemplateInfo {
     pub allocated_bytes: u64,
     /// Carries memory: a sandbox of its shape starts by restore, not boot.
     pub has_memory: bool,
+    /// `built-in` (a platform template from the hosts' images) or `snapshot` (made
+    /// from the sandbox `source_sandbox_id`).
+    pub source: String,
     /// The sandbox it was made from (null for built-in templates).
     pub source_sandbox_id: Option<String>,
-    /// The host that holds it (null for built-in templates: every host that lists it).
+    /// The host it was made on (null for built-in templates).
     pub host_id: Option<String>,
+    /// Every host that holds it now (a snapshot's copies included), by ID.
+    pub hosts: Vec<String>,
     /// The shape it was made from (0 when unknown); a sandbox from it gets these
     /// unless the request says otherwise, and at least its disk size.
     pub vcpus: u32,
@@ -277,8 +282,15 @@ impl From<Template> for TemplateInfo {
             size_bytes: t.size_bytes,
             allocated_bytes: t.allocated_bytes,
             has_memory: t.has_memory,
+            source: if t.source_sandbox_id.is_some() {
+                "snapshot"
+            } else {
+                "built-in"
+            }
+            .to_owned(),
             source_sandbox_id: t.source_sandbox_id.map(|s| s.to_string()),
             host_id: t.location.map(|l| l.host_id.to_string()),
+            hosts: t.hosts.iter().map(ToString::to_string).collect(),
             vcpus: t.vcpus,
             memory_mb: t.memory_mb,
             disk_size_mb: t.disk_size_mb,

@@ -758,6 +758,18 @@ impl HostClient for AgentHostClient {
         check_status(resp).await.map(|_| ())
     }
 
+    async fn export_template(&self, template: &TemplateName) -> Result<ByteStream, HostError> {
+        self.export_stream(template).await
+    }
+
+    async fn import_template(
+        &self,
+        template: &TemplateName,
+        body: ByteStream,
+    ) -> Result<u64, HostError> {
+        self.import_stream(template, body).await
+    }
+
     async fn metrics(&self, id: &SandboxId) -> Result<SandboxMetrics, HostError> {
         let url = format!("{}/metrics", self.envd_base(id));
         let resp = self
@@ -790,6 +802,43 @@ impl HostClient for AgentHostClient {
         let len = resp.content_length();
         let stream = resp.bytes_stream().map(|r| r.map_err(transport));
         Ok((len, stream.boxed()))
+    }
+}
+
+impl AgentHostClient {
+    /// `GET /templates/{name}/export` on the agent: the template's stream.
+    pub(crate) async fn export_stream(
+        &self,
+        template: &TemplateName,
+    ) -> Result<ByteStream, HostError> {
+        let resp = self
+            .files
+            .get(format!("{}/templates/{template}/export", self.url))
+            .send()
+            .await
+            .map_err(transport)?;
+        let resp = check_status(resp).await?;
+        Ok(resp.bytes_stream().map(|r| r.map_err(transport)).boxed())
+    }
+
+    /// `PUT /templates/{name}/import` on the agent, the body streamed as it comes.
+    pub(crate) async fn import_stream(
+        &self,
+        template: &TemplateName,
+        body: ByteStream,
+    ) -> Result<u64, HostError> {
+        let resp = self
+            .files
+            .put(format!("{}/templates/{template}/import", self.url))
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(transport)?;
+        let resp = check_status(resp).await?;
+        let made: serde_json::Value =
+            serde_json::from_str(&read_bounded(resp, MAX_ERROR_BODY).await).unwrap_or_default();
+        Ok(made["allocated_bytes"].as_u64().unwrap_or(0))
     }
 }
 

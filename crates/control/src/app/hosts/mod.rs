@@ -47,6 +47,13 @@ pub enum HostError {
     Transport(String),
 }
 
+fn unimplemented_copy(template: &TemplateName) -> HostError {
+    HostError::Rpc {
+        code: ErrorCode::Unimplemented,
+        message: format!("this host cannot copy templates ({template})"),
+    }
+}
+
 /// Largest error body read from a host or guest; the rest is not read.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Largest Connect message accepted from a host or guest (process output arrives in
@@ -344,6 +351,21 @@ pub trait HostClient: Send + Sync + 'static {
     /// Remove a host-level template; `Ok(false)` when the host did not have it; refused
     /// (`FailedPrecondition`) while a sandbox depends on it.
     async fn delete_template(&self, template: &TemplateName) -> Result<bool, HostError>;
+    /// Stream a host-level template's files (the agent's export format; see
+    /// `hearth_agent`'s `template_copy`). Hosts that cannot: `Unimplemented`.
+    async fn export_template(&self, template: &TemplateName) -> Result<ByteStream, HostError> {
+        Err(unimplemented_copy(template))
+    }
+    /// Build a host-level template from an export stream, published whole or not
+    /// at all; returns the bytes it takes.
+    async fn import_template(
+        &self,
+        template: &TemplateName,
+        body: ByteStream,
+    ) -> Result<u64, HostError> {
+        drop(body);
+        Err(unimplemented_copy(template))
+    }
 
     async fn start_process(&self, id: &SandboxId, spec: ProcSpec) -> Result<ProcEvents, HostError>;
     async fn send_signal(
