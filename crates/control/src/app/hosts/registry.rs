@@ -259,6 +259,15 @@ impl Hosts {
             .filter(HostEntry::schedulable)
             .filter_map(|e| e.info)
             .filter(|i| req.only.is_none_or(|only| &i.host_id == only))
+            // A template pinned to one host (a team's snapshot) is there because the
+            // catalogue says so; the host's last report may predate it (a create right
+            // after the snapshot), so it counts as listed.
+            .map(|mut i| {
+                if req.only.is_some() && !i.templates.contains(req.template) {
+                    i.templates.push(req.template.clone());
+                }
+                i
+            })
             .collect();
         let mut book = lock(&self.book);
         book.held
